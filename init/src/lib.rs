@@ -1,0 +1,16 @@
+//! stackless-init: the agent that configures an EC2 instance at every boot without a master.
+//!
+//! The library holds the whole engine; `main.rs` only parses arguments. The user-data schema
+//! ([`userdata`]) is public so the builder validates and renders user-data with the same types,
+//! and the IMDS emulator ([`imds::emulator`]) is public so tests and local boots share it.
+
+pub mod boot;
+pub mod fsutil;
+pub mod imds;
+pub mod lock;
+pub mod paths;
+pub mod repos;
+pub mod salt;
+pub mod state;
+pub mod status;
+pub mod userdata;

@@ -1,0 +1,155 @@
+//! `stackless-init`: argument parsing only; the engine is the library.
+
+use clap::{Parser, Subcommand};
+use stackless_init::boot::{self, BootOptions};
+use stackless_init::imds::Identity;
+use stackless_init::paths::Layout;
+use stackless_init::state::State;
+use stackless_init::{status, userdata};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "stackless-init",
+    version,
+    about = "Configures this instance from its user-data, masterless"
+)]
+struct Cli {
+    /// Put every path the agent owns under DIR (for tests and chroots).
+    #[arg(long, global = true, env = "STACKLESS_ROOT", default_value = "/")]
+    root: PathBuf,
+    /// More log output (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the boot sequence: IMDS, user-data, salt, repositories, highstate.
+    Boot {
+        /// Exit after the boot sequence instead of staying resident.
+        #[arg(long)]
+        once: bool,
+        /// Seconds IMDS may take to answer, retries included.
+        #[arg(long, env = "STACKLESS_IMDS_DEADLINE", default_value_t = 120)]
+        imds_deadline: u64,
+    },
+    /// Validate user-data (and image defaults) without applying anything.
+    Check {
+        #[arg(long)]
+        user_data: PathBuf,
+        /// Image defaults to merge under it (default: none).
+        #[arg(long)]
+        defaults: Option<PathBuf>,
+        /// Print the resolved settings as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the boot timeline, repositories and the last highstate.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    let layout = Layout::new(&cli.root);
+    match run(cli.command, &layout) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("stackless-init: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(command: Command, layout: &Layout) -> anyhow::Result<u8> {
+    match command {
+        Command::Boot {
+            once,
+            imds_deadline,
+        } => {
+            let opts = BootOptions {
+                imds_deadline: Duration::from_secs(imds_deadline),
+                ..Default::default()
+            };
+            let result = boot::run(layout, &opts);
+            if let Some(e) = &result.error {
+                eprintln!("stackless-init: boot {}: {e}", result.outcome.as_str());
+            }
+            if !once {
+                tracing::info!("resident mode is not built yet; exiting after the boot sequence");
+            }
+            Ok(result.exit_code() as u8)
+        }
+        Command::Check {
+            user_data,
+            defaults,
+            json,
+        } => {
+            let read = |p: &PathBuf| {
+                std::fs::read(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))
+            };
+            let defaults = match &defaults {
+                Some(p) => userdata::load(&p.display().to_string(), &read(p)?)?,
+                None => userdata::Document::default(),
+            };
+            let user = userdata::load(&user_data.display().to_string(), &read(&user_data)?)?;
+            // Placeholders are rendered with a sample identity: the real one exists only at boot.
+            let settings = userdata::resolve(&defaults, &user, &Identity::example())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&settings)?);
+            } else {
+                println!(
+                    "{}: ok (minion id {} on instance {})",
+                    user_data.display(),
+                    settings.minion_id,
+                    Identity::example().instance_id
+                );
+            }
+            Ok(0)
+        }
+        Command::Status { json } => {
+            let state = State::load(layout)?.unwrap_or_default();
+            if json {
+                println!("{}", status::render_json(&state));
+            } else {
+                print!("{}", status::render(&state));
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let level = match (quiet, verbose) {
+        (true, _) => LevelFilter::ERROR,
+        (false, 0) => LevelFilter::INFO,
+        (false, 1) => LevelFilter::DEBUG,
+        _ => LevelFilter::TRACE,
+    };
+    // RUST_LOG as `target=level,...` (no regex engine in a static binary).
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(level));
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(false),
+        )
+        .with(filter)
+        .init();
+}

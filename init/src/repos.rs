@@ -1,0 +1,920 @@
+//! Git repositories: each one is checked out into `repos/NAME/releases/SHA` and published by an
+//! atomic flip of the relative symlink `repos/NAME/current`.
+//!
+//! The `git` command line does the transport, so any URL git understands works (https, ssh, git,
+//! file). A sync is cheap when nothing changed: one `git ls-remote`, no fetch. A new commit is
+//! fetched shallow into a temporary folder, renamed into place and published; a failure at any
+//! point removes the temporary folder and keeps the old `current`. Callers hold the
+//! [`SyncLock`](crate::lock::SyncLock) so syncs never overlap.
+
+use crate::paths::Layout;
+use anyhow::{anyhow, bail, Context, Result};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{ErrorKind, Read};
+use std::os::unix::fs::symlink;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// How many releases besides `current` a repository keeps.
+pub const KEEP_PREVIOUS: usize = 3;
+
+/// Where a repository comes from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RepoSpec {
+    pub url: String,
+    /// A branch, a tag or a full commit sha.
+    #[serde(rename = "ref")]
+    pub reference: String,
+}
+
+/// What a sync did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncOutcome {
+    /// A new release was published.
+    Updated {
+        commit: String,
+        previous: Option<String>,
+    },
+    /// Upstream is at the published commit; nothing was fetched.
+    Unchanged { commit: String },
+    /// The fetch failed; the last good release stays published.
+    KeptLast { commit: String, error: String },
+}
+
+impl SyncOutcome {
+    /// The commit published after the sync.
+    pub fn commit(&self) -> &str {
+        match self {
+            SyncOutcome::Updated { commit, .. }
+            | SyncOutcome::Unchanged { commit }
+            | SyncOutcome::KeptLast { commit, .. } => commit,
+        }
+    }
+}
+
+/// Syncs repository `name` (`salt` or `config`) from `spec` into `Layout::repo_dir(name)`.
+/// `timeout` bounds each git command. Errs only when the sync failed and there is no published
+/// release to keep; the error then says what failed (url, ref, the last lines of git's stderr).
+pub fn sync(
+    layout: &Layout,
+    name: &str,
+    spec: &RepoSpec,
+    timeout: Duration,
+) -> Result<SyncOutcome> {
+    let current = current_commit(layout, name);
+    let result = sync_inner(layout, name, spec, current.as_deref(), timeout).with_context(|| {
+        format!(
+            "syncing repository {name} from {} (ref {})",
+            spec.url, spec.reference
+        )
+    });
+    match (result, current) {
+        (Ok(outcome), _) => Ok(outcome),
+        (Err(e), Some(commit)) => {
+            let error = format!("{e:#}");
+            tracing::warn!(repo = name, %commit, "{error}; keeping the published release");
+            Ok(SyncOutcome::KeptLast { commit, error })
+        }
+        (Err(e), None) => Err(e),
+    }
+}
+
+/// The commit `current` points at, if it points at a release that exists.
+pub fn current_commit(layout: &Layout, name: &str) -> Option<String> {
+    let target = fs::read_link(layout.repo_current(name)).ok()?;
+    let sha = target.strip_prefix("releases").ok()?.to_str()?;
+    if !is_full_sha(sha) || !layout.repo_dir(name).join("releases").join(sha).is_dir() {
+        return None;
+    }
+    Some(sha.to_string())
+}
+
+fn sync_inner(
+    layout: &Layout,
+    name: &str,
+    spec: &RepoSpec,
+    current: Option<&str>,
+    timeout: Duration,
+) -> Result<SyncOutcome> {
+    validate(name, spec)?;
+    let repo_dir = layout.repo_dir(name);
+    let releases = repo_dir.join("releases");
+
+    let (sha, fetch_ref) = resolve(spec, timeout)?;
+    if current == Some(sha.as_str()) {
+        return Ok(SyncOutcome::Unchanged { commit: sha });
+    }
+
+    fs::create_dir_all(&releases).with_context(|| format!("creating {}", releases.display()))?;
+    remove_stale_temps(&releases);
+    let commit = if releases.join(&sha).is_dir() {
+        // Flipping back to a release we still have: nothing to fetch.
+        sha
+    } else {
+        let tmp = TempDir::new(&releases)?;
+        let head = fetch(&tmp.path, &spec.url, &fetch_ref, timeout)?;
+        if head != sha {
+            if is_full_sha(&spec.reference) {
+                bail!("fetched commit {head}, not the requested {sha}");
+            }
+            // The branch moved between ls-remote and fetch: publish what we fetched, it is newer.
+            tracing::info!(repo = name, listed = %sha, fetched = %head, "ref moved while syncing");
+            if current == Some(head.as_str()) {
+                return Ok(SyncOutcome::Unchanged { commit: head });
+            }
+        }
+        let release = releases.join(&head);
+        if !release.is_dir() {
+            durable(&tmp.path);
+            fs::rename(&tmp.path, &release).with_context(|| {
+                format!("renaming {} to {}", tmp.path.display(), release.display())
+            })?;
+            tmp.disarm();
+        }
+        head
+    };
+
+    flip(&repo_dir, &commit)?;
+    tracing::info!(
+        repo = name,
+        url = %spec.url,
+        reference = %spec.reference,
+        %commit,
+        previous = current.unwrap_or("none"),
+        "published a new release"
+    );
+    if let Err(e) = prune(&releases, &commit) {
+        tracing::warn!(repo = name, "pruning old releases: {e:#}");
+    }
+    Ok(SyncOutcome::Updated {
+        commit,
+        previous: current.map(str::to_string),
+    })
+}
+
+fn validate(name: &str, spec: &RepoSpec) -> Result<()> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+        bail!("invalid repository name {name:?}");
+    }
+    if spec.url.is_empty() || spec.url.starts_with('-') {
+        bail!("invalid repository url {:?}", spec.url);
+    }
+    let r = &spec.reference;
+    let bad = |c: char| c.is_whitespace() || c.is_control() || "*?[\\~^:".contains(c);
+    if r.is_empty() || r.starts_with('-') || r.contains("..") || r.chars().any(bad) {
+        bail!("invalid ref {r:?}: give a branch, a tag or a full commit sha");
+    }
+    Ok(())
+}
+
+/// A full commit id (sha1, or sha256 for repositories that use it), lowercase.
+fn is_full_sha(s: &str) -> bool {
+    (s.len() == 40 || s.len() == 64)
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Resolves the ref to a commit and the name to fetch it by. A full sha needs no round trip.
+fn resolve(spec: &RepoSpec, timeout: Duration) -> Result<(String, String)> {
+    let r = spec.reference.as_str();
+    let lower = r.to_ascii_lowercase();
+    if is_full_sha(&lower) {
+        return Ok((lower.clone(), lower));
+    }
+    let peeled_pattern = format!("{r}^{{}}");
+    let out = git(
+        None,
+        [
+            OsStr::new("ls-remote"),
+            OsStr::new(&spec.url),
+            OsStr::new(r),
+            OsStr::new(&peeled_pattern),
+        ],
+        timeout,
+    )?;
+    let refs: HashMap<&str, &str> = out
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(sha, name)| (name.trim(), sha.trim()))
+        .collect();
+    let candidates = [
+        format!("refs/heads/{r}"),
+        format!("refs/tags/{r}"),
+        r.to_string(),
+    ];
+    for name in &candidates {
+        let peeled = refs.get(format!("{name}^{{}}").as_str());
+        if let Some(sha) = peeled.or_else(|| refs.get(name.as_str())) {
+            if !is_full_sha(sha) {
+                bail!("git ls-remote gave an unexpected id {sha:?} for {name}");
+            }
+            return Ok((sha.to_string(), name.clone()));
+        }
+    }
+    bail!(
+        "ref {r:?} not found at {} (looked for branch refs/heads/{r}, tag refs/tags/{r} and {r}); \
+         check the configured ref",
+        spec.url
+    )
+}
+
+/// Fetches `what` shallow into the empty folder `dir`, checks it out detached, and returns HEAD.
+fn fetch(dir: &Path, url: &str, what: &str, timeout: Duration) -> Result<String> {
+    let d = Some(dir);
+    git(
+        None,
+        [
+            OsStr::new("init"),
+            OsStr::new("-q"),
+            OsStr::new("--template="),
+            dir.as_os_str(),
+        ],
+        timeout,
+    )?;
+    git(
+        d,
+        ["fetch", "-q", "--depth", "1", "--no-tags", url, what].map(OsStr::new),
+        timeout,
+    )?;
+    git(
+        d,
+        ["checkout", "-q", "--detach", "FETCH_HEAD"].map(OsStr::new),
+        timeout,
+    )?;
+    let head = git(
+        d,
+        ["rev-parse", "--verify", "HEAD^{commit}"].map(OsStr::new),
+        timeout,
+    )?;
+    let head = head.trim().to_string();
+    if !is_full_sha(&head) {
+        bail!("git rev-parse HEAD gave {head:?} in {}", dir.display());
+    }
+    Ok(head)
+}
+
+/// Points `current` at `releases/SHA` atomically: a new symlink renamed over the old one.
+fn flip(repo_dir: &Path, sha: &str) -> Result<()> {
+    let release = repo_dir.join("releases").join(sha);
+    // Releases are pruned oldest first; a fresh publish counts as new.
+    if let Err(e) = fs::File::open(&release).and_then(|f| f.set_modified(SystemTime::now())) {
+        tracing::debug!("touching {}: {e}", release.display());
+    }
+    let current = repo_dir.join("current");
+    let tmp = repo_dir.join(format!("current.tmp-{}", std::process::id()));
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", tmp.display()));
+        }
+        _ => {}
+    }
+    symlink(Path::new("releases").join(sha), &tmp)
+        .with_context(|| format!("creating the symlink {}", tmp.display()))?;
+    if let Err(e) = fs::rename(&tmp, &current) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e)
+            .with_context(|| format!("renaming {} over {}", tmp.display(), current.display()));
+    }
+    if let Ok(d) = fs::File::open(repo_dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Removes all releases but `current` and the `KEEP_PREVIOUS` most recently published others.
+fn prune(releases: &Path, current: &str) -> Result<()> {
+    let mut others = Vec::new();
+    for entry in
+        fs::read_dir(releases).with_context(|| format!("listing {}", releases.display()))?
+    {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !is_full_sha(&name) || name == current {
+            continue;
+        }
+        let modified = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        others.push((modified, name));
+    }
+    others.sort_by(|a, b| b.cmp(a));
+    for (_, name) in others.into_iter().skip(KEEP_PREVIOUS) {
+        let path = releases.join(&name);
+        fs::remove_dir_all(&path)
+            .with_context(|| format!("removing the old release {}", path.display()))?;
+        tracing::debug!("pruned the old release {}", path.display());
+    }
+    Ok(())
+}
+
+/// Removes temporary folders left by syncs that died (their pid is gone).
+fn remove_stale_temps(releases: &Path) {
+    let Ok(entries) = fs::read_dir(releases) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(".tmp-") else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<i32>().ok());
+        let alive = pid.is_some_and(|p| {
+            p == std::process::id() as i32
+                || nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None)
+                    != Err(nix::errno::Errno::ESRCH)
+        });
+        if !alive {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Flushes a new release to disk before it is published, so a power cut cannot publish empty files.
+fn durable(dir: &Path) {
+    use std::os::fd::AsRawFd;
+    if let Ok(f) = fs::File::open(dir) {
+        let _ = nix::unistd::syncfs(f.as_raw_fd());
+    }
+}
+
+/// A temporary folder under `releases/`, removed on drop unless disarmed.
+struct TempDir {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl TempDir {
+    fn new(releases: &Path) -> Result<Self> {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = releases.join(format!(".tmp-{}-{n}", std::process::id()));
+        if path.exists() {
+            fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+        fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { path, armed: true })
+    }
+
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Runs one git command (in `dir`, if given) with prompts off, the system config ignored and
+/// settings that could change a checkout pinned; returns stdout. Killed after `timeout`.
+fn git<'a>(
+    dir: Option<&Path>,
+    args: impl IntoIterator<Item = &'a OsStr>,
+    timeout: Duration,
+) -> Result<String> {
+    let args: Vec<&OsStr> = args.into_iter().collect();
+    let sub = args
+        .first()
+        .map(|a| a.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut cmd = Command::new("git");
+    if let Some(dir) = dir {
+        cmd.arg("-C").arg(dir);
+    }
+    for c in [
+        "protocol.version=2",
+        "core.hooksPath=/dev/null",
+        "core.autocrlf=false",
+        "core.fsmonitor=false",
+        "advice.detachedHead=false",
+        "init.defaultBranch=main",
+        "gc.auto=0",
+        "maintenance.auto=false",
+        "fetch.recurseSubmodules=false",
+    ] {
+        cmd.arg("-c").arg(c);
+    }
+    cmd.args(&args);
+    for var in [
+        "GIT_DIR",
+        "GIT_WORK_TREE",
+        "GIT_INDEX_FILE",
+        "GIT_OBJECT_DIRECTORY",
+        "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+        "GIT_COMMON_DIR",
+        "GIT_NAMESPACE",
+        "GIT_CONFIG",
+        "GIT_CONFIG_PARAMETERS",
+        "GIT_CONFIG_COUNT",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("LC_ALL", "C");
+    let out = run(cmd, timeout).with_context(|| format!("running git {sub}"))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
+        bail!(
+            "git {sub} failed ({}): {}",
+            out.status,
+            if tail.is_empty() { "no output" } else { &tail }
+        );
+    }
+    String::from_utf8(out.stdout)
+        .with_context(|| format!("git {sub} printed something that is not UTF-8"))
+}
+
+struct Output {
+    status: std::process::ExitStatus,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+}
+
+/// Runs `cmd` in its own process group with stdin null, capturing its output. When `timeout`
+/// elapses the whole group (git and its helpers such as ssh) is killed and this errs.
+fn run(mut cmd: Command, timeout: Duration) -> Result<Output> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {program} (is it installed?)"))?;
+    let deadline = Instant::now() + timeout;
+    let (tx, rx) = mpsc::channel();
+    for (which, pipe) in [
+        (
+            0,
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ),
+        (
+            1,
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ),
+    ] {
+        let tx = tx.clone();
+        let Some(mut pipe) = pipe else { continue };
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            let _ = tx.send((which, buf));
+        });
+    }
+    drop(tx);
+    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let mut pause = Duration::from_millis(2);
+    let status = loop {
+        if let Some(status) = child
+            .try_wait()
+            .with_context(|| format!("waiting for {program}"))?
+        {
+            break status;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+            return Err(anyhow!(
+                "{program} did not finish within {} and was killed",
+                humantime::format_duration(timeout)
+            ));
+        }
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(Duration::from_millis(50));
+    };
+    // Helpers that outlive git could keep the pipes open; do not wait for them forever.
+    let mut out = Output {
+        status,
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+    };
+    let grace = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_secs(1));
+    let until = Instant::now() + grace;
+    for _ in 0..2 {
+        match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            Ok((0, buf)) => out.stdout = buf,
+            Ok((_, buf)) => out.stderr = buf,
+            Err(_) => break,
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lock::SyncLock;
+
+    const T: Duration = Duration::from_secs(30);
+
+    /// A bare repository served by `file://`, a work clone that pushes to it, and a layout.
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        work: PathBuf,
+        bare: PathBuf,
+        layout: Layout,
+    }
+
+    fn sh_git(dir: &Path, args: &[&str]) -> String {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args([
+                "-c",
+                "user.name=Test",
+                "-c",
+                "user.email=test@example.com",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let tmp = tempfile::tempdir().unwrap();
+            let bare = tmp.path().join("upstream.git");
+            let work = tmp.path().join("work");
+            fs::create_dir_all(&work).unwrap();
+            sh_git(
+                tmp.path(),
+                &["init", "-q", "--bare", bare.to_str().unwrap()],
+            );
+            sh_git(&work, &["init", "-q", "-b", "main"]);
+            let layout = Layout::new(tmp.path().join("root"));
+            let f = Fixture {
+                _tmp: tmp,
+                work,
+                bare,
+                layout,
+            };
+            f.commit("top.sls", "base: {}\n");
+            f
+        }
+
+        fn url(&self) -> String {
+            format!("file://{}", self.bare.display())
+        }
+
+        fn spec(&self, reference: &str) -> RepoSpec {
+            RepoSpec {
+                url: self.url(),
+                reference: reference.to_string(),
+            }
+        }
+
+        /// Commits `file` with `content` and pushes main; returns the commit.
+        fn commit(&self, file: &str, content: &str) -> String {
+            fs::write(self.work.join(file), content).unwrap();
+            sh_git(&self.work, &["add", "-A"]);
+            sh_git(&self.work, &["commit", "-q", "-m", &format!("edit {file}")]);
+            sh_git(
+                &self.work,
+                &[
+                    "push",
+                    "-q",
+                    self.bare.to_str().unwrap(),
+                    "HEAD:refs/heads/main",
+                ],
+            );
+            sh_git(&self.work, &["rev-parse", "HEAD"])
+        }
+
+        fn releases(&self) -> Vec<String> {
+            let dir = self.layout.repo_dir("salt").join("releases");
+            let mut v: Vec<String> = fs::read_dir(dir)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            v.sort();
+            v
+        }
+
+        fn current_target(&self) -> PathBuf {
+            fs::read_link(self.layout.repo_current("salt")).unwrap()
+        }
+    }
+
+    #[test]
+    fn first_sync_publishes_then_unchanged_then_updated() {
+        let f = Fixture::new();
+        let c1 = sh_git(&f.work, &["rev-parse", "HEAD"]);
+        assert_eq!(current_commit(&f.layout, "salt"), None);
+
+        let out = sync(&f.layout, "salt", &f.spec("main"), T).unwrap();
+        assert_eq!(
+            out,
+            SyncOutcome::Updated {
+                commit: c1.clone(),
+                previous: None
+            }
+        );
+        assert_eq!(out.commit(), c1);
+        assert_eq!(f.current_target(), Path::new("releases").join(&c1));
+        assert_eq!(
+            current_commit(&f.layout, "salt").as_deref(),
+            Some(c1.as_str())
+        );
+        let current = f.layout.repo_current("salt");
+        assert_eq!(
+            fs::read_to_string(current.join("top.sls")).unwrap(),
+            "base: {}\n"
+        );
+        assert_eq!(f.releases(), vec![c1.clone()], "no temporary folder left");
+
+        // Nothing new upstream: no fetch, nothing written.
+        let before = fs::metadata(f.layout.repo_dir("salt").join("releases"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        let out = sync(&f.layout, "salt", &f.spec("main"), T).unwrap();
+        assert_eq!(out, SyncOutcome::Unchanged { commit: c1.clone() });
+        assert_eq!(f.releases(), vec![c1.clone()]);
+        let after = fs::metadata(f.layout.repo_dir("salt").join("releases"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert_eq!(before, after, "an unchanged sync must not touch releases/");
+
+        let c2 = f.commit("top.sls", "base: {'*': [web]}\n");
+        let out = sync(&f.layout, "salt", &f.spec("main"), T).unwrap();
+        assert_eq!(
+            out,
+            SyncOutcome::Updated {
+                commit: c2.clone(),
+                previous: Some(c1.clone())
+            }
+        );
+        assert_eq!(
+            fs::read_to_string(current.join("top.sls")).unwrap(),
+            "base: {'*': [web]}\n"
+        );
+        assert_eq!(f.current_target(), Path::new("releases").join(&c2));
+        let mut both = vec![c1, c2];
+        both.sort();
+        assert_eq!(f.releases(), both);
+        // The leftover symlink of the flip is gone.
+        let names: Vec<_> = fs::read_dir(f.layout.repo_dir("salt"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn tag_and_full_sha_refs() {
+        let f = Fixture::new();
+        let c1 = sh_git(&f.work, &["rev-parse", "HEAD"]);
+        sh_git(&f.work, &["tag", "-a", "-m", "release one", "v1"]);
+        sh_git(&f.work, &["tag", "light", "HEAD"]);
+        sh_git(
+            &f.work,
+            &["push", "-q", f.bare.to_str().unwrap(), "v1", "light"],
+        );
+        let c2 = f.commit("new.sls", "x: 1\n");
+
+        // An annotated tag resolves to the commit it points at, not the tag object.
+        let out = sync(&f.layout, "salt", &f.spec("v1"), T).unwrap();
+        assert_eq!(
+            out,
+            SyncOutcome::Updated {
+                commit: c1.clone(),
+                previous: None
+            }
+        );
+        assert!(!f.layout.repo_current("salt").join("new.sls").exists());
+        let out = sync(&f.layout, "salt", &f.spec("light"), T).unwrap();
+        assert_eq!(out, SyncOutcome::Unchanged { commit: c1.clone() });
+
+        // A full sha: fetched directly.
+        let out = sync(&f.layout, "salt", &f.spec(&c2), T).unwrap();
+        assert_eq!(
+            out,
+            SyncOutcome::Updated {
+                commit: c2.clone(),
+                previous: Some(c1.clone())
+            }
+        );
+        assert!(f.layout.repo_current("salt").join("new.sls").exists());
+        let out = sync(&f.layout, "salt", &f.spec(&c2.to_uppercase()), T).unwrap();
+        assert_eq!(out, SyncOutcome::Unchanged { commit: c2.clone() });
+
+        // Flipping back reuses the release we still have, even with upstream gone.
+        let back = RepoSpec {
+            url: "file:///nonexistent/repo.git".into(),
+            reference: c1.clone(),
+        };
+        let out = sync(&f.layout, "salt", &back, T).unwrap();
+        assert_eq!(
+            out,
+            SyncOutcome::Updated {
+                commit: c1.clone(),
+                previous: Some(c2)
+            }
+        );
+        assert_eq!(f.current_target(), Path::new("releases").join(&c1));
+    }
+
+    #[test]
+    fn unreachable_upstream_keeps_the_last_release() {
+        let f = Fixture::new();
+        let c1 = sh_git(&f.work, &["rev-parse", "HEAD"]);
+        sync(&f.layout, "salt", &f.spec("main"), T).unwrap();
+
+        let gone = RepoSpec {
+            url: "file:///nonexistent/repo.git".into(),
+            reference: "main".into(),
+        };
+        let out = sync(&f.layout, "salt", &gone, T).unwrap();
+        match &out {
+            SyncOutcome::KeptLast { commit, error } => {
+                assert_eq!(commit, &c1);
+                assert!(error.contains("file:///nonexistent/repo.git"), "{error}");
+                assert!(
+                    error.contains("does not appear to be a git repository"),
+                    "{error}"
+                );
+            }
+            other => panic!("expected KeptLast, got {other:?}"),
+        }
+        assert_eq!(f.current_target(), Path::new("releases").join(&c1));
+        assert_eq!(f.releases(), vec![c1.clone()]);
+
+        // A fetch that fails after ls-remote (the commit is not upstream) leaves no temp folder.
+        let missing = f.spec("0123456789abcdef0123456789abcdef01234567");
+        let out = sync(&f.layout, "salt", &missing, T).unwrap();
+        assert!(matches!(out, SyncOutcome::KeptLast { .. }), "{out:?}");
+        assert_eq!(f.releases(), vec![c1.clone()]);
+        assert_eq!(f.current_target(), Path::new("releases").join(&c1));
+    }
+
+    #[test]
+    fn unreachable_upstream_without_a_release_errs_clearly() {
+        let f = Fixture::new();
+        let gone = RepoSpec {
+            url: "file:///nonexistent/repo.git".into(),
+            reference: "main".into(),
+        };
+        let err = sync(&f.layout, "salt", &gone, T).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("syncing repository salt from file:///nonexistent/repo.git (ref main)"),
+            "{msg}"
+        );
+        assert!(msg.contains("git ls-remote failed"), "{msg}");
+        assert!(
+            msg.contains("does not appear to be a git repository"),
+            "{msg}"
+        );
+        assert!(!f.layout.repo_current("salt").exists());
+
+        let missing = f.spec("0123456789abcdef0123456789abcdef01234567");
+        let msg = format!("{:#}", sync(&f.layout, "salt", &missing, T).unwrap_err());
+        assert!(msg.contains("git fetch failed"), "{msg}");
+        assert!(f.releases().is_empty(), "{:?}", f.releases());
+        assert!(fs::symlink_metadata(f.layout.repo_current("salt")).is_err());
+    }
+
+    #[test]
+    fn missing_ref_errs_clearly() {
+        let f = Fixture::new();
+        let err = sync(&f.layout, "salt", &f.spec("no-such-branch"), T).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("ref \"no-such-branch\" not found at file://"),
+            "{msg}"
+        );
+        let bad = sync(&f.layout, "salt", &f.spec("--upload-pack=evil"), T).unwrap_err();
+        assert!(format!("{bad:#}").contains("invalid ref"), "{bad:#}");
+    }
+
+    #[test]
+    fn prune_keeps_current_and_three_previous() {
+        let f = Fixture::new();
+        let mut commits = vec![sh_git(&f.work, &["rev-parse", "HEAD"])];
+        sync(&f.layout, "salt", &f.spec("main"), T).unwrap();
+        for i in 0..5 {
+            commits.push(f.commit("n.txt", &i.to_string()));
+            let out = sync(&f.layout, "salt", &f.spec("main"), T).unwrap();
+            assert_eq!(out.commit(), commits.last().unwrap());
+        }
+        let mut kept = commits[commits.len() - 1 - KEEP_PREVIOUS..].to_vec();
+        kept.sort();
+        assert_eq!(f.releases(), kept);
+        assert_eq!(current_commit(&f.layout, "salt").as_ref(), commits.last());
+    }
+
+    #[test]
+    fn stale_temp_folders_of_dead_syncs_are_removed() {
+        let f = Fixture::new();
+        let releases = f.layout.repo_dir("salt").join("releases");
+        fs::create_dir_all(releases.join(".tmp-999999999-0/sub")).unwrap();
+        let c1 = sh_git(&f.work, &["rev-parse", "HEAD"]);
+        sync(&f.layout, "salt", &f.spec("main"), T).unwrap();
+        assert_eq!(f.releases(), vec![c1]);
+    }
+
+    #[test]
+    fn a_dangling_current_is_no_release() {
+        let f = Fixture::new();
+        let dir = f.layout.repo_dir("salt");
+        fs::create_dir_all(&dir).unwrap();
+        symlink(
+            "releases/0123456789abcdef0123456789abcdef01234567",
+            dir.join("current"),
+        )
+        .unwrap();
+        assert_eq!(current_commit(&f.layout, "salt"), None);
+        let c1 = sh_git(&f.work, &["rev-parse", "HEAD"]);
+        let out = sync(&f.layout, "salt", &f.spec("main"), T).unwrap();
+        assert_eq!(
+            out,
+            SyncOutcome::Updated {
+                commit: c1,
+                previous: None
+            }
+        );
+    }
+
+    #[test]
+    fn commands_are_killed_on_timeout() {
+        let mut cmd = Command::new("sh");
+        // A grandchild holding the pipes open must die too, or this would hang for 30 s.
+        cmd.args(["-c", "sleep 30 & sleep 30"]);
+        let start = Instant::now();
+        let err = run(cmd, Duration::from_millis(200))
+            .err()
+            .expect("must time out");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(
+            format!("{err:#}").contains("did not finish within 200ms and was killed"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn syncs_serialise_on_the_lock() {
+        let f = Fixture::new();
+        let held = SyncLock::acquire(&f.layout, T).unwrap();
+        let err = SyncLock::acquire(&f.layout, Duration::from_millis(100)).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("another sync holds the lock"),
+            "{err:#}"
+        );
+        drop(held);
+        let _lock = SyncLock::acquire(&f.layout, Duration::from_millis(100)).unwrap();
+        sync(&f.layout, "salt", &f.spec("main"), T).unwrap();
+    }
+
+    #[test]
+    fn spec_uses_ref_in_config() {
+        let spec: RepoSpec =
+            serde_json::from_str(r#"{"url": "https://x/y.git", "ref": "main"}"#).unwrap();
+        assert_eq!(spec.reference, "main");
+        assert_eq!(serde_json::to_value(&spec).unwrap()["ref"], "main");
+    }
+}

@@ -1,0 +1,653 @@
+//! Masterless `state.highstate` and its result.
+//!
+//! Salt writes its JSON result to `Layout::highstate_out()` and its log lines (stdout and
+//! stderr) next to it, as `highstate.log`; the result is judged from the JSON, which says what
+//! failed and why, with the exit code as a second opinion.
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::paths::Layout;
+
+/// A state whose result was `false`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FailedState {
+    pub id: String,
+    pub comment: String,
+}
+
+/// What a highstate did.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HighstateReport {
+    /// Every state succeeded (and salt-call exited 0, when it ran).
+    pub ok: bool,
+    /// States in the result.
+    pub total: usize,
+    /// Successful states that changed something.
+    pub changed: usize,
+    /// Failed states, in the order salt ran them.
+    pub failed: Vec<FailedState>,
+    /// Errors that stopped salt before any state ran: Jinja/YAML render errors, pillar errors.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub render_errors: Vec<String>,
+    /// salt-call's exit code (`--retcode-passthrough`); `None` when parsed alone or killed.
+    pub retcode: Option<i32>,
+    /// How long salt-call ran.
+    pub ms: u64,
+}
+
+const NO_TOP: &str = "No Top file or master_tops data matches found";
+
+impl HighstateReport {
+    /// One line: `12 states, 3 changed, 0 failed`, `render error: ...` or
+    /// `2 of 5 failed: id (comment); ...`.
+    pub fn summary(&self) -> String {
+        if !self.render_errors.is_empty() {
+            let text: Vec<String> = self.render_errors.iter().map(|e| first_line(e)).collect();
+            return format!("render error: {}", shorten(&text.join(" "), 300));
+        }
+        if !self.failed.is_empty() {
+            const SHOWN: usize = 3;
+            let mut parts: Vec<String> = self
+                .failed
+                .iter()
+                .take(SHOWN)
+                .map(|f| format!("{} ({})", f.id, shorten(&first_line(&f.comment), 120)))
+                .collect();
+            if self.failed.len() > SHOWN {
+                parts.push(format!("and {} more", self.failed.len() - SHOWN));
+            }
+            return format!(
+                "{} of {} failed: {}",
+                self.failed.len(),
+                self.total,
+                parts.join("; ")
+            );
+        }
+        let line = format!("{} states, {} changed, 0 failed", self.total, self.changed);
+        match self.retcode {
+            Some(rc) if rc != 0 => format!("{line}, but salt-call exited {rc}"),
+            None if !self.ok => format!("{line}, but salt-call did not succeed"),
+            _ => line,
+        }
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("")
+        .to_string()
+}
+
+fn shorten(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let cut: String = s.chars().take(max).collect();
+        format!("{cut}…")
+    }
+}
+
+/// Parses salt's `--out=json` document: `{"local": {"STATE_|-ID_|-NAME_|-FUN": {...}}}`, or
+/// `{"local": ["error", ...]}` when rendering or compiling failed (reported as `render_errors`).
+/// Text before the document (a warning line) is skipped.
+pub fn parse(json: &str) -> Result<HighstateReport> {
+    let doc = find_document(json)?;
+    let local = match doc.as_object() {
+        Some(m) if m.contains_key("local") => &m["local"],
+        Some(m) if m.len() == 1 => m.values().next().unwrap_or(&Value::Null),
+        _ => bail!(
+            "salt's result is not an object keyed by `local`: {}",
+            snippet(json)
+        ),
+    };
+    match local {
+        Value::Array(errors) => {
+            let render_errors = errors
+                .iter()
+                .map(|e| match e {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .collect();
+            Ok(HighstateReport {
+                ok: false,
+                render_errors,
+                ..Default::default()
+            })
+        }
+        Value::Object(states) => {
+            let mut report = HighstateReport {
+                total: states.len(),
+                ..Default::default()
+            };
+            let mut failed: Vec<(u64, FailedState)> = Vec::new();
+            for (key, state) in states {
+                let Some(state) = state.as_object() else {
+                    bail!(
+                        "salt's result for {key:?} is not an object: {}",
+                        snippet(&state.to_string())
+                    );
+                };
+                let comment = comment_text(state.get("comment"));
+                let result = state.get("result").and_then(Value::as_bool);
+                let has_changes = match state.get("changes") {
+                    Some(Value::Object(m)) => !m.is_empty(),
+                    Some(Value::Null) | None => false,
+                    Some(Value::String(s)) => !s.is_empty(),
+                    Some(_) => true,
+                };
+                if result == Some(false) || comment.contains(NO_TOP) {
+                    let id = state
+                        .get("__id__")
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                        .unwrap_or_else(|| key.split("_|-").nth(1).unwrap_or(key).to_string());
+                    let run_num = state
+                        .get("__run_num__")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(u64::MAX);
+                    failed.push((run_num, FailedState { id, comment }));
+                } else if has_changes {
+                    report.changed += 1;
+                }
+            }
+            failed.sort_by_key(|(n, _)| *n);
+            report.failed = failed.into_iter().map(|(_, f)| f).collect();
+            report.ok = report.failed.is_empty();
+            Ok(report)
+        }
+        other => bail!(
+            "salt's result is neither states nor a list of errors: {}",
+            snippet(&other.to_string())
+        ),
+    }
+}
+
+/// A comment is a string, sometimes a list of strings.
+fn comment_text(v: Option<&Value>) -> String {
+    match v {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| x.to_string())
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        Some(Value::Null) | None => String::new(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// The JSON document in `text`: all of it, or the first one starting at a line that opens
+/// with `{` (salt sometimes prints a warning first).
+fn find_document(text: &str) -> Result<Value> {
+    let first_error = match serde_json::from_str::<Value>(text.trim()) {
+        Ok(v) => return Ok(v),
+        Err(e) => e,
+    };
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        if line.trim_start().starts_with('{') {
+            let mut stream =
+                serde_json::Deserializer::from_str(&text[offset..]).into_iter::<Value>();
+            if let Some(Ok(v)) = stream.next() {
+                if v.is_object() {
+                    return Ok(v);
+                }
+            }
+        }
+        offset += line.len();
+    }
+    bail!(
+        "salt's output is not JSON ({first_error}): {}",
+        snippet(text)
+    )
+}
+
+fn snippet(text: &str) -> String {
+    let t = text.trim();
+    if t.is_empty() {
+        "(empty)".into()
+    } else {
+        format!("{:?}", shorten(t, 200))
+    }
+}
+
+/// Where salt-call's own output (log lines, tracebacks) of the last highstate goes.
+pub fn log_file(layout: &Layout) -> PathBuf {
+    layout.highstate_out().with_extension("log")
+}
+
+/// Runs `SALT_CALL --local --config-dir LAYOUT/etc/salt --id MINION state.highstate --out=json
+/// --out-file LAYOUT/var/lib/stackless/highstate.json --retcode-passthrough -l error`, kills it
+/// (and everything it started) when `timeout` passes, then parses the out-file. `ms` and
+/// `retcode` record the run; a non-zero exit code makes `ok` false even if no state failed.
+///
+/// `-l error` rather than `-l quiet`: quiet hides the configuration errors that are the only
+/// clue when salt writes no JSON; the log lines go to `highstate.log`, not into the result.
+pub fn run(
+    layout: &Layout,
+    salt_call: &Path,
+    minion_id: &str,
+    timeout: Duration,
+) -> Result<HighstateReport> {
+    let conf = layout.minion_conf_file();
+    if !conf.is_file() {
+        // Without it salt would fall back to the host's /etc/salt, /var/cache/salt and /srv/salt.
+        bail!(
+            "no salt minion configuration at {}: write it before running highstate",
+            conf.display()
+        );
+    }
+    let out_file = layout.highstate_out();
+    let log = log_file(layout);
+    if let Some(dir) = out_file.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match fs::remove_file(&out_file) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("removing the previous result {}", out_file.display()))
+        }
+    }
+    let log_out = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let log_err = log_out
+        .try_clone()
+        .with_context(|| format!("opening {}", log.display()))?;
+
+    let mut cmd = Command::new(salt_call);
+    cmd.arg("--local")
+        .arg("--config-dir")
+        .arg(layout.salt_config_dir())
+        .args([
+            "--id",
+            minion_id,
+            "state.highstate",
+            "--out=json",
+            "--out-file",
+        ])
+        .arg(&out_file)
+        .args(["--retcode-passthrough", "-l", "error"])
+        .stdin(Stdio::null())
+        .stdout(log_out)
+        .stderr(log_err)
+        // Its own process group, so a timeout kills what the states started too.
+        .process_group(0);
+    tracing::info!(salt_call = %salt_call.display(), minion_id, "running state.highstate");
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", salt_call.display()))?;
+    let pid = child.id();
+    let status = loop {
+        if let Some(status) = child.try_wait().context("waiting for salt-call")? {
+            break status;
+        }
+        let elapsed = start.elapsed();
+        if elapsed >= timeout {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = child.wait();
+            bail!(
+                "state.highstate did not finish within {}; killed salt-call (pid {pid}) and its processes. Last output:\n{}",
+                humantime::format_duration(timeout),
+                log_tail(&log)
+            );
+        }
+        let pause = if elapsed < Duration::from_secs(1) {
+            20
+        } else {
+            100
+        };
+        std::thread::sleep(Duration::from_millis(pause).min(timeout - elapsed));
+    };
+    let ms = start.elapsed().as_millis() as u64;
+    let retcode = status.code();
+
+    let text = fs::read_to_string(&out_file).unwrap_or_default();
+    if text.trim().is_empty() {
+        bail!(
+            "salt-call state.highstate {} and wrote no result to {}; its output ({}):\n{}",
+            describe(status),
+            out_file.display(),
+            log.display(),
+            log_tail(&log)
+        );
+    }
+    let mut report = parse(&text).with_context(|| {
+        format!(
+            "reading the result of state.highstate ({}) from {}; its output:\n{}",
+            describe(status),
+            out_file.display(),
+            log_tail(&log)
+        )
+    })?;
+    report.retcode = retcode;
+    report.ms = ms;
+    report.ok = report.ok && retcode == Some(0);
+    tracing::info!(ms, ok = report.ok, "highstate: {}", report.summary());
+    Ok(report)
+}
+
+fn describe(status: std::process::ExitStatus) -> String {
+    match status.code() {
+        Some(c) => format!("exited {c}"),
+        None => format!("ended by {status}"),
+    }
+}
+
+fn log_tail(log: &Path) -> String {
+    let tail = super::install::tail_lines(&fs::read(log).unwrap_or_default(), 20);
+    if tail.is_empty() {
+        "(nothing)".into()
+    } else {
+        tail
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::salt::config::{write_minion_config, MinionConfig};
+    use crate::salt::test_support::salt_call;
+
+    // Outputs of salt-call 3008.4 `state.highstate --out=json`, captured as they were.
+    const PASSING: &str = r#"{
+    "local": {
+        "file_|-hello_|-/tmp/sx/r/out.txt_|-managed": {
+            "changes": {
+                "diff": "New file"
+            },
+            "comment": "File /tmp/sx/r/out.txt updated",
+            "name": "/tmp/sx/r/out.txt",
+            "result": true,
+            "__sls__": "a",
+            "__run_num__": 0,
+            "start_time": "04:50:37.267547",
+            "duration": 5.904,
+            "__id__": "hello"
+        }
+    }
+}"#;
+    const FAILING: &str = r#"{"local": {"file_|-hello_|-/tmp/sx/r/out.txt_|-managed": {"changes": {}, "comment": "File /tmp/sx/r/out.txt is in the correct state", "name": "/tmp/sx/r/out.txt", "result": true, "__sls__": "a", "__run_num__": 0, "start_time": "04:50:41.521505", "duration": 5.47, "__id__": "hello"}, "cmd_|-fails_|-false_|-run": {"name": "false", "changes": {"pid": 5632, "retcode": 1, "stdout": "", "stderr": ""}, "result": false, "comment": "Command \"false\" run", "__sls__": "a", "__run_num__": 1, "start_time": "04:50:41.527941", "duration": 5.124, "__id__": "fails"}, "file_|-missing_|-/tmp/sx/r/out2.txt_|-managed": {"changes": {}, "comment": "Unable to manage file: Source file salt://nope.txt not found in saltenv 'base'", "name": "/tmp/sx/r/out2.txt", "result": false, "__sls__": "a", "__run_num__": 2, "start_time": "04:50:41.533334", "duration": 1.177, "__id__": "missing"}, "cmd_|-after_|-true_|-run": {"changes": {}, "result": false, "duration": 0.003, "start_time": "04:50:41.534684", "comment": "One or more requisite failed: a.fails", "__state_ran__": false, "__run_num__": 3, "__sls__": "a", "__id__": "after", "name": "true"}}}"#;
+    const RENDER_ERROR: &str = r#"{"local": ["Rendering SLS 'base:a' failed: Jinja variable 'salt.utils.optsdict.DictProxy object' has no attribute 'nokey'; line 3\n\n---\nx:\n  cmd.run:\n    - name: {{ grains[\"nokey\"] }}    <======================\n---"]}"#;
+    const PILLAR_ERROR: &str = r#"{"local": ["Pillar failed to render with the following messages:", "Rendering SLS 'p' failed. Please see master log for details."]}"#;
+    const NO_TOP_MATCH: &str = r#"{"local": {"no_|-states_|-states_|-None": {"result": false, "comment": "No Top file or master_tops data matches found. Please see master log for details.", "name": "No States", "changes": {}, "__run_num__": 0}}}"#;
+
+    #[test]
+    fn parses_a_passing_run() {
+        let r = parse(PASSING).unwrap();
+        assert_eq!((r.ok, r.total, r.changed, r.failed.len()), (true, 1, 1, 0));
+        assert_eq!(r.summary(), "1 states, 1 changed, 0 failed");
+    }
+
+    #[test]
+    fn parses_failures_in_run_order() {
+        let r = parse(FAILING).unwrap();
+        assert!(!r.ok);
+        assert_eq!((r.total, r.changed), (4, 0));
+        let ids: Vec<&str> = r.failed.iter().map(|f| f.id.as_str()).collect();
+        assert_eq!(ids, ["fails", "missing", "after"]);
+        assert_eq!(
+            r.failed[1].comment,
+            "Unable to manage file: Source file salt://nope.txt not found in saltenv 'base'"
+        );
+        assert_eq!(
+            r.summary(),
+            "3 of 4 failed: fails (Command \"false\" run); missing (Unable to manage file: Source file salt://nope.txt \
+             not found in saltenv 'base'); after (One or more requisite failed: a.fails)"
+        );
+    }
+
+    #[test]
+    fn parses_render_and_pillar_errors() {
+        let r = parse(RENDER_ERROR).unwrap();
+        assert!(!r.ok && r.total == 0 && r.render_errors.len() == 1);
+        assert!(
+            r.summary()
+                .starts_with("render error: Rendering SLS 'base:a' failed: Jinja variable"),
+            "{}",
+            r.summary()
+        );
+        assert!(!r.summary().contains('\n'));
+        let r = parse(PILLAR_ERROR).unwrap();
+        assert_eq!(r.render_errors.len(), 2);
+        assert_eq!(
+            r.summary(),
+            "render error: Pillar failed to render with the following messages: Rendering SLS 'p' failed. Please see master log for details."
+        );
+    }
+
+    #[test]
+    fn no_top_match_is_a_failure() {
+        let r = parse(NO_TOP_MATCH).unwrap();
+        assert!(!r.ok);
+        assert_eq!(r.failed[0].id, "states");
+        assert!(
+            r.summary()
+                .starts_with("1 of 1 failed: states (No Top file"),
+            "{}",
+            r.summary()
+        );
+        // Even if salt ever reports it without `result: false`.
+        let r = parse(&NO_TOP_MATCH.replace("\"result\": false", "\"result\": null")).unwrap();
+        assert!(!r.ok);
+    }
+
+    #[test]
+    fn tolerates_a_leading_warning_and_rejects_other_shapes() {
+        let noisy = format!("[WARNING ] Something deprecated {{ like this }}\n{PASSING}\n");
+        assert_eq!(parse(&noisy).unwrap(), parse(PASSING).unwrap());
+        for bad in [
+            "",
+            "not json at all",
+            "[1, 2]",
+            "{\"local\": 5}",
+            "{\"a\": 1, \"b\": 2}",
+            "{\"local\": {\"k\": 1}}",
+        ] {
+            let err = format!("{:#}", parse(bad).unwrap_err());
+            assert!(err.contains("salt"), "{bad}: {err}");
+        }
+        let err = format!(
+            "{:#}",
+            parse("Traceback (most recent call last): boom").unwrap_err()
+        );
+        assert!(err.contains("Traceback"), "{err}");
+        // A comment that is a list, and test-mode `null` results, are fine.
+        let r = parse(r#"{"local": {"a_|-x_|-x_|-f": {"result": null, "comment": ["one", "two"], "changes": {"k": 1}}}}"#)
+            .unwrap();
+        assert!(r.ok && r.changed == 1);
+    }
+
+    #[test]
+    fn summary_mentions_a_bad_exit_code() {
+        let r = HighstateReport {
+            ok: false,
+            total: 2,
+            changed: 1,
+            retcode: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(
+            r.summary(),
+            "2 states, 1 changed, 0 failed, but salt-call exited 2"
+        );
+        let many = HighstateReport {
+            total: 9,
+            failed: (0..5)
+                .map(|i| FailedState {
+                    id: format!("s{i}"),
+                    comment: "no\nmore".into(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        assert_eq!(
+            many.summary(),
+            "5 of 9 failed: s0 (no); s1 (no); s2 (no); and 2 more"
+        );
+        let json = serde_json::to_value(&many).unwrap();
+        assert!(json.get("render_errors").is_none());
+    }
+
+    /// A salt tree in a temporary root, configured by `write_minion_config`.
+    struct Tree {
+        dir: tempfile::TempDir,
+        layout: Layout,
+    }
+
+    impl Tree {
+        fn new(id: &str, grains: &str) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let layout = Layout::new(dir.path());
+            let states = layout.repo_current("salt");
+            fs::create_dir_all(states.join("pillar")).unwrap();
+            let g: toml::Table = toml::from_str(grains).unwrap();
+            let cfg = MinionConfig {
+                minion_id: id,
+                grains: &g,
+                file_root: states.clone(),
+                pillar_root: states.join("pillar"),
+            };
+            assert!(write_minion_config(&layout, &cfg).unwrap());
+            Tree { dir, layout }
+        }
+        fn file(&self, rel: &str, text: &str) {
+            let p = self.layout.repo_current("salt").join(rel);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, text).unwrap();
+        }
+        fn top(&self, id: &str, sls: &str) {
+            self.file("top.sls", &format!("base:\n  '{id}':\n    - {sls}\n"));
+        }
+        fn run(&self, id: &str) -> HighstateReport {
+            run(&self.layout, &salt_call(), id, Duration::from_secs(300)).unwrap()
+        }
+    }
+
+    #[test]
+    fn end_to_end_highstate_with_grains_and_pillar() {
+        let t = Tree::new("web-1", "role = \"web\"\ntier = { name = \"front\" }");
+        let out = t.dir.path().join("srv/app.conf");
+        t.top("web-1", "app");
+        t.file("pillar/top.sls", "base:\n  '*':\n    - app\n");
+        t.file("pillar/app.sls", "app:\n  port: 8080\n");
+        t.file(
+            "app.sls",
+            &format!(
+                "app-config:\n  file.managed:\n    - name: {}\n    - makedirs: True\n    - contents: \"role={{{{ grains['role'] }}}} tier={{{{ grains['tier']['name'] }}}} port={{{{ pillar['app']['port'] }}}}\"\n",
+                out.display()
+            ),
+        );
+        let r = t.run("web-1");
+        assert!(r.ok, "{r:?}");
+        assert_eq!((r.total, r.changed, r.retcode), (1, 1, Some(0)));
+        assert_eq!(
+            fs::read_to_string(&out).unwrap().trim_end(),
+            "role=web tier=front port=8080"
+        );
+        assert!(t.layout.highstate_out().is_file());
+
+        // Idempotent: nothing changes the second time.
+        let r = t.run("web-1");
+        assert!(r.ok && r.changed == 0, "{r:?}");
+
+        // Everything salt wrote is under the root.
+        for d in [
+            "var/cache/salt/minion",
+            "etc/salt/pki/minion",
+            "var/log/salt",
+        ] {
+            assert!(t.dir.path().join(d).is_dir(), "{d} not under the root");
+        }
+    }
+
+    #[test]
+    fn end_to_end_failures_are_reported() {
+        let t = Tree::new("db-1", "");
+        t.top("db-1", "bad");
+        t.file(
+            "bad.sls",
+            "fails:\n  cmd.run:\n    - name: \"false\"\nmissing:\n  file.managed:\n    - name: /nonexistent-dir-for-test/x\n    - source: salt://nope.txt\n",
+        );
+        let r = t.run("db-1");
+        assert!(!r.ok);
+        assert_eq!(r.retcode, Some(2));
+        let ids: Vec<&str> = r.failed.iter().map(|f| f.id.as_str()).collect();
+        assert_eq!(ids, ["fails", "missing"]);
+        assert!(r.failed[1].comment.contains("salt://nope.txt"), "{r:?}");
+
+        // A Jinja error.
+        t.file(
+            "bad.sls",
+            "x:\n  cmd.run:\n    - name: {{ grains['no_such_grain'] }}\n",
+        );
+        let r = t.run("db-1");
+        assert!(!r.ok && r.total == 0);
+        assert!(r.render_errors[0].contains("no_such_grain"), "{r:?}");
+        assert!(r.summary().starts_with("render error:"));
+
+        // A top file that does not target this minion.
+        t.top("someone-else", "bad");
+        let r = t.run("db-1");
+        assert!(!r.ok);
+        assert!(r.failed[0].comment.contains(NO_TOP), "{r:?}");
+    }
+
+    #[test]
+    fn timeout_kills_salt() {
+        let t = Tree::new("slow-1", "");
+        t.top("slow-1", "slow");
+        t.file("slow.sls", "sleep:\n  cmd.run:\n    - name: sleep 60\n");
+        let started = Instant::now();
+        let err = format!(
+            "{:#}",
+            run(&t.layout, &salt_call(), "slow-1", Duration::from_secs(3)).unwrap_err()
+        );
+        assert!(err.contains("did not finish within 3s"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(30));
+    }
+
+    #[test]
+    fn salt_that_writes_nothing_is_an_error_with_its_output() {
+        let t = Tree::new("x-1", "");
+        let fake = t.dir.path().join("fake-salt-call");
+        fs::write(
+            &fake,
+            "#!/bin/sh\necho 'Traceback: something broke' >&2\nexit 3\n",
+        )
+        .unwrap();
+        fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let err = format!(
+            "{:#}",
+            run(&t.layout, &fake, "x-1", Duration::from_secs(30)).unwrap_err()
+        );
+        assert!(
+            err.contains("exited 3") && err.contains("Traceback: something broke"),
+            "{err}"
+        );
+
+        let bare = Layout::new(t.dir.path().join("elsewhere"));
+        let err = format!(
+            "{:#}",
+            run(&bare, &fake, "x-1", Duration::from_secs(30)).unwrap_err()
+        );
+        assert!(err.contains("no salt minion configuration"), "{err}");
+    }
+}

@@ -1,0 +1,169 @@
+//! The agent's record of what it did: `/var/lib/stackless/state.json`, written atomically, 0600.
+//! `status` reads it; the next boot reads it to tell a new instance from a reboot.
+
+use crate::fsutil::write_atomic;
+use crate::paths::Layout;
+use crate::salt::highstate::HighstateReport;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+pub const STATE_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub version: u32,
+    /// The instance this record belongs to; a record of another instance (baked into an
+    /// image, say) is never trusted.
+    pub instance_id: Option<String>,
+    pub minion_id: Option<String>,
+    pub boot: Option<BootRecord>,
+    #[serde(default)]
+    pub repos: BTreeMap<String, RepoRecord>,
+    pub highstate: Option<HighstateRecord>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Still running.
+    Running,
+    /// Everything passed.
+    Ready,
+    /// Booted and usable, with a problem to look at (a failed highstate, a stale repository).
+    Degraded,
+    /// The boot could not do its work.
+    Failed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Running => "running",
+            Outcome::Ready => "ready",
+            Outcome::Degraded => "degraded",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BootRecord {
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub outcome: Outcome,
+    /// The one-line reason when the outcome is not `ready`.
+    pub error: Option<String>,
+    /// The first boot of this instance (per-instance work ran).
+    pub first_boot: bool,
+    pub total_ms: u64,
+    pub steps: Vec<Step>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    pub name: String,
+    pub ms: u64,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RepoRecord {
+    pub url: String,
+    #[serde(rename = "ref")]
+    pub reference: String,
+    /// The published commit (`current`).
+    pub commit: Option<String>,
+    /// `updated`, `unchanged` or `kept-last`.
+    pub result: String,
+    pub synced_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HighstateRecord {
+    #[serde(flatten)]
+    pub report: HighstateReport,
+    /// The salt repository commit the highstate ran from.
+    pub commit: Option<String>,
+    pub at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl State {
+    /// Reads the record; `Ok(None)` when there is none yet.
+    pub fn load(layout: &Layout) -> Result<Option<State>> {
+        let path = layout.state_file();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        serde_json::from_str(&text).map(Some).with_context(|| {
+            format!(
+                "{} is not a stackless state file; move it away to start afresh",
+                path.display()
+            )
+        })
+    }
+
+    pub fn save(&self, layout: &Layout) -> Result<()> {
+        let mut json = serde_json::to_vec_pretty(self)?;
+        json.push(b'\n');
+        write_atomic(&layout.state_file(), &json, 0o600).with_context(|| {
+            format!(
+                "saving the agent state to {}",
+                layout.state_file().display()
+            )
+        })
+    }
+}
+
+/// Now, as RFC 3339 in UTC to the second.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn saves_private_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        assert_eq!(State::load(&layout).unwrap(), None);
+        let mut s = State {
+            version: STATE_VERSION,
+            instance_id: Some("i-1".into()),
+            ..Default::default()
+        };
+        s.repos.insert(
+            "salt".into(),
+            RepoRecord {
+                url: "file:///x".into(),
+                reference: "main".into(),
+                commit: Some("a".repeat(40)),
+                result: "updated".into(),
+                synced_at: now_rfc3339(),
+                error: None,
+            },
+        );
+        s.save(&layout).unwrap();
+        let mode = std::fs::metadata(layout.state_file())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(State::load(&layout).unwrap(), Some(s));
+        std::fs::write(layout.state_file(), "{").unwrap();
+        let e = State::load(&layout).unwrap_err().to_string();
+        assert!(e.contains("not a stackless state file"), "{e}");
+    }
+}

@@ -1,0 +1,164 @@
+//! `stackless-init status`: the boot timeline and the last sync, for people (like
+//! `cloud-init analyze`, in milliseconds) or as JSON for scripts.
+
+use crate::boot::short;
+use crate::state::State;
+use std::fmt::Write;
+
+/// The human report.
+pub fn render(state: &State) -> String {
+    let mut out = String::new();
+    let dash = "-".to_string();
+    let _ = writeln!(
+        out,
+        "instance   {}",
+        state.instance_id.as_ref().unwrap_or(&dash)
+    );
+    let _ = writeln!(
+        out,
+        "minion id  {}",
+        state.minion_id.as_ref().unwrap_or(&dash)
+    );
+    match &state.boot {
+        None => {
+            let _ = writeln!(out, "boot       not run yet");
+        }
+        Some(b) => {
+            let kind = if b.first_boot {
+                "first boot of this instance"
+            } else {
+                "reboot"
+            };
+            let _ = writeln!(
+                out,
+                "boot       {} in {} ms, {} ({kind})",
+                b.outcome.as_str(),
+                b.total_ms,
+                b.finished_at.as_deref().unwrap_or(&b.started_at)
+            );
+            if let Some(e) = &b.error {
+                let _ = writeln!(out, "  reason   {e}");
+            }
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "  {:>8}  {:>8}  {:<4}  {:<16} detail",
+                "start ms", "ms", "ok", "step"
+            );
+            let mut at = 0u64;
+            for s in &b.steps {
+                let ok = if s.ok { "ok" } else { "FAIL" };
+                let _ = writeln!(
+                    out,
+                    "  {:>8}  {:>8}  {:<4}  {:<16} {}",
+                    at,
+                    s.ms,
+                    ok,
+                    s.name,
+                    s.detail.as_deref().unwrap_or("")
+                );
+                at += s.ms;
+            }
+        }
+    }
+    if !state.repos.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "repos");
+        for (name, r) in &state.repos {
+            let commit = r.commit.as_deref().map(short).unwrap_or("-");
+            let _ = writeln!(
+                out,
+                "  {name:<7} {commit:<12}  {:<9} {}@{}  ({})",
+                r.result, r.url, r.reference, r.synced_at
+            );
+            if let Some(e) = &r.error {
+                let _ = writeln!(out, "          error: {e}");
+            }
+        }
+    }
+    if let Some(h) = &state.highstate {
+        let _ = writeln!(out);
+        let verdict = if h.error.is_none() && h.report.ok {
+            "ok"
+        } else {
+            "FAILED"
+        };
+        let _ = writeln!(
+            out,
+            "highstate  {verdict}: {} in {} ms at {} (salt {})",
+            h.error
+                .as_deref()
+                .map_or_else(|| h.report.summary(), str::to_string),
+            h.report.ms,
+            h.at,
+            h.commit.as_deref().map(short).unwrap_or("-")
+        );
+        for f in &h.report.failed {
+            let _ = writeln!(
+                out,
+                "  failed   {}: {}",
+                f.id,
+                f.comment.lines().next().unwrap_or("")
+            );
+        }
+        for e in &h.report.render_errors {
+            let _ = writeln!(out, "  render   {}", e.lines().next().unwrap_or(""));
+        }
+    }
+    out
+}
+
+/// The JSON report: the state record as saved.
+pub fn render_json(state: &State) -> String {
+    serde_json::to_string_pretty(state).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{BootRecord, Outcome, Step};
+
+    #[test]
+    fn human_output_lists_steps_with_start_offsets() {
+        let state = State {
+            instance_id: Some("i-1".into()),
+            minion_id: Some("web-1".into()),
+            boot: Some(BootRecord {
+                started_at: "2026-01-01T00:00:00Z".into(),
+                finished_at: Some("2026-01-01T00:00:01Z".into()),
+                outcome: Outcome::Degraded,
+                error: Some("highstate: 1 of 2 failed".into()),
+                first_boot: true,
+                total_ms: 30,
+                steps: vec![
+                    Step {
+                        name: "imds".into(),
+                        ms: 10,
+                        ok: true,
+                        detail: None,
+                    },
+                    Step {
+                        name: "highstate".into(),
+                        ms: 20,
+                        ok: false,
+                        detail: Some("1 of 2 failed".into()),
+                    },
+                ],
+            }),
+            ..Default::default()
+        };
+        let text = render(&state);
+        assert!(text.contains("boot       degraded in 30 ms"), "{text}");
+        assert!(text.contains("reason   highstate: 1 of 2 failed"), "{text}");
+        let hs = text
+            .lines()
+            .find(|l| l.contains("highstate ") && l.contains("FAIL"))
+            .unwrap();
+        assert!(
+            hs.trim_start().starts_with("10 "),
+            "second step starts at 10 ms: {hs}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&render_json(&state)).unwrap();
+        assert_eq!(json["boot"]["steps"][1]["ok"], false);
+    }
+}

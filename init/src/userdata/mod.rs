@@ -1,0 +1,584 @@
+//! The user-data schema, shared with the builder: parsing, validation and merging over the
+//! image defaults (`/etc/stackless/init.toml`, the same schema).
+//!
+//! Everything is checked before anything is applied, and every problem names its file, line and
+//! column. The builder validates and renders user-data with these very types, so the two
+//! programs can never disagree about the format.
+
+mod error;
+pub mod placeholders;
+pub mod schedule;
+
+pub use error::{line_column, UserDataError};
+pub use schedule::Schedule;
+
+use crate::imds::Identity;
+use crate::repos::RepoSpec;
+use crate::salt::install::{InstallMethod, InstallSpec};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+use toml::Spanned;
+
+/// EC2 refuses user-data over 16 KB (before base64); the builder enforces it.
+pub const EC2_USER_DATA_LIMIT: usize = 16 * 1024;
+/// Gzip bombs stop here.
+const MAX_DECOMPRESSED: u64 = 1024 * 1024;
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// One user-data or defaults document, as written.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserData {
+    /// Template of the salt minion id; placeholders allowed. Default `{instance_id}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minion_id: Option<Spanned<String>>,
+    /// Salt grains; string values may use placeholders.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub grains: BTreeMap<String, Spanned<toml::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub salt: Option<SaltSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<RepoSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervisor: Option<SupervisorSection>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub watch: Vec<WatchRule>,
+}
+
+/// `[salt]`: the states repository and how salt itself gets onto the machine.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaltSection {
+    pub repo: Option<String>,
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+    /// Folder of the states inside the repository (default: its root).
+    pub states_dir: Option<Spanned<String>>,
+    /// Folder of the pillar inside the repository (default `pillar`).
+    pub pillar_dir: Option<Spanned<String>>,
+    /// `pip`, `onedir` or `none`: how to install salt when the image lacks it.
+    pub install: Option<InstallMethod>,
+    /// Pinned salt version for `pip` and `onedir`.
+    pub version: Option<String>,
+    pub bootstrap_url: Option<String>,
+    pub bootstrap_sha256: Option<String>,
+    /// Explicit path of `salt-call`.
+    pub salt_call: Option<PathBuf>,
+    /// Deadline of one highstate, like `30m`.
+    pub timeout: Option<Spanned<String>>,
+}
+
+/// `[config]`: the application configuration repository.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepoSection {
+    pub repo: Option<String>,
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HighstateMode {
+    /// Only when the salt repository has a new commit (and at boot).
+    #[default]
+    OnChange,
+    Always,
+    Never,
+}
+
+/// `[sync]`: when to pull.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncSection {
+    pub schedule: Option<Spanned<String>>,
+    pub splay: Option<Spanned<String>>,
+    pub highstate: Option<HighstateMode>,
+}
+
+/// `[supervisor]`: how to reach supervisord.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupervisorSection {
+    pub socket: Option<PathBuf>,
+}
+
+/// `[[watch]]`: restart programs when files change.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchRule {
+    pub paths: Vec<Spanned<String>>,
+    pub restart: Vec<Spanned<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<Spanned<String>>,
+}
+
+/// Signals a watch rule may send instead of restarting.
+pub const SIGNALS: [&str; 7] = ["HUP", "USR1", "USR2", "INT", "QUIT", "TERM", "WINCH"];
+
+/// A parsed and validated document together with where it came from, so later problems
+/// (a rendered minion id that breaks the rules) can still point into it.
+#[derive(Debug, Clone, Default)]
+pub struct Document {
+    pub file: String,
+    pub text: String,
+    pub data: UserData,
+}
+
+impl Document {
+    fn error_at(&self, offset: usize, message: impl Into<String>) -> UserDataError {
+        UserDataError::at(&self.file, &self.text, offset, message)
+    }
+
+    /// Byte offset of a character inside a spanned string value: exact for plain strings,
+    /// the value's opening quote otherwise.
+    fn offset_in(&self, value: &Spanned<String>, inner: usize) -> usize {
+        let span = value.span();
+        let raw = self.text.get(span.clone()).unwrap_or("");
+        let quoted = raw.len() > 1 && (raw.starts_with('"') || raw.starts_with('\''));
+        if quoted && raw[1..].starts_with(value.get_ref().as_str()) {
+            span.start + 1 + inner
+        } else {
+            span.start
+        }
+    }
+}
+
+/// Turns raw user-data bytes into text: gunzips when the gzip magic is there, requires UTF-8.
+pub fn decode(file: &str, bytes: &[u8]) -> Result<String, UserDataError> {
+    let bytes = if bytes.starts_with(&GZIP_MAGIC) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(bytes)
+            .take(MAX_DECOMPRESSED + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| {
+                UserDataError::whole(file, format!("gzip data could not be decompressed: {e}"))
+            })?;
+        if out.len() as u64 > MAX_DECOMPRESSED {
+            return Err(UserDataError::whole(
+                file,
+                "decompressed user-data is over 1 MiB",
+            ));
+        }
+        out
+    } else {
+        bytes.to_vec()
+    };
+    String::from_utf8(bytes).map_err(|e| {
+        let (line, column) = line_column(
+            &String::from_utf8_lossy(&e.as_bytes()[..e.utf8_error().valid_up_to()]),
+            usize::MAX,
+        );
+        UserDataError {
+            file: file.into(),
+            line,
+            column,
+            message: "user-data is not UTF-8 text".into(),
+        }
+    })
+}
+
+/// Parses and validates a document. A document of one line with no `=` is a minion id alone.
+pub fn parse(file: &str, text: &str) -> Result<Document, UserDataError> {
+    let trimmed = text.trim();
+    let first = trimmed.lines().next().unwrap_or("");
+    if first.starts_with("#cloud-config") || first.starts_with("#!") {
+        return Err(UserDataError::at(
+            file,
+            text,
+            text.find(first).unwrap_or(0),
+            "this is a cloud-init document or a script, not stackless user-data (TOML)",
+        ));
+    }
+    if !trimmed.is_empty()
+        && !trimmed.contains('\n')
+        && !trimmed.contains('=')
+        && !trimmed.starts_with('[')
+    {
+        let start = text.find(trimmed).unwrap_or(0);
+        let wrapped = format!("minion_id = {}", toml::Value::String(trimmed.to_string()));
+        let mut doc = parse_toml(file, &wrapped)?;
+        // Point positions at the original text: the id starts where the line does.
+        doc.text = text.to_string();
+        if let Some(id) = &doc.data.minion_id {
+            let id = id.get_ref().clone();
+            doc.data.minion_id = Some(Spanned::new(start..start + id.len(), id));
+        }
+        validate(&doc)?;
+        return Ok(doc);
+    }
+    let doc = parse_toml(file, text)?;
+    validate(&doc)?;
+    Ok(doc)
+}
+
+fn parse_toml(file: &str, text: &str) -> Result<Document, UserDataError> {
+    match toml::from_str::<UserData>(text) {
+        Ok(data) => Ok(Document {
+            file: file.into(),
+            text: text.into(),
+            data,
+        }),
+        Err(e) => {
+            let message = e.message().trim().to_string();
+            Err(match e.span() {
+                Some(span) => UserDataError::at(file, text, span.start, message),
+                None => UserDataError::whole(file, message),
+            })
+        }
+    }
+}
+
+fn validate(doc: &Document) -> Result<(), UserDataError> {
+    let d = &doc.data;
+    if let Some(id) = &d.minion_id {
+        placeholders::check(id.get_ref())
+            .map_err(|e| doc.error_at(doc.offset_in(id, e.offset), e.message))?;
+        // Literal characters are checked now; rendered values are checked again at boot.
+        let sample = placeholders::render(id.get_ref(), &Identity::example())
+            .map_err(|e| doc.error_at(doc.offset_in(id, e.offset), e.message))?;
+        check_minion_id(&sample).map_err(|m| doc.error_at(id.span().start, m))?;
+    }
+    for (name, value) in &d.grains {
+        if let toml::Value::String(s) = value.get_ref() {
+            let as_string = Spanned::new(value.span(), s.clone());
+            placeholders::check(s).map_err(|e| {
+                doc.error_at(
+                    doc.offset_in(&as_string, e.offset),
+                    format!("grain `{name}`: {}", e.message),
+                )
+            })?;
+        }
+    }
+    if let Some(salt) = &d.salt {
+        check_repo(doc, "salt", salt.repo.as_deref(), salt.reference.as_deref())?;
+        for dir in [&salt.states_dir, &salt.pillar_dir].into_iter().flatten() {
+            let p = std::path::Path::new(dir.get_ref());
+            let escapes = p.is_absolute()
+                || p.components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir));
+            if escapes {
+                return Err(doc.error_at(
+                    dir.span().start,
+                    format!(
+                        "`{}` must be a folder inside the repository (relative, no `..`)",
+                        dir.get_ref()
+                    ),
+                ));
+            }
+        }
+        if let Some(t) = &salt.timeout {
+            schedule::parse_duration(t.get_ref()).map_err(|m| doc.error_at(t.span().start, m))?;
+        }
+        if let Some(sum) = &salt.bootstrap_sha256 {
+            if sum.len() != 64 || !sum.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(UserDataError::whole(
+                    &doc.file,
+                    "[salt] bootstrap_sha256 must be 64 hexadecimal characters",
+                ));
+            }
+        }
+    }
+    if let Some(config) = &d.config {
+        check_repo(
+            doc,
+            "config",
+            config.repo.as_deref(),
+            config.reference.as_deref(),
+        )?;
+    }
+    if let Some(sync) = &d.sync {
+        if let Some(s) = &sync.schedule {
+            Schedule::parse(s.get_ref()).map_err(|m| doc.error_at(s.span().start, m))?;
+        }
+        if let Some(s) = &sync.splay {
+            schedule::parse_duration(s.get_ref()).map_err(|m| doc.error_at(s.span().start, m))?;
+        }
+    }
+    for rule in &d.watch {
+        for p in &rule.paths {
+            if !p.get_ref().starts_with('/') {
+                return Err(doc.error_at(
+                    p.span().start,
+                    format!("watch path `{}` must be absolute", p.get_ref()),
+                ));
+            }
+        }
+        if rule.paths.is_empty() || rule.restart.is_empty() {
+            let at = rule
+                .paths
+                .first()
+                .or(rule.restart.first())
+                .map_or(0, |s| s.span().start);
+            return Err(doc.error_at(
+                at,
+                "a [[watch]] rule needs at least one path and one program to restart",
+            ));
+        }
+        for r in &rule.restart {
+            let t = r.get_ref();
+            let unit = t.strip_prefix("systemd:");
+            if t.is_empty() || unit == Some("") || t.contains(char::is_whitespace) {
+                return Err(doc.error_at(
+                    r.span().start,
+                    format!("restart target `{t}` must be a supervisord program, `group:*` or `systemd:UNIT`"),
+                ));
+            }
+        }
+        if let Some(sig) = &rule.signal {
+            let name = sig.get_ref().trim_start_matches("SIG");
+            if !SIGNALS.contains(&name) {
+                return Err(doc.error_at(
+                    sig.span().start,
+                    format!(
+                        "unknown signal `{}`; use one of {}",
+                        sig.get_ref(),
+                        SIGNALS.join(" ")
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_repo(
+    doc: &Document,
+    section: &str,
+    repo: Option<&str>,
+    reference: Option<&str>,
+) -> Result<(), UserDataError> {
+    if repo.is_some_and(|r| r.trim().is_empty()) {
+        return Err(UserDataError::whole(
+            &doc.file,
+            format!("[{section}] repo is empty"),
+        ));
+    }
+    if reference.is_some_and(|r| r.trim().is_empty() || r.starts_with('-')) {
+        return Err(UserDataError::whole(
+            &doc.file,
+            format!("[{section}] ref must name a branch, tag or commit"),
+        ));
+    }
+    Ok(())
+}
+
+/// Salt minion ids here: 1 to 64 of `[A-Za-z0-9._-]`.
+pub fn check_minion_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 64 {
+        return Err(format!(
+            "minion id `{id}` must be 1 to 64 characters long (it is {})",
+            id.len()
+        ));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "minion id `{id}` has `{c}`; only A-Z a-z 0-9 . _ - are allowed"
+        ));
+    }
+    Ok(())
+}
+
+/// What the agent does, after user-data is merged over the defaults and rendered for this instance.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Settings {
+    pub minion_id: String,
+    pub grains: toml::Table,
+    pub salt: SaltSettings,
+    pub config: Option<RepoSpec>,
+    pub sync: SyncSettings,
+    pub supervisor_socket: PathBuf,
+    #[serde(skip)]
+    pub watch: Vec<WatchRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SaltSettings {
+    pub repo: Option<RepoSpec>,
+    pub states_dir: String,
+    pub pillar_dir: String,
+    pub install: InstallSpec,
+    pub salt_call: Option<PathBuf>,
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SyncSettings {
+    #[serde(serialize_with = "display")]
+    pub schedule: Schedule,
+    #[serde(with = "humantime_serde_compat")]
+    pub splay: Duration,
+    pub highstate: HighstateMode,
+}
+
+fn display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+mod humantime_serde_compat {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+}
+
+pub const DEFAULT_REF: &str = "main";
+pub const DEFAULT_SCHEDULE: &str = "*/15 * * * *";
+pub const DEFAULT_SUPERVISOR_SOCKET: &str = "/run/supervisor.sock";
+pub const DEFAULT_HIGHSTATE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// Merges user-data over the image defaults and renders placeholders for this instance.
+/// User-data wins field by field; grains merge key by key; watch rules add up.
+pub fn resolve(
+    defaults: &Document,
+    user: &Document,
+    id: &Identity,
+) -> Result<Settings, UserDataError> {
+    let (d, u) = (&defaults.data, &user.data);
+
+    // The minion id, checked again now that placeholders have their real values.
+    let (id_doc, id_template) = match (&u.minion_id, &d.minion_id) {
+        (Some(t), _) => (Some(user), Some(t)),
+        (None, Some(t)) => (Some(defaults), Some(t)),
+        (None, None) => (None, None),
+    };
+    let minion_id = match (id_doc, id_template) {
+        (Some(doc), Some(t)) => {
+            let rendered = placeholders::render(t.get_ref(), id)
+                .map_err(|e| doc.error_at(doc.offset_in(t, e.offset), e.message))?;
+            check_minion_id(&rendered).map_err(|m| doc.error_at(t.span().start, m))?;
+            rendered
+        }
+        _ => {
+            check_minion_id(&id.instance_id)
+                .map_err(|m| UserDataError::whole("instance identity", m))?;
+            id.instance_id.clone()
+        }
+    };
+
+    let mut grains = toml::Table::new();
+    for (doc, map) in [(defaults, &d.grains), (user, &u.grains)] {
+        for (k, v) in map {
+            let value = match v.get_ref() {
+                toml::Value::String(s) => {
+                    toml::Value::String(placeholders::render(s, id).map_err(|e| {
+                        doc.error_at(v.span().start, format!("grain `{k}`: {}", e.message))
+                    })?)
+                }
+                other => other.clone(),
+            };
+            grains.insert(k.clone(), value);
+        }
+    }
+
+    let (ds, us) = (
+        d.salt.clone().unwrap_or_default(),
+        u.salt.clone().unwrap_or_default(),
+    );
+    let pick = |a: Option<String>, b: Option<String>| a.or(b);
+    let salt_repo = pick(us.repo.clone(), ds.repo.clone()).map(|url| RepoSpec {
+        url,
+        reference: pick(us.reference.clone(), ds.reference.clone())
+            .unwrap_or_else(|| DEFAULT_REF.into()),
+    });
+    let mut install = InstallSpec::default();
+    if let Some(m) = us.install.or(ds.install) {
+        install.method = m;
+    }
+    if let Some(v) = pick(us.version.clone(), ds.version.clone()) {
+        install.version = v;
+    }
+    if let Some(v) = pick(us.bootstrap_url.clone(), ds.bootstrap_url.clone()) {
+        install.bootstrap_url = v;
+    }
+    if let Some(v) = pick(us.bootstrap_sha256.clone(), ds.bootstrap_sha256.clone()) {
+        install.bootstrap_sha256 = v;
+    }
+    let timeout = match us.timeout.as_ref().or(ds.timeout.as_ref()) {
+        Some(t) => schedule::parse_duration(t.get_ref()).unwrap_or(DEFAULT_HIGHSTATE_TIMEOUT),
+        None => DEFAULT_HIGHSTATE_TIMEOUT,
+    };
+    let salt = SaltSettings {
+        repo: salt_repo,
+        states_dir: pick(
+            us.states_dir.map(|s| s.into_inner()),
+            ds.states_dir.map(|s| s.into_inner()),
+        )
+        .unwrap_or_else(|| ".".into()),
+        pillar_dir: pick(
+            us.pillar_dir.map(|s| s.into_inner()),
+            ds.pillar_dir.map(|s| s.into_inner()),
+        )
+        .unwrap_or_else(|| "pillar".into()),
+        install,
+        salt_call: us.salt_call.or(ds.salt_call),
+        timeout,
+    };
+
+    let (dc, uc) = (
+        d.config.clone().unwrap_or_default(),
+        u.config.clone().unwrap_or_default(),
+    );
+    let config = pick(uc.repo, dc.repo).map(|url| RepoSpec {
+        url,
+        reference: pick(uc.reference, dc.reference).unwrap_or_else(|| DEFAULT_REF.into()),
+    });
+
+    let (dy, uy) = (
+        d.sync.clone().unwrap_or_default(),
+        u.sync.clone().unwrap_or_default(),
+    );
+    let schedule = match uy.schedule.as_ref().or(dy.schedule.as_ref()) {
+        Some(s) => Schedule::parse(s.get_ref()).unwrap_or(Schedule::Cron(DEFAULT_SCHEDULE.into())),
+        None => Schedule::Cron(DEFAULT_SCHEDULE.into()),
+    };
+    let splay = uy
+        .splay
+        .as_ref()
+        .or(dy.splay.as_ref())
+        .and_then(|s| schedule::parse_duration(s.get_ref()).ok())
+        .unwrap_or_default();
+    let sync = SyncSettings {
+        schedule,
+        splay,
+        highstate: uy.highstate.or(dy.highstate).unwrap_or_default(),
+    };
+
+    let supervisor_socket = u
+        .supervisor
+        .as_ref()
+        .and_then(|s| s.socket.clone())
+        .or_else(|| d.supervisor.as_ref().and_then(|s| s.socket.clone()))
+        .unwrap_or_else(|| DEFAULT_SUPERVISOR_SOCKET.into());
+
+    let watch = d.watch.iter().chain(&u.watch).cloned().collect();
+    Ok(Settings {
+        minion_id,
+        grains,
+        salt,
+        config,
+        sync,
+        supervisor_socket,
+        watch,
+    })
+}
+
+/// Decodes, parses and validates raw user-data bytes (from IMDS or a file).
+pub fn load(file: &str, bytes: &[u8]) -> Result<Document, UserDataError> {
+    let text = decode(file, bytes)?;
+    parse(file, &text)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,219 @@
+use super::*;
+
+fn id() -> Identity {
+    Identity::example()
+}
+
+fn doc(text: &str) -> Document {
+    parse("user-data", text).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn err(text: &str) -> UserDataError {
+    parse("user-data", text).expect_err("should be rejected")
+}
+
+const FULL: &str = r#"
+minion_id = "web-{instance_id}"
+grains = { role = "web", env = "prod", where = "{az}", weight = 3 }
+
+[salt]
+repo = "https://github.com/acme/salt.git"
+ref = "v2"
+
+[config]
+repo = "https://github.com/acme/app-config.git"
+
+[sync]
+schedule = "*/5 * * * *"
+splay = "2m"
+highstate = "always"
+
+[[watch]]
+paths = ["/etc/app/*.conf"]
+restart = ["app"]
+signal = "HUP"
+"#;
+
+#[test]
+fn full_document_resolves() {
+    let s = resolve(&Document::default(), &doc(FULL), &id()).unwrap();
+    assert_eq!(s.minion_id, "web-i-0123456789abcdef0");
+    assert_eq!(s.grains["role"].as_str(), Some("web"));
+    assert_eq!(s.grains["where"].as_str(), Some("eu-west-1a"));
+    assert_eq!(s.grains["weight"].as_integer(), Some(3));
+    let repo = s.salt.repo.unwrap();
+    assert_eq!(
+        (repo.url.as_str(), repo.reference.as_str()),
+        ("https://github.com/acme/salt.git", "v2")
+    );
+    assert_eq!(s.config.unwrap().reference, DEFAULT_REF);
+    assert_eq!(s.sync.schedule, Schedule::Cron("*/5 * * * *".into()));
+    assert_eq!(s.sync.splay, Duration::from_secs(120));
+    assert_eq!(s.sync.highstate, HighstateMode::Always);
+    assert_eq!(s.watch.len(), 1);
+    assert_eq!(s.salt.states_dir, ".");
+    assert_eq!(s.salt.pillar_dir, "pillar");
+}
+
+#[test]
+fn lone_line_is_the_minion_id() {
+    let d = doc("db-primary\n");
+    let s = resolve(&Document::default(), &d, &id()).unwrap();
+    assert_eq!(s.minion_id, "db-primary");
+    let e = err("  db primary!\n");
+    assert_eq!((e.line, e.column), (1, 3), "{e}");
+    assert!(e.message.contains("only A-Z"), "{e}");
+}
+
+#[test]
+fn empty_user_data_uses_instance_id() {
+    let s = resolve(&Document::default(), &doc(""), &id()).unwrap();
+    assert_eq!(s.minion_id, "i-0123456789abcdef0");
+    assert_eq!(s.sync.schedule, Schedule::Cron(DEFAULT_SCHEDULE.into()));
+    assert_eq!(
+        s.supervisor_socket,
+        PathBuf::from(DEFAULT_SUPERVISOR_SOCKET)
+    );
+}
+
+#[test]
+fn unknown_key_is_located() {
+    let e = err("minion_id = \"a\"\n[salt]\nrepo = \"x\"\nbranch = \"main\"\n");
+    assert_eq!((e.line, e.column), (4, 1), "{e}");
+    assert!(e.message.contains("unknown field `branch`"), "{e}");
+    assert!(e.to_string().starts_with("user-data:4:1: "), "{e}");
+}
+
+#[test]
+fn bad_placeholder_points_at_it() {
+    let e = err("minion_id = \"web-{instance}\"\n");
+    assert_eq!((e.line, e.column), (1, 18), "{e}");
+    assert!(e.message.contains("unknown placeholder"), "{e}");
+    let e = err("[grains]\nrole = \"{rolez}\"\n");
+    assert_eq!((e.line, e.column), (2, 9), "{e}");
+    assert!(e.message.contains("grain `role`"), "{e}");
+}
+
+#[test]
+fn minion_id_rules() {
+    let e = err("minion_id = \"web server\"\n");
+    assert_eq!((e.line, e.column), (1, 13));
+    let long = "x".repeat(65);
+    assert!(err(&format!("minion_id = \"{long}\""))
+        .message
+        .contains("1 to 64"));
+    // A placeholder that renders too long is caught at resolve time, still located.
+    let d = doc(&format!(
+        "minion_id = \"{}-{{instance_id}}\"",
+        "y".repeat(44)
+    ));
+    let mut long_id = id();
+    long_id.instance_id.push_str("ffff");
+    let e = resolve(&Document::default(), &d, &long_id).unwrap_err();
+    assert_eq!((e.line, e.column), (1, 13), "{e}");
+}
+
+#[test]
+fn bad_schedule_and_durations_are_located() {
+    let e = err("[sync]\nschedule = \"*/15 * * *\"\n");
+    assert_eq!((e.line, e.column), (2, 12), "{e}");
+    assert!(e.message.contains("4 fields"));
+    let e = err("[sync]\nsplay = \"soon\"\n");
+    assert_eq!((e.line, e.column), (2, 9), "{e}");
+    let e = err("[sync]\nhighstate = \"sometimes\"\n");
+    assert_eq!(e.line, 2, "{e}");
+    let e = err("[salt]\ntimeout = \"forever\"\n");
+    assert_eq!(e.line, 2, "{e}");
+}
+
+#[test]
+fn watch_rules_are_checked() {
+    let e = err("[[watch]]\npaths = [\"etc/app.conf\"]\nrestart = [\"app\"]\n");
+    assert_eq!((e.line, e.column), (2, 10), "{e}");
+    let e = err("[[watch]]\npaths = [\"/etc/app.conf\"]\nrestart = [\"systemd:\"]\n");
+    assert_eq!(e.line, 3, "{e}");
+    let e = err("[[watch]]\npaths = [\"/etc/app.conf\"]\nrestart = [\"app\"]\nsignal = \"BOOM\"\n");
+    assert_eq!((e.line, e.column), (4, 10), "{e}");
+    let e = err("[[watch]]\npaths = [\"/etc/app.conf\"]\nrestart = []\n");
+    assert!(e.message.contains("at least one"), "{e}");
+    assert!(parse("u", "[[watch]]\npaths = [\"/a\"]\nrestart = [\"group:*\", \"systemd:nginx.service\"]\nsignal = \"SIGHUP\"").is_ok());
+}
+
+#[test]
+fn states_dir_must_stay_inside_the_repo() {
+    let e = err("[salt]\nstates_dir = \"../etc\"\n");
+    assert_eq!((e.line, e.column), (2, 14), "{e}");
+    assert!(err("[salt]\npillar_dir = \"/srv/pillar\"\n")
+        .message
+        .contains("inside the repository"));
+}
+
+#[test]
+fn syntax_error_is_located() {
+    let e = err("minion_id = \"a\"\n[salt\nrepo = 1\n");
+    assert_eq!(e.line, 2, "{e}");
+    let e = err("[salt]\nrepo = 5\n");
+    assert_eq!((e.line, e.column), (2, 8), "{e}");
+}
+
+#[test]
+fn cloud_init_documents_are_named() {
+    let e = err("#cloud-config\npackages: [nginx]\n");
+    assert!(e.message.contains("cloud-init"), "{e}");
+}
+
+#[test]
+fn gzip_is_detected_by_magic() {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(FULL.as_bytes()).unwrap();
+    let bytes = gz.finish().unwrap();
+    let d = load("user-data", &bytes).unwrap();
+    assert_eq!(d.text, FULL);
+    assert!(load("user-data", &[0x1f, 0x8b, 1, 2, 3])
+        .unwrap_err()
+        .message
+        .contains("gzip"));
+    assert!(load("user-data", &[b'a', 0xff, b'\n'])
+        .unwrap_err()
+        .message
+        .contains("UTF-8"));
+}
+
+#[test]
+fn user_data_wins_over_defaults() {
+    let defaults = parse(
+        "/etc/stackless/init.toml",
+        "minion_id = \"base-{instance_id}\"\ngrains = { env = \"dev\", tier = \"1\" }\n\
+         [salt]\ninstall = \"none\"\nrepo = \"https://d/salt.git\"\n[sync]\nschedule = \"@every 1m\"\n\
+         [supervisor]\nsocket = \"/tmp/s.sock\"\n[[watch]]\npaths = [\"/etc/a\"]\nrestart = [\"a\"]\n",
+    )
+    .unwrap();
+    let user = doc("grains = { env = \"prod\" }\n[salt]\nref = \"stable\"\n[[watch]]\npaths = [\"/etc/b\"]\nrestart = [\"b\"]\n");
+    let s = resolve(&defaults, &user, &id()).unwrap();
+    assert_eq!(s.minion_id, "base-i-0123456789abcdef0");
+    assert_eq!(s.grains["env"].as_str(), Some("prod"));
+    assert_eq!(s.grains["tier"].as_str(), Some("1"));
+    let repo = s.salt.repo.unwrap();
+    assert_eq!(
+        (repo.url.as_str(), repo.reference.as_str()),
+        ("https://d/salt.git", "stable")
+    );
+    assert_eq!(s.salt.install.method, InstallMethod::None);
+    assert_eq!(s.sync.schedule, Schedule::Every(Duration::from_secs(60)));
+    assert_eq!(s.supervisor_socket, PathBuf::from("/tmp/s.sock"));
+    assert_eq!(s.watch.len(), 2);
+}
+
+#[test]
+fn documents_round_trip_through_toml() {
+    // The builder renders user-data from these types; what it writes must parse back.
+    let d = doc(FULL);
+    let text = toml::to_string(&d.data).unwrap();
+    let again = doc(&text);
+    let (a, b) = (
+        resolve(&Document::default(), &d, &id()).unwrap(),
+        resolve(&Document::default(), &again, &id()).unwrap(),
+    );
+    assert_eq!(a, b);
+}
