@@ -4,13 +4,21 @@
 //! ([`userdata`]) is public so the builder validates and renders user-data with the same types,
 //! and the IMDS emulator ([`imds::emulator`]) is public so tests and local boots share it.
 
+pub mod actions;
 pub mod boot;
 pub mod fsutil;
 pub mod imds;
+pub mod lifecycle;
 pub mod lock;
 pub mod paths;
 pub mod repos;
+pub mod resident;
 pub mod salt;
+pub mod settings;
 pub mod state;
 pub mod status;
+pub mod supervisor;
+pub mod sync;
+pub mod timeline;
 pub mod userdata;
+pub mod watch;

@@ -3,9 +3,11 @@
 use clap::{Parser, Subcommand};
 use stackless_init::boot::{self, BootOptions};
 use stackless_init::imds::Identity;
+use stackless_init::lifecycle::{self, WaitResult};
 use stackless_init::paths::Layout;
+use stackless_init::state::Outcome;
 use stackless_init::state::State;
-use stackless_init::{status, userdata};
+use stackless_init::{resident, status, sync, userdata};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -52,10 +54,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show the boot timeline, repositories and the last highstate.
+    /// Show the boot timeline, repositories, the last highstate, watchers and the schedule.
     Status {
         #[arg(long)]
         json: bool,
+    },
+    /// Sync both repositories now (highstate on a new salt commit), through the same lock as the
+    /// schedule.
+    Sync {
+        /// Longest wait for a running sync to finish, in seconds.
+        #[arg(long, default_value_t = 1800)]
+        lock_wait: u64,
+    },
+    /// Block until the boot has finished: exit 0 ready, 1 failed, 2 degraded, 3 timed out.
+    Wait {
+        /// Give up after this many seconds (default: wait forever).
+        #[arg(long)]
+        timeout: Option<u64>,
     },
 }
 
@@ -82,14 +97,81 @@ fn run(command: Command, layout: &Layout) -> anyhow::Result<u8> {
                 imds_deadline: Duration::from_secs(imds_deadline),
                 ..Default::default()
             };
+            lifecycle::clear_marker(layout)?;
+            lifecycle::status("booting");
             let result = boot::run(layout, &opts);
-            if let Some(e) = &result.error {
+            let reason = result.error.as_deref();
+            if let Some(e) = reason {
                 eprintln!("stackless-init: boot {}: {e}", result.outcome.as_str());
             }
-            if !once {
-                tracing::info!("resident mode is not built yet; exiting after the boot sequence");
+            let line = match reason {
+                Some(e) => format!("{}: {e}", result.outcome.as_str()),
+                None => result.outcome.as_str().to_string(),
+            };
+            if once || result.outcome == Outcome::Failed {
+                lifecycle::write_marker(layout, result.outcome, reason)?;
+                lifecycle::ready(&line);
+                return Ok(result.exit_code() as u8);
             }
-            Ok(result.exit_code() as u8)
+            // Watchers and schedule first, then readiness: ready means the agent is on duty.
+            let mut agent = match resident::start(layout, &result, &opts) {
+                Ok(a) => a,
+                Err(e) => {
+                    let why = format!("starting resident mode: {e:#}");
+                    lifecycle::write_marker(layout, Outcome::Failed, Some(&why))?;
+                    lifecycle::ready(&format!("failed: {why}"));
+                    return Err(anyhow::anyhow!(why));
+                }
+            };
+            lifecycle::write_marker(layout, result.outcome, reason)?;
+            lifecycle::ready(&line);
+            tracing::info!("boot {}; resident", result.outcome.as_str());
+            Ok(agent.serve()? as u8)
+        }
+        Command::Sync { lock_wait } => {
+            let git_timeout = BootOptions::default().git_timeout;
+            let record = sync::run_now(layout, Duration::from_secs(lock_wait), git_timeout)?;
+            for s in &record.steps {
+                let ok = if s.ok { "ok" } else { "FAIL" };
+                println!(
+                    "{:>8} ms  {ok:<4}  {:<12} {}",
+                    s.ms,
+                    s.name,
+                    s.detail.as_deref().unwrap_or("")
+                );
+            }
+            println!("sync {} in {} ms", record.outcome.as_str(), record.ms);
+            if let Some(e) = &record.error {
+                eprintln!("stackless-init: sync {}: {e}", record.outcome.as_str());
+            }
+            Ok(match record.outcome {
+                Outcome::Ready | Outcome::Running => 0,
+                Outcome::Failed => 1,
+                Outcome::Degraded => 2,
+            })
+        }
+        Command::Wait { timeout } => {
+            match lifecycle::wait(layout, timeout.map(Duration::from_secs)) {
+                WaitResult::Done(outcome, reason) => {
+                    if reason.is_empty() {
+                        println!("{}", outcome.as_str());
+                    } else {
+                        println!("{}: {reason}", outcome.as_str());
+                    }
+                    Ok(match outcome {
+                        Outcome::Ready | Outcome::Running => 0,
+                        Outcome::Failed => 1,
+                        Outcome::Degraded => 2,
+                    })
+                }
+                WaitResult::TimedOut => {
+                    eprintln!(
+                        "stackless-init: the boot has not finished after {} s",
+                        timeout.unwrap_or(0)
+                    );
+                    Ok(3)
+                }
+            }
         }
         Command::Check {
             user_data,
@@ -148,7 +230,8 @@ fn init_logging(verbose: u8, quiet: bool) {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
-                .with_target(false),
+                .with_target(false)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         )
         .with(filter)
         .init();

@@ -76,6 +76,10 @@ impl Layout {
     pub fn ready_marker(&self) -> PathBuf {
         self.join("run/stackless/ready")
     }
+    /// The user-data the last boot applied (decoded), for scheduled and manual syncs.
+    pub fn saved_user_data(&self) -> PathBuf {
+        self.join("var/lib/stackless/user-data")
+    }
     /// Where salt-call writes its JSON result.
     pub fn highstate_out(&self) -> PathBuf {
         self.join("var/lib/stackless/highstate.json")

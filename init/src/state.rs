@@ -18,10 +18,81 @@ pub struct State {
     /// image, say) is never trusted.
     pub instance_id: Option<String>,
     pub minion_id: Option<String>,
+    /// The identity IMDS gave at the last boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<crate::imds::Identity>,
     pub boot: Option<BootRecord>,
     #[serde(default)]
     pub repos: BTreeMap<String, RepoRecord>,
     pub highstate: Option<HighstateRecord>,
+    /// The last sync after the boot (scheduled or manual).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync: Option<SyncRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<ScheduleRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<WatchRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncRecord {
+    pub at: String,
+    /// `schedule` or `manual`.
+    pub trigger: String,
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub ms: u64,
+    pub highstate_ran: bool,
+    pub steps: Vec<Step>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleRecord {
+    pub schedule: String,
+    pub splay_ms: u64,
+    /// When the next sync starts (splay included).
+    pub next_tick: Option<String>,
+    /// Highstate failures in a row; retries back off over ticks.
+    #[serde(default)]
+    pub highstate_failures: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WatchRecord {
+    pub rules: Vec<RuleRecord>,
+    pub watched_dirs: usize,
+    pub overflows: u64,
+    /// Per restart target (supervisord program, `group:*`, `systemd:UNIT`).
+    pub programs: BTreeMap<String, ProgramRecord>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RuleRecord {
+    pub source: String,
+    pub paths: Vec<String>,
+    pub restart: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProgramRecord {
+    pub restarts: u64,
+    pub signals: u64,
+    pub updates: u64,
+    pub failures: u64,
+    /// `restart`, `signal HUP` or `update`.
+    pub last_action: String,
+    /// `ok` or the error.
+    pub last_outcome: String,
+    pub last_at: String,
+    pub last_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The changed files that caused the last action.
+    #[serde(default)]
+    pub paths: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -105,6 +105,71 @@ pub fn render(state: &State) -> String {
             let _ = writeln!(out, "  render   {}", e.lines().next().unwrap_or(""));
         }
     }
+    if let Some(sync) = &state.last_sync {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "last sync  {} ({}) in {} ms at {}{}",
+            sync.outcome.as_str(),
+            sync.trigger,
+            sync.ms,
+            sync.at,
+            if sync.highstate_ran {
+                ", highstate ran"
+            } else {
+                ""
+            }
+        );
+        if let Some(e) = &sync.error {
+            let _ = writeln!(out, "  reason   {e}");
+        }
+    }
+    if let Some(s) = &state.schedule {
+        let _ = writeln!(
+            out,
+            "schedule   {} (splay offset {} ms), next sync {}",
+            s.schedule,
+            s.splay_ms,
+            s.next_tick.as_deref().unwrap_or("-")
+        );
+        if s.highstate_failures > 0 {
+            let _ = writeln!(
+                out,
+                "  highstate failed {} time(s) in a row; retrying with backoff",
+                s.highstate_failures
+            );
+        }
+    }
+    if let Some(w) = &state.watch {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "watchers   {} rule(s) on {} folder(s), {} queue overflow(s)",
+            w.rules.len(),
+            w.watched_dirs,
+            w.overflows
+        );
+        for r in &w.rules {
+            let action = r
+                .signal
+                .as_ref()
+                .map_or("restart".to_string(), |s| format!("signal {s}"));
+            let _ = writeln!(
+                out,
+                "  {} -> {action} {}  ({})",
+                r.paths.join(" "),
+                r.restart.join(" "),
+                r.source
+            );
+        }
+        for (name, p) in &w.programs {
+            let _ = writeln!(
+                out,
+                "  {name:<16} restarts {} signals {} updates {} failures {}; last {} {} in {} ms at {}",
+                p.restarts, p.signals, p.updates, p.failures, p.last_action, p.last_outcome, p.last_ms, p.last_at
+            );
+        }
+    }
     out
 }
 

@@ -46,8 +46,20 @@ pub struct UserData {
     pub sync: Option<SyncSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supervisor: Option<SupervisorSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watcher: Option<WatcherSection>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub watch: Vec<WatchRule>,
+}
+
+/// `[watcher]`: how changes are coalesced.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatcherSection {
+    /// Quiet window: act once no change arrived for this long (default `100ms`).
+    pub quiet: Option<Spanned<String>>,
+    /// Act at the latest this long after the first change of a burst (default `2s`).
+    pub max_delay: Option<Spanned<String>>,
 }
 
 /// `[salt]`: the states repository and how salt itself gets onto the machine.
@@ -106,6 +118,8 @@ pub struct SyncSection {
 #[serde(deny_unknown_fields)]
 pub struct SupervisorSection {
     pub socket: Option<PathBuf>,
+    /// Folder of program definitions; a change there re-reads and updates supervisord.
+    pub conf_dir: Option<PathBuf>,
 }
 
 /// `[[watch]]`: restart programs when files change.
@@ -300,7 +314,16 @@ fn validate(doc: &Document) -> Result<(), UserDataError> {
             schedule::parse_duration(s.get_ref()).map_err(|m| doc.error_at(s.span().start, m))?;
         }
     }
-    for rule in &d.watch {
+    if let Some(w) = &d.watcher {
+        for v in [&w.quiet, &w.max_delay].into_iter().flatten() {
+            schedule::parse_duration(v.get_ref()).map_err(|m| doc.error_at(v.span().start, m))?;
+        }
+    }
+    validate_watch(doc, &d.watch)
+}
+
+fn validate_watch(doc: &Document, rules: &[WatchRule]) -> Result<(), UserDataError> {
+    for rule in rules {
         for p in &rule.paths {
             if !p.get_ref().starts_with('/') {
                 return Err(doc.error_at(
@@ -396,6 +419,11 @@ pub struct Settings {
     pub config: Option<RepoSpec>,
     pub sync: SyncSettings,
     pub supervisor_socket: PathBuf,
+    pub supervisor_conf_dir: PathBuf,
+    #[serde(with = "humantime_serde_compat")]
+    pub watch_quiet: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub watch_max_delay: Duration,
     #[serde(skip)]
     pub watch: Vec<WatchRule>,
 }
@@ -436,6 +464,9 @@ mod humantime_serde_compat {
 pub const DEFAULT_REF: &str = "main";
 pub const DEFAULT_SCHEDULE: &str = "*/15 * * * *";
 pub const DEFAULT_SUPERVISOR_SOCKET: &str = "/run/supervisor.sock";
+pub const DEFAULT_SUPERVISOR_CONF_DIR: &str = "/etc/supervisor/conf.d";
+pub const DEFAULT_WATCH_QUIET: Duration = Duration::from_millis(100);
+pub const DEFAULT_WATCH_MAX_DELAY: Duration = Duration::from_secs(2);
 pub const DEFAULT_HIGHSTATE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// Merges user-data over the image defaults and renders placeholders for this instance.
@@ -562,6 +593,25 @@ pub fn resolve(
         .or_else(|| d.supervisor.as_ref().and_then(|s| s.socket.clone()))
         .unwrap_or_else(|| DEFAULT_SUPERVISOR_SOCKET.into());
 
+    let supervisor_conf_dir = u
+        .supervisor
+        .as_ref()
+        .and_then(|s| s.conf_dir.clone())
+        .or_else(|| d.supervisor.as_ref().and_then(|s| s.conf_dir.clone()))
+        .unwrap_or_else(|| DEFAULT_SUPERVISOR_CONF_DIR.into());
+    let (dw, uw) = (
+        d.watcher.clone().unwrap_or_default(),
+        u.watcher.clone().unwrap_or_default(),
+    );
+    let duration = |a: Option<Spanned<String>>, b: Option<Spanned<String>>, default: Duration| {
+        a.or(b)
+            .and_then(|v| schedule::parse_duration(v.get_ref()).ok())
+            .unwrap_or(default)
+    };
+    let watch_quiet = duration(uw.quiet, dw.quiet, DEFAULT_WATCH_QUIET);
+    let watch_max_delay =
+        duration(uw.max_delay, dw.max_delay, DEFAULT_WATCH_MAX_DELAY).max(watch_quiet);
+
     let watch = d.watch.iter().chain(&u.watch).cloned().collect();
     Ok(Settings {
         minion_id,
@@ -570,8 +620,38 @@ pub fn resolve(
         config,
         sync,
         supervisor_socket,
+        supervisor_conf_dir,
+        watch_quiet,
+        watch_max_delay,
         watch,
     })
+}
+
+/// A file of watch rules in `/etc/stackless/watch.d/` (salt states may manage these): the same
+/// `[[watch]]` tables as user-data, and nothing else.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchFile {
+    #[serde(default)]
+    pub watch: Vec<WatchRule>,
+}
+
+/// Parses and validates a watch.d file.
+pub fn parse_watch_file(file: &str, text: &str) -> Result<Vec<WatchRule>, UserDataError> {
+    let data: WatchFile = toml::from_str(text).map_err(|e| {
+        let message = e.message().trim().to_string();
+        match e.span() {
+            Some(span) => UserDataError::at(file, text, span.start, message),
+            None => UserDataError::whole(file, message),
+        }
+    })?;
+    let doc = Document {
+        file: file.into(),
+        text: text.into(),
+        data: UserData::default(),
+    };
+    validate_watch(&doc, &data.watch)?;
+    Ok(data.watch)
 }
 
 /// Decodes, parses and validates raw user-data bytes (from IMDS or a file).

@@ -1,7 +1,8 @@
 //! The `[sync] schedule`: a 5-field cron expression, a cron nickname (`@hourly`) or `@every DURATION`.
 
+use sha2::{Digest, Sha256};
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Schedule {
@@ -38,6 +39,54 @@ impl Schedule {
             .map_err(|e| format!("bad cron schedule `{text}`: {e}"))?;
         Ok(Schedule::Cron(text.to_string()))
     }
+}
+
+impl Schedule {
+    /// The next tick strictly after `now`, with this instance's splay `offset` added: the
+    /// schedule's slot plus the offset, so one instance keeps its place in the fleet's spread.
+    /// `@every` counts from `last` (the previous tick) when there is one.
+    pub fn next_tick(
+        &self,
+        now: SystemTime,
+        last: Option<SystemTime>,
+        offset: Duration,
+    ) -> SystemTime {
+        match self {
+            Schedule::Every(every) => {
+                let base = last.unwrap_or(now) + *every;
+                // After a long sync or a suspended machine, do not fire a backlog of ticks.
+                if base <= now {
+                    now + *every
+                } else {
+                    base
+                }
+            }
+            Schedule::Cron(expr) => {
+                let shifted = now.checked_sub(offset).unwrap_or(SystemTime::UNIX_EPOCH);
+                let from = chrono::DateTime::<chrono::Utc>::from(shifted);
+                let next = croner::Cron::new(expr)
+                    .parse()
+                    .ok()
+                    .and_then(|c| c.find_next_occurrence(&from, false).ok())
+                    .map(SystemTime::from)
+                    // Validated at parse time; an expression with no future match waits a day.
+                    .unwrap_or(shifted + Duration::from_secs(86_400));
+                next + offset
+            }
+        }
+    }
+}
+
+/// A stable offset in `[0, splay)` derived from the instance id, so a fleet spreads its pulls and
+/// each instance keeps its slot across restarts.
+pub fn splay_offset(instance_id: &str, splay: Duration) -> Duration {
+    let ms = splay.as_millis() as u64;
+    if ms == 0 {
+        return Duration::ZERO;
+    }
+    let digest = Sha256::digest(instance_id.as_bytes());
+    let n = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+    Duration::from_millis(n % ms)
 }
 
 impl fmt::Display for Schedule {
@@ -77,6 +126,56 @@ mod tests {
             Schedule::parse("@every 1s").unwrap().to_string(),
             "@every 1s"
         );
+    }
+
+    #[test]
+    fn cron_ticks_land_on_the_slot_plus_splay() {
+        let at = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        let every15 = Schedule::parse("*/15 * * * *").unwrap();
+        // 00:07 -> 00:15; with a 30 s offset, 00:15:30.
+        assert_eq!(
+            every15.next_tick(at(7 * 60), None, Duration::ZERO),
+            at(15 * 60)
+        );
+        assert_eq!(
+            every15.next_tick(at(7 * 60), None, Duration::from_secs(30)),
+            at(15 * 60 + 30)
+        );
+        // 00:15:10 with a 30 s offset: this slot's tick (00:15:30) is still ahead.
+        assert_eq!(
+            every15.next_tick(at(15 * 60 + 10), None, Duration::from_secs(30)),
+            at(15 * 60 + 30)
+        );
+        // Exactly on a tick: the next one.
+        assert_eq!(
+            every15.next_tick(at(15 * 60), None, Duration::ZERO),
+            at(30 * 60)
+        );
+    }
+
+    #[test]
+    fn every_counts_from_the_last_tick_without_backlog() {
+        let at = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        let s = Schedule::parse("@every 10s").unwrap();
+        assert_eq!(s.next_tick(at(100), None, Duration::ZERO), at(110));
+        assert_eq!(s.next_tick(at(105), Some(at(100)), Duration::ZERO), at(110));
+        assert_eq!(s.next_tick(at(200), Some(at(100)), Duration::ZERO), at(210));
+    }
+
+    #[test]
+    fn splay_is_stable_and_bounded() {
+        let splay = Duration::from_secs(120);
+        let a = splay_offset("i-0123456789abcdef0", splay);
+        assert_eq!(a, splay_offset("i-0123456789abcdef0", splay));
+        assert!(a < splay);
+        let spread: std::collections::BTreeSet<_> = (0..50)
+            .map(|i| splay_offset(&format!("i-{i:017x}"), splay).as_secs())
+            .collect();
+        assert!(
+            spread.len() > 30,
+            "offsets spread over the window: {spread:?}"
+        );
+        assert_eq!(splay_offset("i-1", Duration::ZERO), Duration::ZERO);
     }
 
     #[test]

@@ -217,3 +217,26 @@ fn documents_round_trip_through_toml() {
     );
     assert_eq!(a, b);
 }
+
+#[test]
+fn watch_files_hold_only_watch_rules() {
+    let rules = parse_watch_file(
+        "app.toml",
+        "[[watch]]\npaths = [\"/etc/app/*.conf\"]\nrestart = [\"app\"]\n",
+    )
+    .unwrap();
+    assert_eq!(rules.len(), 1);
+    let e = parse_watch_file("app.toml", "minion_id = \"x\"\n").unwrap_err();
+    assert_eq!(
+        (e.file.as_str(), e.line, e.column),
+        ("app.toml", 1, 1),
+        "{e}"
+    );
+    let e = parse_watch_file(
+        "app.toml",
+        "[[watch]]\npaths = [\"/a\"]\nrestart = [\"app\"]\nsignal = \"NOPE\"\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.line, 4, "{e}");
+    assert!(parse_watch_file("empty.toml", "").unwrap().is_empty());
+}

@@ -126,3 +126,193 @@ impl GitRepo {
         git(&self.work, &["rev-parse", "HEAD"])
     }
 }
+
+/// Polls `cond` every 50 ms until it holds or `secs` pass; panics with `what` on timeout.
+pub fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(secs) {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("timed out after {secs} s waiting for {what}");
+}
+
+/// The real supervisord, with programs of our own, on a unix socket in a temporary folder.
+pub struct Supervisord {
+    child: std::process::Child,
+    pub dir: PathBuf,
+}
+
+impl Supervisord {
+    /// `programs`: (name, command). Each gets `conf.d/NAME.conf` with startsecs=0.
+    pub fn start(dir: &Path, programs: &[(&str, &str)]) -> Supervisord {
+        let conf_d = dir.join("conf.d");
+        std::fs::create_dir_all(&conf_d).unwrap();
+        for (name, command) in programs {
+            std::fs::write(
+                conf_d.join(format!("{name}.conf")),
+                program_conf(name, command),
+            )
+            .unwrap();
+        }
+        let conf = dir.join("supervisord.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "[unix_http_server]\nfile={d}/supervisor.sock\n\n[rpcinterface:supervisor]\n\
+                 supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n\n\
+                 [supervisord]\nnodaemon=true\nlogfile={d}/supervisord.log\npidfile={d}/supervisord.pid\n\
+                 childlogdir={d}\n\n[supervisorctl]\nserverurl=unix://{d}/supervisor.sock\n\n\
+                 [include]\nfiles = {d}/conf.d/*.conf\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(salt_bin_dir().join("supervisord"))
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting supervisord (scripts/install-test-deps.sh installs it)");
+        let s = Supervisord {
+            child,
+            dir: dir.to_path_buf(),
+        };
+        let client = s.client();
+        wait_for("supervisord to answer", 20, || {
+            client
+                .all_process_info()
+                .map(|v| v.len() == programs.len())
+                .unwrap_or(false)
+        });
+        for (name, _) in programs {
+            let n = name.to_string();
+            wait_for(&format!("{n} to run"), 20, || {
+                client.process_info(&n).map(|i| i.pid != 0).unwrap_or(false)
+            });
+        }
+        s
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("supervisor.sock")
+    }
+
+    pub fn conf_dir(&self) -> PathBuf {
+        self.dir.join("conf.d")
+    }
+
+    pub fn client(&self) -> stackless_init::supervisor::Supervisor {
+        stackless_init::supervisor::Supervisor::new(
+            self.socket(),
+            std::time::Duration::from_secs(30),
+        )
+    }
+
+    pub fn pid(&self, name: &str) -> u32 {
+        let info = self.client().process_info(name).expect("process info");
+        assert_eq!(
+            info.state,
+            stackless_init::supervisor::ProcessState::Running,
+            "{info:?}"
+        );
+        info.pid
+    }
+}
+
+pub fn program_conf(name: &str, command: &str) -> String {
+    format!(
+        "[program:{name}]\ncommand={command}\nstartsecs=0\nautorestart=false\nstopwaitsecs=5\nstopasgroup=true\nkillasgroup=true\n"
+    )
+}
+
+impl Drop for Supervisord {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+/// `stackless-init boot` left resident; stopped with SIGTERM when dropped.
+pub struct Agent {
+    pub child: std::process::Child,
+    pub root: PathBuf,
+}
+
+impl Agent {
+    pub fn spawn(root: &Path, endpoint: &str) -> Agent {
+        std::fs::create_dir_all(root).unwrap();
+        let log = std::fs::File::create(root.with_extension("agent.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_stackless-init"))
+            .arg("--root")
+            .arg(root)
+            .arg("-v")
+            .arg("boot")
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", endpoint)
+            .env("PATH", test_path())
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting stackless-init");
+        Agent {
+            child,
+            root: root.to_path_buf(),
+        }
+    }
+
+    /// `stackless-init wait`: the exit code.
+    pub fn wait_ready(&self, secs: u64) -> i32 {
+        let o = Command::new(env!("CARGO_BIN_EXE_stackless-init"))
+            .arg("--root")
+            .arg(&self.root)
+            .args(["wait", "--timeout", &secs.to_string()])
+            .output()
+            .unwrap();
+        o.status.code().unwrap_or(-1)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.root.with_extension("agent.log")).unwrap_or_default()
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+        }
+    }
+}
+
+/// A counter from `status --json`: watch.programs.NAME.FIELD (0 when absent).
+pub fn program_count(root: &Path, name: &str, field: &str) -> u64 {
+    status(root)["watch"]["programs"][name][field]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Replaces a file the way salt, editors and git do: a temporary file, then rename over.
+pub fn write_by_rename(path: &Path, content: &str) {
+    let tmp = path
+        .parent()
+        .unwrap()
+        .join(format!("__salt.tmp.{}", std::process::id()));
+    std::fs::write(&tmp, content).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}

@@ -1,0 +1,557 @@
+//! Resident mode: after the boot the agent stays up, with one poll(2) loop over the inotify
+//! watcher and a signalfd. Its only timers are the watcher's debounce deadline and the next
+//! scheduled sync, so an idle agent sleeps in the kernel until something happens.
+//!
+//! Syncs run inline, holding the sync lock: events that arrive meanwhile wait in the kernel's
+//! inotify queue and are acted on once it finishes, so a program is never restarted in the
+//! middle of a highstate. A manual `stackless-init sync` in another process holds the same lock;
+//! actions due while it runs are deferred until it lets go.
+
+use crate::actions::{Backends, SupervisordBackend, SystemdBackend};
+use crate::boot::{BootOptions, BootResult};
+use crate::lifecycle;
+use crate::lock::SyncLock;
+use crate::paths::Layout;
+use crate::state::{
+    now_rfc3339, Outcome, ProgramRecord, RuleRecord, ScheduleRecord, State, SyncRecord, WatchRecord,
+};
+use crate::sync::{self, Trigger};
+use crate::timeline::Timeline;
+use crate::userdata::{self, schedule::splay_offset, Settings};
+use crate::watch::{Due, Rule, Timing, Watcher};
+use anyhow::{Context, Result};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Internal target: a file in `watch.d` changed, reload the rules.
+const RELOAD_RULES: &str = "stackless:reload-rules";
+/// Internal target: a program definition changed, re-read and update supervisord.
+const SUPERVISOR_UPDATE: &str = "stackless:supervisor-update";
+/// How soon to retry actions deferred by another process's sync.
+const DEFER_RETRY: Duration = Duration::from_millis(200);
+/// Most ticks a failing highstate waits between retries.
+const MAX_RETRY_TICKS: u32 = 16;
+
+/// Starts the watchers and the schedule after a boot that did not fail; `serve` then runs.
+pub fn start(layout: &Layout, boot: &BootResult, opts: &BootOptions) -> Result<Agent> {
+    let Some(settings) = boot.settings.clone() else {
+        anyhow::bail!("the boot resolved no settings; nothing to run");
+    };
+    Agent::new(layout.clone(), settings, boot, opts.clone())
+}
+
+/// The resident agent.
+pub struct Agent {
+    layout: Layout,
+    settings: Settings,
+    opts: BootOptions,
+    salt_call: Option<PathBuf>,
+    instance_id: String,
+    signals: SignalFd,
+    watcher: Watcher,
+    rule_records: Vec<RuleRecord>,
+    backends: Backends,
+    /// Actions a sync in another process kept us from doing.
+    deferred: Vec<Due>,
+    retry_at: Option<Instant>,
+    next_tick: Option<SystemTime>,
+    last_tick: Option<SystemTime>,
+    ticks_since_highstate: u32,
+}
+
+impl Agent {
+    fn new(
+        layout: Layout,
+        settings: Settings,
+        boot: &BootResult,
+        opts: BootOptions,
+    ) -> Result<Agent> {
+        // Signals arrive through a file descriptor in the poll loop, never mid-action.
+        let mut mask = SigSet::empty();
+        for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+            mask.add(s);
+        }
+        mask.thread_block()
+            .context("blocking SIGTERM, SIGINT and SIGHUP")?;
+        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+            .context("creating a signalfd")?;
+
+        let (rules, rule_records) = collect_rules(&layout, &settings);
+        let timing = Timing {
+            quiet: settings.watch_quiet,
+            max_delay: settings.watch_max_delay,
+        };
+        let watcher = Watcher::new(rules, timing).context("starting the file watchers")?;
+        let backends = Backends {
+            supervisord: SupervisordBackend::new(&settings.supervisor_socket),
+            systemd: SystemdBackend::default(),
+        };
+        let instance_id = boot.state.instance_id.clone().unwrap_or_default();
+        let mut agent = Agent {
+            layout,
+            opts,
+            salt_call: boot.salt_call.clone(),
+            instance_id,
+            signals,
+            watcher,
+            rule_records,
+            backends,
+            deferred: Vec::new(),
+            retry_at: None,
+            next_tick: None,
+            last_tick: None,
+            ticks_since_highstate: 0,
+            settings,
+        };
+        agent.plan_tick();
+        agent.save(|_| {})?;
+        Ok(agent)
+    }
+
+    /// Whether there is anything to sync on a schedule.
+    fn has_repos(&self) -> bool {
+        self.settings.salt.repo.is_some() || self.settings.config.is_some()
+    }
+
+    fn plan_tick(&mut self) {
+        if !self.has_repos() {
+            self.next_tick = None;
+            return;
+        }
+        let offset = splay_offset(&self.instance_id, self.settings.sync.splay);
+        self.next_tick = Some(self.settings.sync.schedule.next_tick(
+            SystemTime::now(),
+            self.last_tick,
+            offset,
+        ));
+    }
+
+    /// Serves until SIGTERM or SIGINT; returns the exit code.
+    pub fn serve(&mut self) -> Result<i32> {
+        lifecycle::status(&self.idle_status());
+        loop {
+            let now = Instant::now();
+            let mut deadline: Option<Instant> = self.watcher.next_deadline();
+            if let Some(at) = self.retry_at {
+                deadline = Some(deadline.map_or(at, |d| d.min(at)));
+            }
+            if let Some(tick) = self.next_tick {
+                let in_ = tick.duration_since(SystemTime::now()).unwrap_or_default();
+                let at = now + in_;
+                deadline = Some(deadline.map_or(at, |d| d.min(at)));
+            }
+            let timeout = match deadline {
+                None => PollTimeout::NONE,
+                Some(d) => {
+                    // Round up so a deadline less than a millisecond away does not spin.
+                    let wait = d.saturating_duration_since(now) + Duration::from_micros(999);
+                    PollTimeout::try_from(wait.min(Duration::from_secs(86_400)))
+                        .unwrap_or(PollTimeout::MAX)
+                }
+            };
+            let (sig_ready, fs_ready) = {
+                let mut fds = [
+                    PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(self.watcher.fd(), PollFlags::POLLIN),
+                ];
+                match poll(&mut fds, timeout) {
+                    Ok(_) => {}
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Err(e).context("waiting for events"),
+                }
+                let ready =
+                    |f: &PollFd| f.revents().is_some_and(|r| r.intersects(PollFlags::POLLIN));
+                (ready(&fds[0]), ready(&fds[1]))
+            };
+
+            if sig_ready {
+                while let Ok(Some(info)) = self.signals.read_signal() {
+                    match Signal::try_from(info.ssi_signo as i32) {
+                        Ok(Signal::SIGHUP) => {
+                            tracing::info!("SIGHUP: reloading watch rules");
+                            self.reload_rules();
+                        }
+                        Ok(sig) => {
+                            tracing::info!("{sig}: stopping");
+                            lifecycle::stopping();
+                            return Ok(0);
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
+            if fs_ready {
+                if let Err(e) = self.watcher.read_events(Instant::now()) {
+                    tracing::error!("reading file events: {e:#}");
+                }
+            }
+            if self.next_tick.is_some_and(|t| SystemTime::now() >= t) {
+                self.tick();
+                // What changed during the sync is in the kernel's queue; read it now.
+                if let Err(e) = self.watcher.read_events(Instant::now()) {
+                    tracing::error!("reading file events: {e:#}");
+                }
+            }
+            let mut due = std::mem::take(&mut self.deferred);
+            if self.retry_at.is_some_and(|t| Instant::now() < t) && !due.is_empty() {
+                // Not yet time to retry deferred actions.
+                self.deferred = due;
+                due = Vec::new();
+            }
+            merge(&mut due, self.watcher.take_due(Instant::now()));
+            if !due.is_empty() {
+                self.act(due);
+            }
+        }
+    }
+
+    fn idle_status(&self) -> String {
+        match self.next_tick {
+            Some(t) => format!(
+                "idle; next sync at {}",
+                humantime::format_rfc3339_seconds(t)
+            ),
+            None => "idle; watching".to_string(),
+        }
+    }
+
+    /// A scheduled sync. Skipped when another sync holds the lock (it is doing the work).
+    fn tick(&mut self) {
+        self.last_tick = self.next_tick;
+        let lock = match SyncLock::try_acquire(&self.layout) {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                tracing::info!("scheduled sync skipped: another sync is running");
+                self.plan_tick();
+                return;
+            }
+            Err(e) => {
+                tracing::error!("scheduled sync: {e:#}");
+                self.plan_tick();
+                return;
+            }
+        };
+        lifecycle::status("syncing");
+        let mut state = State::load(&self.layout).ok().flatten().unwrap_or_default();
+        let failures = state.schedule.as_ref().map_or(0, |s| s.highstate_failures);
+        let last_failed = state
+            .highstate
+            .as_ref()
+            .is_some_and(|h| !h.report.ok || h.error.is_some());
+        self.ticks_since_highstate += 1;
+        // Back off over ticks: retry after 1, 2, 4 ... ticks, at most MAX_RETRY_TICKS.
+        let wait_ticks = 1u32 << failures.saturating_sub(1).min(4);
+        let retry = last_failed && self.ticks_since_highstate >= wait_ticks.min(MAX_RETRY_TICKS);
+        let at = now_rfc3339();
+        let mut tl = Timeline::new();
+        let ctx = sync::SyncContext {
+            layout: &self.layout,
+            settings: &self.settings,
+            salt_call: self.salt_call.as_deref(),
+            git_timeout: self.opts.git_timeout,
+        };
+        let result = sync::run(ctx, &mut state, &mut tl, Trigger::Schedule, retry);
+        let (outcome, error, ran, ok) = match &result {
+            Ok(s) => {
+                let outcome = if tl.degraded.is_empty() {
+                    Outcome::Ready
+                } else {
+                    Outcome::Degraded
+                };
+                let error = (!tl.degraded.is_empty()).then(|| tl.degraded.join("; "));
+                (outcome, error, s.highstate_ran, s.highstate_ok)
+            }
+            Err(e) => (Outcome::Failed, Some(format!("{e:#}")), false, None),
+        };
+        if ran {
+            self.ticks_since_highstate = 0;
+        }
+        let failures = match ok {
+            Some(true) => 0,
+            Some(false) => failures + 1,
+            None => failures,
+        };
+        state.last_sync = Some(SyncRecord {
+            at,
+            trigger: Trigger::Schedule.as_str().into(),
+            outcome,
+            error: error.clone(),
+            ms: tl.total_ms(),
+            highstate_ran: ran,
+            steps: std::mem::take(&mut tl.steps),
+        });
+        self.plan_tick();
+        state.schedule = Some(self.schedule_record(failures));
+        if let Err(e) = state.save(&self.layout) {
+            tracing::error!("{e:#}");
+        }
+        drop(lock);
+        match error {
+            Some(e) => tracing::warn!("scheduled sync {}: {e}", outcome.as_str()),
+            None => tracing::info!("scheduled sync done"),
+        }
+        lifecycle::status(&self.idle_status());
+    }
+
+    fn schedule_record(&self, highstate_failures: u32) -> ScheduleRecord {
+        ScheduleRecord {
+            schedule: self.settings.sync.schedule.to_string(),
+            splay_ms: splay_offset(&self.instance_id, self.settings.sync.splay).as_millis() as u64,
+            next_tick: self
+                .next_tick
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            highstate_failures,
+        }
+    }
+
+    /// Acts on due targets, holding the sync lock so no highstate runs meanwhile.
+    fn act(&mut self, due: Vec<Due>) {
+        let lock = match SyncLock::try_acquire(&self.layout) {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                tracing::debug!("a sync is running; deferring {} action(s)", due.len());
+                merge(&mut self.deferred, due);
+                self.retry_at = Some(Instant::now() + DEFER_RETRY);
+                return;
+            }
+            Err(e) => {
+                tracing::error!("{e:#}; acting without the lock");
+                return self.act_locked(due);
+            }
+        };
+        self.retry_at = None;
+        self.act_locked(due);
+        drop(lock);
+    }
+
+    fn act_locked(&mut self, mut due: Vec<Due>) {
+        // Rules and program definitions first: they change what the rest means.
+        due.sort_by_key(|d| match d.target.as_str() {
+            RELOAD_RULES => 0,
+            SUPERVISOR_UPDATE => 1,
+            _ => 2,
+        });
+        let mut records: Vec<(String, ProgramRecord)> = Vec::new();
+        for d in due {
+            let started = Instant::now();
+            let paths: Vec<String> = d.paths.iter().map(|p| p.display().to_string()).collect();
+            match d.target.as_str() {
+                RELOAD_RULES => {
+                    tracing::info!(paths = ?paths, "watch rules changed; reloading");
+                    self.reload_rules();
+                }
+                SUPERVISOR_UPDATE => {
+                    lifecycle::status("updating supervisord");
+                    let r = self.backends.supervisord.update();
+                    let ms = started.elapsed().as_millis() as u64;
+                    let (outcome, ok) = match &r {
+                        Ok(u) => {
+                            tracing::info!(added = ?u.added, changed = ?u.changed, removed = ?u.removed, ms, "supervisord updated");
+                            ("ok".to_string(), true)
+                        }
+                        Err(e) => {
+                            tracing::error!("updating supervisord after {paths:?} changed: {e:#}");
+                            (format!("{e:#}"), false)
+                        }
+                    };
+                    let groups = r
+                        .map(|u| [u.added, u.changed, u.removed].concat())
+                        .unwrap_or_default();
+                    let names = if groups.is_empty() {
+                        vec!["supervisord".to_string()]
+                    } else {
+                        groups
+                    };
+                    for g in names {
+                        records.push((
+                            g,
+                            ProgramRecord {
+                                updates: ok as u64,
+                                failures: (!ok) as u64,
+                                last_action: "update".into(),
+                                last_outcome: outcome.clone(),
+                                last_at: now_rfc3339(),
+                                last_ms: ms,
+                                paths: paths.clone(),
+                                ..Default::default()
+                            },
+                        ));
+                    }
+                }
+                target => {
+                    let action = d
+                        .signal
+                        .as_ref()
+                        .map_or("restart".to_string(), |s| format!("signal {s}"));
+                    lifecycle::status(&format!("{action} {target}"));
+                    let r = self.backends.act(target, d.signal.as_deref());
+                    let ms = started.elapsed().as_millis() as u64;
+                    let mut rec = ProgramRecord {
+                        last_action: action.clone(),
+                        last_at: now_rfc3339(),
+                        last_ms: ms,
+                        paths: paths.clone(),
+                        ..Default::default()
+                    };
+                    match r {
+                        Ok(done) => {
+                            tracing::info!(target, ms, paths = ?paths, "{}", done.detail);
+                            if d.signal.is_some() {
+                                rec.signals = 1;
+                            } else {
+                                rec.restarts = 1;
+                            }
+                            rec.pid = done.pid;
+                            rec.last_outcome = "ok".into();
+                        }
+                        Err(e) => {
+                            tracing::error!(target, ms, "{action} after {paths:?} changed: {e:#}");
+                            rec.failures = 1;
+                            rec.last_outcome = format!("{e:#}");
+                        }
+                    }
+                    records.push((target.to_string(), rec));
+                }
+            }
+        }
+        let overflows = self.watcher.overflows();
+        let dirs = self.watcher.watched_dirs().len();
+        let rules = self.rule_records.clone();
+        let r = self.save(move |w| {
+            w.overflows = overflows;
+            w.watched_dirs = dirs;
+            w.rules = rules;
+            for (name, rec) in records {
+                let e = w.programs.entry(name).or_default();
+                e.restarts += rec.restarts;
+                e.signals += rec.signals;
+                e.updates += rec.updates;
+                e.failures += rec.failures;
+                e.last_action = rec.last_action;
+                e.last_outcome = rec.last_outcome;
+                e.last_at = rec.last_at;
+                e.last_ms = rec.last_ms;
+                e.paths = rec.paths;
+                if rec.pid.is_some() {
+                    e.pid = rec.pid;
+                }
+            }
+        });
+        if let Err(e) = r {
+            tracing::error!("{e:#}");
+        }
+        lifecycle::status(&self.idle_status());
+    }
+
+    fn reload_rules(&mut self) {
+        let (rules, records) = collect_rules(&self.layout, &self.settings);
+        match self.watcher.set_rules(rules) {
+            Ok(()) => {
+                tracing::info!(rules = records.len(), "watch rules loaded");
+                self.rule_records = records;
+            }
+            Err(e) => tracing::error!("reloading watch rules: {e:#}"),
+        }
+        let records = self.rule_records.clone();
+        let dirs = self.watcher.watched_dirs().len();
+        if let Err(e) = self.save(move |w| {
+            w.rules = records;
+            w.watched_dirs = dirs;
+        }) {
+            tracing::error!("{e:#}");
+        }
+    }
+
+    /// Re-reads the record (another process may have written it), changes the watcher part and
+    /// the schedule, and saves.
+    fn save(&self, change: impl FnOnce(&mut WatchRecord)) -> Result<()> {
+        let mut state = State::load(&self.layout)?.unwrap_or_default();
+        let mut w = state.watch.take().unwrap_or_default();
+        w.rules = self.rule_records.clone();
+        w.watched_dirs = self.watcher.watched_dirs().len();
+        w.overflows = self.watcher.overflows();
+        change(&mut w);
+        state.watch = Some(w);
+        let failures = state.schedule.as_ref().map_or(0, |s| s.highstate_failures);
+        state.schedule = self.has_repos().then(|| self.schedule_record(failures));
+        state.save(&self.layout)
+    }
+}
+
+/// Adds `more` to `into`, one entry per target: paths add up, and a restart wins over a signal.
+fn merge(into: &mut Vec<Due>, more: Vec<Due>) {
+    for d in more {
+        match into.iter_mut().find(|x| x.target == d.target) {
+            Some(x) => {
+                if d.signal.is_none() {
+                    x.signal = None;
+                }
+                for p in d.paths {
+                    if !x.paths.contains(&p) {
+                        x.paths.push(p);
+                    }
+                }
+            }
+            None => into.push(d),
+        }
+    }
+}
+
+/// The rules to watch: user-data's and the image's, each valid file in `watch.d`, and the
+/// agent's own (reload on `watch.d` changes, update supervisord on program definition changes).
+/// A broken `watch.d` file is reported and skipped; the others still apply.
+pub fn collect_rules(layout: &Layout, settings: &Settings) -> (Vec<Rule>, Vec<RuleRecord>) {
+    let mut rules = Vec::new();
+    let mut records = Vec::new();
+    let mut add = |source: String, r: &userdata::WatchRule| {
+        let rule = Rule {
+            patterns: r.paths.iter().map(|p| p.get_ref().clone()).collect(),
+            targets: r.restart.iter().map(|t| t.get_ref().clone()).collect(),
+            signal: r
+                .signal
+                .as_ref()
+                .map(|s| s.get_ref().trim_start_matches("SIG").to_string()),
+        };
+        records.push(RuleRecord {
+            source,
+            paths: rule.patterns.clone(),
+            restart: rule.targets.clone(),
+            signal: rule.signal.clone(),
+        });
+        rules.push(rule);
+    };
+    for r in &settings.watch {
+        add("user-data".into(), r);
+    }
+    let dir = layout.watch_dir();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    files.retain(|p| p.extension().is_some_and(|e| e == "toml"));
+    files.sort();
+    for f in files {
+        let name = f.display().to_string();
+        match std::fs::read_to_string(&f)
+            .map_err(|e| e.to_string())
+            .and_then(|text| userdata::parse_watch_file(&name, &text).map_err(|e| e.to_string()))
+        {
+            Ok(file_rules) => file_rules.iter().for_each(|r| add(name.clone(), r)),
+            Err(e) => tracing::error!("skipping watch rules of {name}: {e}"),
+        }
+    }
+    rules.push(Rule {
+        patterns: vec![format!("{}/*.toml", dir.display())],
+        targets: vec![RELOAD_RULES.into()],
+        signal: None,
+    });
+    rules.push(Rule {
+        patterns: vec![format!("{}/*.conf", settings.supervisor_conf_dir.display())],
+        targets: vec![SUPERVISOR_UPDATE.into()],
+        signal: None,
+    });
+    (rules, records)
+}

@@ -1,0 +1,269 @@
+//! One sync: fetch both repositories, run highstate when the salt repository moved (or as
+//! `[sync] highstate` says), record it. The boot, the schedule and `stackless-init sync` all
+//! run this; the caller holds the sync lock, so runs never overlap.
+
+use crate::boot::short;
+use crate::paths::Layout;
+use crate::repos::{self, RepoSpec, SyncOutcome};
+use crate::salt::highstate;
+use crate::state::{now_rfc3339, HighstateRecord, RepoRecord, State};
+use crate::timeline::Timeline;
+use crate::userdata::{HighstateMode, Settings};
+use anyhow::{Context, Result};
+use std::path::Path;
+use std::time::Duration;
+
+/// Why a sync runs; it decides when highstate runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// At boot highstate always runs (unless `never`): the instance must converge.
+    Boot,
+    Schedule,
+    Manual,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Boot => "boot",
+            Trigger::Schedule => "schedule",
+            Trigger::Manual => "manual",
+        }
+    }
+}
+
+/// What a sync did.
+#[derive(Debug, Clone, Default)]
+pub struct SyncSummary {
+    pub salt_changed: bool,
+    pub config_changed: bool,
+    pub highstate_ran: bool,
+    /// `Some(false)` when highstate ran and did not converge.
+    pub highstate_ok: Option<bool>,
+}
+
+/// What every sync of one agent shares.
+#[derive(Clone, Copy)]
+pub struct SyncContext<'a> {
+    pub layout: &'a Layout,
+    pub settings: &'a Settings,
+    /// `None` when no highstate is wanted (no salt repository, or `highstate = never`).
+    pub salt_call: Option<&'a Path>,
+    /// Deadline of each git command.
+    pub git_timeout: Duration,
+}
+
+/// Runs one sync, recording repositories and highstate into `state` and its steps into `tl`.
+/// `retry_highstate` asks for a highstate even without a new commit (the last one failed).
+/// Errors only when a repository has no release at all to run from.
+pub fn run(
+    ctx: SyncContext<'_>,
+    state: &mut State,
+    tl: &mut Timeline,
+    trigger: Trigger,
+    retry_highstate: bool,
+) -> Result<SyncSummary> {
+    let SyncContext {
+        layout,
+        settings,
+        salt_call,
+        git_timeout,
+    } = ctx;
+    let mut summary = SyncSummary::default();
+    let mut salt_commit = None;
+    for (name, spec) in [("salt", &settings.salt.repo), ("config", &settings.config)] {
+        let Some(spec) = spec else { continue };
+        let outcome = tl.step(&format!("sync-{name}"), || {
+            let o = repos::sync(layout, name, spec, git_timeout)
+                .with_context(|| format!("syncing the {name} repository"))?;
+            let d = describe(&o);
+            Ok((o, Some(d)))
+        });
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                record_repo(state, name, spec, None, "failed", Some(format!("{e:#}")));
+                return Err(e);
+            }
+        };
+        let (result, error) = match &outcome {
+            SyncOutcome::Updated { .. } => ("updated", None),
+            SyncOutcome::Unchanged { .. } => ("unchanged", None),
+            SyncOutcome::KeptLast { error, commit } => {
+                tl.degrade(format!(
+                    "{name} repository: fetch failed, kept the last good release {}: {error}",
+                    short(commit)
+                ));
+                ("kept-last", Some(error.clone()))
+            }
+        };
+        let changed = matches!(outcome, SyncOutcome::Updated { .. });
+        if name == "salt" {
+            summary.salt_changed = changed;
+            salt_commit = Some(outcome.commit().to_string());
+        } else {
+            summary.config_changed = changed;
+        }
+        record_repo(
+            state,
+            name,
+            spec,
+            Some(outcome.commit().to_string()),
+            result,
+            error,
+        );
+    }
+
+    let (Some(salt_call), Some(commit)) = (salt_call, salt_commit) else {
+        return Ok(summary);
+    };
+    let wanted = match (settings.sync.highstate, trigger) {
+        (HighstateMode::Never, _) => false,
+        (_, Trigger::Boot) | (HighstateMode::Always, _) => true,
+        (HighstateMode::OnChange, _) => summary.salt_changed || retry_highstate,
+    };
+    if !wanted {
+        return Ok(summary);
+    }
+    let at = now_rfc3339();
+    summary.highstate_ran = true;
+    let report = tl.step("highstate", || {
+        let r = highstate::run(
+            layout,
+            salt_call,
+            &settings.minion_id,
+            settings.salt.timeout,
+        )?;
+        let d = r.summary();
+        Ok((r, Some(d)))
+    });
+    match report {
+        Ok(report) => {
+            summary.highstate_ok = Some(report.ok);
+            if !report.ok {
+                tl.degrade(format!("highstate: {}", report.summary()));
+            }
+            state.highstate = Some(HighstateRecord {
+                report,
+                commit: Some(commit),
+                at,
+                error: None,
+            });
+        }
+        Err(e) => {
+            summary.highstate_ok = Some(false);
+            let msg = format!("{e:#}");
+            tl.degrade(format!("highstate: {msg}"));
+            state.highstate = Some(HighstateRecord {
+                report: Default::default(),
+                commit: Some(commit),
+                at,
+                error: Some(msg),
+            });
+        }
+    }
+    Ok(summary)
+}
+
+fn record_repo(
+    state: &mut State,
+    name: &str,
+    spec: &RepoSpec,
+    commit: Option<String>,
+    result: &str,
+    error: Option<String>,
+) {
+    let commit = commit.or_else(|| state.repos.get(name).and_then(|r| r.commit.clone()));
+    state.repos.insert(
+        name.to_string(),
+        RepoRecord {
+            url: spec.url.clone(),
+            reference: spec.reference.clone(),
+            commit,
+            result: result.into(),
+            synced_at: now_rfc3339(),
+            error,
+        },
+    );
+}
+
+fn describe(o: &SyncOutcome) -> String {
+    match o {
+        SyncOutcome::Updated {
+            commit,
+            previous: Some(p),
+        } => format!("{} -> {}", short(p), short(commit)),
+        SyncOutcome::Updated {
+            commit,
+            previous: None,
+        } => format!("published {}", short(commit)),
+        SyncOutcome::Unchanged { commit } => format!("unchanged at {}", short(commit)),
+        SyncOutcome::KeptLast { commit, .. } => format!("fetch failed, kept {}", short(commit)),
+    }
+}
+
+/// `stackless-init sync`: one sync now, with the settings the boot applied, through the same
+/// lock as every other sync. A highstate that failed last time runs again even without a new
+/// commit. Recorded as the last sync.
+pub fn run_now(
+    layout: &Layout,
+    lock_wait: Duration,
+    git_timeout: Duration,
+) -> Result<crate::state::SyncRecord> {
+    use crate::state::{Outcome, SyncRecord};
+    let (settings, _identity) = crate::settings::load_saved(layout)?;
+    let salt_call = if settings.salt.repo.is_some()
+        && settings.sync.highstate != HighstateMode::Never
+    {
+        Some(
+            crate::salt::install::find_salt_call(layout, settings.salt.salt_call.as_deref()).ok_or_else(|| {
+                anyhow::anyhow!("salt-call is not installed; run `stackless-init boot --once` to install it")
+            })?,
+        )
+    } else {
+        None
+    };
+    let _lock = crate::lock::SyncLock::acquire(layout, lock_wait)?;
+    let mut state = State::load(layout)?.unwrap_or_default();
+    let last_failed = state
+        .highstate
+        .as_ref()
+        .is_some_and(|h| !h.report.ok || h.error.is_some());
+    let at = now_rfc3339();
+    let mut tl = Timeline::new();
+    let ctx = SyncContext {
+        layout,
+        settings: &settings,
+        salt_call: salt_call.as_deref(),
+        git_timeout,
+    };
+    let result = run(ctx, &mut state, &mut tl, Trigger::Manual, last_failed);
+    let (outcome, error, ran) = match &result {
+        Ok(s) if tl.degraded.is_empty() => (Outcome::Ready, None, s.highstate_ran),
+        Ok(s) => (
+            Outcome::Degraded,
+            Some(tl.degraded.join("; ")),
+            s.highstate_ran,
+        ),
+        Err(e) => (Outcome::Failed, Some(format!("{e:#}")), false),
+    };
+    if let (Ok(s), Some(sched)) = (&result, state.schedule.as_mut()) {
+        match s.highstate_ok {
+            Some(true) => sched.highstate_failures = 0,
+            Some(false) => sched.highstate_failures += 1,
+            None => {}
+        }
+    }
+    let record = SyncRecord {
+        at,
+        trigger: Trigger::Manual.as_str().into(),
+        outcome,
+        error,
+        ms: tl.total_ms(),
+        highstate_ran: ran,
+        steps: std::mem::take(&mut tl.steps),
+    };
+    state.last_sync = Some(record.clone());
+    state.save(layout)?;
+    Ok(record)
+}

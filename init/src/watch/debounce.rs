@@ -1,0 +1,141 @@
+//! Pending changes per target: a quiet window restarted by every event, bounded by a maximum
+//! delay from the first event. Pure bookkeeping; no clock of its own (callers pass `now`).
+
+use super::Timing;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What is pending for one target.
+#[derive(Debug)]
+pub struct Pending {
+    first: Instant,
+    last: Instant,
+    /// Path → "already known to have changed": set when another target's take recorded a new
+    /// hash for this path, so this target still sees the change.
+    pub paths: BTreeMap<PathBuf, bool>,
+}
+
+#[derive(Debug, Default)]
+pub struct Debouncer {
+    targets: BTreeMap<String, Pending>,
+}
+
+impl Debouncer {
+    /// Notes an event on `path` for `target`. Allocates only for a new target or a new path.
+    pub fn add(&mut self, target: &str, path: &Path, now: Instant) {
+        let pending = match self.targets.get_mut(target) {
+            Some(p) => p,
+            None => self.targets.entry(target.to_owned()).or_insert(Pending {
+                first: now,
+                last: now,
+                paths: BTreeMap::new(),
+            }),
+        };
+        if now > pending.last {
+            pending.last = now;
+        }
+        if !pending.paths.contains_key(path) {
+            pending.paths.insert(path.to_owned(), false);
+        }
+    }
+
+    fn deadline(p: &Pending, timing: &Timing) -> Instant {
+        // Absurd durations must not panic: an overflowing bound is ignored.
+        match (
+            p.last.checked_add(timing.quiet),
+            p.first.checked_add(timing.max_delay),
+        ) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(x), None) | (None, Some(x)) => x,
+            (None, None) => p.last,
+        }
+    }
+
+    /// The earliest instant a target becomes due; `None` when nothing is pending.
+    pub fn next_deadline(&self, timing: &Timing) -> Option<Instant> {
+        self.targets
+            .values()
+            .map(|p| Self::deadline(p, timing))
+            .min()
+    }
+
+    /// Removes and returns the targets that are due at `now`, in target order.
+    pub fn take_ready(&mut self, now: Instant, timing: &Timing) -> Vec<(String, Pending)> {
+        let ready: Vec<String> = self
+            .targets
+            .iter()
+            .filter(|(_, p)| Self::deadline(p, timing) <= now)
+            .map(|(t, _)| t.clone())
+            .collect();
+        ready
+            .into_iter()
+            .filter_map(|t| self.targets.remove_entry(&t))
+            .collect()
+    }
+
+    /// Whether some target has `path` pending.
+    pub fn has_path(&self, path: &Path) -> bool {
+        self.targets.values().any(|p| p.paths.contains_key(path))
+    }
+
+    /// Marks `path` as changed for every target still pending with it.
+    pub fn confirm(&mut self, path: &Path) {
+        for p in self.targets.values_mut() {
+            if let Some(flag) = p.paths.get_mut(path) {
+                *flag = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn timing() -> Timing {
+        Timing {
+            quiet: Duration::from_millis(100),
+            max_delay: Duration::from_secs(2),
+        }
+    }
+
+    #[test]
+    fn quiet_window_and_max_delay() {
+        let t = timing();
+        let mut d = Debouncer::default();
+        let t0 = Instant::now();
+        assert_eq!(d.next_deadline(&t), None);
+        d.add("a", Path::new("/x"), t0);
+        assert_eq!(d.next_deadline(&t), Some(t0 + t.quiet));
+        // A stream of events every 50ms keeps pushing the quiet window...
+        let mut now = t0;
+        let mut taken = Vec::new();
+        while now < t0 + Duration::from_secs(3) {
+            now += Duration::from_millis(50);
+            d.add("a", Path::new("/x"), now);
+            taken.extend(d.take_ready(now, &t).into_iter().map(|(_, p)| p.first));
+        }
+        // ...until max_delay forces it out, once in 3s.
+        assert_eq!(taken, vec![t0]);
+        let (_, p) = d.take_ready(now + t.quiet, &t).pop().unwrap();
+        assert_eq!(p.paths.len(), 1);
+        assert_eq!(d.next_deadline(&t), None);
+    }
+
+    #[test]
+    fn confirm_marks_other_targets() {
+        let t = timing();
+        let mut d = Debouncer::default();
+        let t0 = Instant::now();
+        d.add("a", Path::new("/x"), t0);
+        d.add("b", Path::new("/x"), t0 + Duration::from_millis(50));
+        let ready = d.take_ready(t0 + t.quiet, &t);
+        assert_eq!(ready.len(), 1);
+        d.confirm(Path::new("/x"));
+        let ready = d.take_ready(t0 + Duration::from_millis(150), &t);
+        assert_eq!(ready[0].0, "b");
+        assert!(ready[0].1.paths[Path::new("/x")]);
+    }
+}
