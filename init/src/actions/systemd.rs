@@ -38,9 +38,13 @@ impl SystemdBackend {
     }
 
     fn confirm_active(&self, unit: &str) -> Result<()> {
-        let state = self
-            .run(&["is-active", unit])
-            .unwrap_or_else(|e| format!("{e:#}"));
+        // `is-active` prints the state and exits non-zero unless it is active.
+        let program = self.systemctl.as_deref().unwrap_or("systemctl");
+        let out = Command::new(program)
+            .args(["is-active", unit])
+            .output()
+            .with_context(|| format!("running {program} is-active {unit}"))?;
+        let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
         if state != "active" {
             bail!("{unit} is {state} after the action; see `journalctl -u {unit}`");
         }
