@@ -480,6 +480,8 @@ fn wait_reports_ready_degraded_failed_and_timeout() {
 
     // A good boot: ready, 0, and the agent stays resident until SIGTERM, which it obeys with 0.
     imds.set_user_data(Some(s.user_data("").into_bytes()));
+    // A reboot empties /run (a tmpfs); here the test does it.
+    fs::remove_dir_all(s.root().join("run")).unwrap();
     let mut agent = Agent::spawn(&s.root(), &imds.endpoint());
     assert_eq!(agent.wait_ready(60), 0);
     std::thread::sleep(Duration::from_millis(300));
