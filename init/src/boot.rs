@@ -9,7 +9,7 @@ use crate::salt::install::{ensure_installed, InstallOutcome};
 use crate::settings;
 use crate::state::{now_rfc3339, BootRecord, Outcome, State, STATE_VERSION};
 use crate::sync::{self, Trigger};
-use crate::timeline::Timeline;
+use crate::timeline::{one_line, Timeline};
 use crate::userdata::{self, Document, HighstateMode, Settings};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -63,6 +63,8 @@ struct Progress {
     first_boot: bool,
     settings: Option<Settings>,
     salt_call: Option<PathBuf>,
+    /// Held until the record is saved, so a waiting sync reads this boot's record.
+    lock: Option<SyncLock>,
 }
 
 /// Runs the boot sequence once and saves the record. Never panics on bad input: every problem
@@ -83,9 +85,22 @@ pub fn run(layout: &Layout, opts: &BootOptions) -> BootResult {
         ..Default::default()
     };
 
-    let result = sequence(layout, opts, &mut tl, &mut state, previous, &mut progress);
+    let result = sequence(
+        layout,
+        opts,
+        &mut tl,
+        &mut state,
+        previous.clone(),
+        &mut progress,
+    );
+    if result.is_err() && state.instance_id.is_none() {
+        // Failed before IMDS said which instance this is: keep the last record, new boot entry.
+        if let Some(p) = previous {
+            state = p;
+        }
+    }
     let (outcome, error) = match result {
-        Err(e) => (Outcome::Failed, Some(format!("{e:#}"))),
+        Err(e) => (Outcome::Failed, Some(one_line(&format!("{e:#}")))),
         Ok(()) if !tl.degraded.is_empty() => (Outcome::Degraded, Some(tl.degraded.join("; "))),
         Ok(()) => (Outcome::Ready, None),
     };
@@ -105,6 +120,7 @@ pub fn run(layout: &Layout, opts: &BootOptions) -> BootResult {
             Some(error.map_or(format!("{e:#}"), |x| format!("{x}; {e:#}")))
         }
     };
+    drop(progress.lock.take());
     BootResult {
         outcome,
         error,
@@ -151,6 +167,19 @@ fn sequence(
         Ok(((ud, id), Some(detail)))
     })?;
     state.instance_id = Some(identity.instance_id.clone());
+    // A record of another instance (an image baked with one) is not ours: start afresh.
+    let previous =
+        previous.filter(|p| p.instance_id.as_deref() == Some(identity.instance_id.as_str()));
+    progress.first_boot = previous.is_none();
+    if let Some(p) = previous {
+        state.minion_id = p.minion_id;
+        state.identity = p.identity;
+        state.repos = p.repos;
+        state.highstate = p.highstate;
+        state.watch = p.watch;
+        state.schedule = p.schedule;
+        state.last_sync = p.last_sync;
+    }
 
     // 3. User-data over defaults, rendered for this instance. Nothing is written before this passes.
     let (user, settings): (Document, Settings) = tl.step("user-data", || {
@@ -165,16 +194,6 @@ fn sequence(
     state.minion_id = Some(settings.minion_id.clone());
     state.identity = Some(identity.clone());
     settings::save_user_data(layout, &user)?;
-
-    // A record of another instance (an image baked with one) is not ours: start afresh.
-    let previous =
-        previous.filter(|p| p.instance_id.as_deref() == Some(identity.instance_id.as_str()));
-    progress.first_boot = previous.is_none();
-    if let Some(p) = previous {
-        state.repos = p.repos;
-        state.highstate = p.highstate;
-        state.watch = p.watch;
-    }
 
     // 4. Salt: its configuration (rewritten only when it changed) and the program itself.
     let salt_current = layout.repo_current("salt");
@@ -221,9 +240,9 @@ fn sequence(
     progress.settings = Some(settings.clone());
 
     // 5. Repositories and highstate, under the lock every sync takes.
-    let _lock = tl.step("lock", || {
+    progress.lock = Some(tl.step("lock", || {
         Ok((SyncLock::acquire(layout, opts.lock_wait)?, None))
-    })?;
+    })?);
     let ctx = sync::SyncContext {
         layout,
         settings: &settings,

@@ -97,6 +97,11 @@ fn run(command: Command, layout: &Layout) -> anyhow::Result<u8> {
                 imds_deadline: Duration::from_secs(imds_deadline),
                 ..Default::default()
             };
+            if !once {
+                // SIGTERM during the boot waits for the boot to finish, then the resident loop
+                // obeys it; no git or salt-call is orphaned half-way.
+                resident::block_signals()?;
+            }
             lifecycle::clear_marker(layout)?;
             lifecycle::status("booting");
             let result = boot::run(layout, &opts);

@@ -36,6 +36,23 @@ const DEFER_RETRY: Duration = Duration::from_millis(200);
 /// Most ticks a failing highstate waits between retries.
 const MAX_RETRY_TICKS: u32 = 16;
 
+/// The signals the resident agent takes through its signalfd.
+fn signal_set() -> SigSet {
+    let mut mask = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        mask.add(s);
+    }
+    mask
+}
+
+/// Blocks the resident agent's signals in this thread, so they queue until the poll loop reads
+/// them. Children get a clean signal mask from `std::process::Command`.
+pub fn block_signals() -> Result<()> {
+    signal_set()
+        .thread_block()
+        .context("blocking SIGTERM, SIGINT and SIGHUP")
+}
+
 /// Starts the watchers and the schedule after a boot that did not fail; `serve` then runs.
 pub fn start(layout: &Layout, boot: &BootResult, opts: &BootOptions) -> Result<Agent> {
     let Some(settings) = boot.settings.clone() else {
@@ -71,12 +88,8 @@ impl Agent {
         opts: BootOptions,
     ) -> Result<Agent> {
         // Signals arrive through a file descriptor in the poll loop, never mid-action.
-        let mut mask = SigSet::empty();
-        for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-            mask.add(s);
-        }
-        mask.thread_block()
-            .context("blocking SIGTERM, SIGINT and SIGHUP")?;
+        block_signals()?;
+        let mask = signal_set();
         let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
             .context("creating a signalfd")?;
 
@@ -108,7 +121,7 @@ impl Agent {
             settings,
         };
         agent.plan_tick();
-        agent.save(|_| {})?;
+        agent.save_locked(|_| {})?;
         Ok(agent)
     }
 
@@ -174,6 +187,9 @@ impl Agent {
                         Ok(Signal::SIGHUP) => {
                             tracing::info!("SIGHUP: reloading watch rules");
                             self.reload_rules();
+                            if let Err(e) = self.save_locked(|_| {}) {
+                                tracing::error!("{e:#}");
+                            }
                         }
                         Ok(sig) => {
                             tracing::info!("{sig}: stopping");
@@ -236,7 +252,14 @@ impl Agent {
             }
         };
         lifecycle::status("syncing");
-        let mut state = State::load(&self.layout).ok().flatten().unwrap_or_default();
+        let mut state = match State::load(&self.layout) {
+            Ok(s) => s.unwrap_or_default(),
+            Err(e) => {
+                tracing::error!("scheduled sync skipped: {e:#}");
+                self.plan_tick();
+                return;
+            }
+        };
         let failures = state.schedule.as_ref().map_or(0, |s| s.highstate_failures);
         let last_failed = state
             .highstate
@@ -447,6 +470,7 @@ impl Agent {
         lifecycle::status(&self.idle_status());
     }
 
+    /// Reloads the rules; the caller records them (act_locked saves, SIGHUP saves under the lock).
     fn reload_rules(&mut self) {
         let (rules, records) = collect_rules(&self.layout, &self.settings);
         match self.watcher.set_rules(rules) {
@@ -456,18 +480,16 @@ impl Agent {
             }
             Err(e) => tracing::error!("reloading watch rules: {e:#}"),
         }
-        let records = self.rule_records.clone();
-        let dirs = self.watcher.watched_dirs().len();
-        if let Err(e) = self.save(move |w| {
-            w.rules = records;
-            w.watched_dirs = dirs;
-        }) {
-            tracing::error!("{e:#}");
-        }
+    }
+
+    /// `save` under the sync lock, for callers that do not hold it already.
+    fn save_locked(&self, change: impl FnOnce(&mut WatchRecord)) -> Result<()> {
+        let _lock = SyncLock::acquire(&self.layout, Duration::from_secs(60))?;
+        self.save(change)
     }
 
     /// Re-reads the record (another process may have written it), changes the watcher part and
-    /// the schedule, and saves.
+    /// the schedule, and saves. The caller holds the sync lock.
     fn save(&self, change: impl FnOnce(&mut WatchRecord)) -> Result<()> {
         let mut state = State::load(&self.layout)?.unwrap_or_default();
         let mut w = state.watch.take().unwrap_or_default();

@@ -82,8 +82,12 @@ pub fn run(
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
-                record_repo(state, name, spec, None, "failed", Some(format!("{e:#}")));
-                return Err(e);
+                // The repositories are independent: the other one still syncs. With no release
+                // to run from, the instance is degraded and the schedule retries.
+                let msg = format!("{e:#}");
+                tl.degrade(format!("{msg} (no release yet; retried at every sync)"));
+                record_repo(state, name, spec, None, "failed", Some(msg));
+                continue;
             }
         };
         let (result, error) = match &outcome {

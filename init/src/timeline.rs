@@ -68,6 +68,7 @@ impl Timeline {
 
     /// Marks the last step as not ok without failing the run.
     pub fn degrade(&mut self, reason: String) {
+        let reason = one_line(&reason);
         if let Some(s) = self.steps.last_mut() {
             s.ok = false;
         }
@@ -78,4 +79,13 @@ impl Timeline {
     pub fn total_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
+}
+
+/// A reason on one line: for stderr, the ready marker and systemd's STATUS=.
+pub fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" | ")
 }

@@ -171,8 +171,9 @@ fn an_unchanged_rewrite_restarts_nothing() {
     let pid = s.sup.pid("app");
     write_by_rename(&conf, "same\n");
     fs::write(&conf, "same\n").unwrap();
-    // An editor's swap file next to it matches the glob's folder but never triggers.
-    fs::write(s.path("app/.app.conf.swp"), "x").unwrap();
+    // Salt's and editors' temporary files match the glob but never trigger.
+    fs::write(s.path("app/__salt.tmp.app.conf"), "x").unwrap();
+
     settle();
     assert_eq!(program_count(&s.root(), "app", "restarts"), 0);
     assert_eq!(s.sup.pid("app"), pid);
@@ -493,30 +494,54 @@ fn wait_reports_ready_degraded_failed_and_timeout() {
 fn sigterm_during_a_sync_leaves_a_complete_release() {
     let s = Setup::new(&[]);
     let salt = GitRepo::new(&s.path("git"), "salt");
-    let slow = |v: &str| {
-        vec![
-            (
-                "top.sls".to_string(),
-                "base:\n  '*':\n    - app\n".to_string(),
-            ),
-            (
-                "app.sls".to_string(),
-                format!("slow:\n  cmd.run:\n    - name: sleep 2 && echo {v}\n"),
-            ),
-        ]
-    };
-    commit_files(&salt, &slow("one"), "one");
-    let (_imds, mut agent) = s.boot(&repo_user_data(&s, Some(&salt), None, ""));
-    let sha = commit_files(&salt, &slow("two"), "two");
+    let marker = s.path("out/marker");
+    commit_files(&salt, &salt_state(&marker, "one"), "one");
+    // A slow git: every fetch takes two seconds, so SIGTERM lands in the middle of one.
+    let bin = s.path("slow-bin");
+    fs::create_dir_all(&bin).unwrap();
+    let real_git = String::from_utf8(
+        std::process::Command::new("sh")
+            .args(["-c", "command -v git"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let started = s.path("fetch-started");
+    fs::write(
+        bin.join("git"),
+        format!(
+            "#!/bin/sh\ncase \" $* \" in *\" fetch \"*) touch {}; sleep 2;; esac\nexec {} \"$@\"\n",
+            started.display(),
+            real_git.trim()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(bin.join("git"), fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), test_path());
+    let ud = repo_user_data(&s, Some(&salt), None, "");
+    let imds =
+        Emulator::start(EmulatorConfig::new(Identity::example()).with_user_data(ud.into_bytes()))
+            .unwrap();
+    let mut agent = Agent::spawn_with_path(&s.root(), &imds.endpoint(), &path);
+    assert_eq!(agent.wait_ready(120), 0, "{}", agent.log());
     let current = s.root().join("var/lib/stackless/repos/salt/current");
-    // The sync has published the release and its highstate is running.
-    wait_for("the new release published", 20, || {
-        fs::read_link(&current).is_ok_and(|t| t.ends_with(&sha))
-    });
-    let status_code = agent.terminate();
-    assert_eq!(status_code.code(), Some(0), "{}", agent.log());
+    let first = fs::read_link(&current).unwrap();
+
+    let _ = fs::remove_file(&started);
+    let sha = commit_files(&salt, &salt_state(&marker, "two"), "two");
+    wait_for("a scheduled fetch in progress", 20, || started.exists());
+    assert_eq!(
+        fs::read_link(&current).unwrap(),
+        first,
+        "mid-fetch: not flipped yet"
+    );
+    let code = agent.terminate();
+    assert_eq!(code.code(), Some(0), "{}", agent.log());
+    // The agent finished the sync it was in: the new release is complete and published.
     let target = fs::read_link(&current).unwrap();
-    assert!(target.ends_with(&sha));
+    assert!(target.ends_with(&sha), "{target:?}");
     let release = current.parent().unwrap().join(&target);
     assert!(
         release.join("top.sls").exists() && release.join("app.sls").exists(),
@@ -528,13 +553,13 @@ fn sigterm_during_a_sync_leaves_a_complete_release() {
         .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
         .collect();
     assert!(leftovers.is_empty(), "no half-made releases: {leftovers:?}");
-    // The agent finished the running highstate before it left.
     assert_eq!(
         status(&s.root())["highstate"]["commit"],
         sha.as_str(),
         "{}",
         agent.log()
     );
+    assert_eq!(fs::read_to_string(&marker).unwrap().trim(), "two");
 }
 
 #[test]

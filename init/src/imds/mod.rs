@@ -374,6 +374,8 @@ impl ImdsClient {
             .header(TOKEN_TTL_HEADER)
             .and_then(|v| v.trim().parse::<u64>().ok())
             .filter(|ttl| *ttl > 0)
+            // Never trust a TTL longer than the one asked for.
+            .map(|ttl| ttl.min(TOKEN_TTL_SECS))
             .unwrap_or(TOKEN_TTL_SECS);
         let body = read_body(response).map_err(|e| {
             if e.kind() == std::io::ErrorKind::TimedOut {

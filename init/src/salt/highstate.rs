@@ -263,7 +263,18 @@ pub fn run(
                 .with_context(|| format!("removing the previous result {}", out_file.display()))
         }
     }
-    let log_out = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    // The result and the log hold change diffs, which can quote pillar secrets: owner only.
+    let private = |p: &Path| {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(p)
+    };
+    private(&out_file).with_context(|| format!("creating {}", out_file.display()))?;
+    let log_out = private(&log).with_context(|| format!("creating {}", log.display()))?;
     let log_err = log_out
         .try_clone()
         .with_context(|| format!("opening {}", log.display()))?;

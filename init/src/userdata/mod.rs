@@ -213,6 +213,7 @@ pub fn parse(file: &str, text: &str) -> Result<Document, UserDataError> {
         && !trimmed.contains('\n')
         && !trimmed.contains('=')
         && !trimmed.starts_with('[')
+        && !trimmed.starts_with('#')
     {
         let start = text.find(trimmed).unwrap_or(0);
         let wrapped = format!("minion_id = {}", toml::Value::String(trimmed.to_string()));
@@ -287,7 +288,8 @@ fn validate(doc: &Document) -> Result<(), UserDataError> {
             }
         }
         if let Some(t) = &salt.timeout {
-            schedule::parse_duration(t.get_ref()).map_err(|m| doc.error_at(t.span().start, m))?;
+            schedule::parse_bounded(t.get_ref(), "[salt] timeout", Duration::from_secs(86_400))
+                .map_err(|m| doc.error_at(t.span().start, m))?;
         }
         if let Some(sum) = &salt.bootstrap_sha256 {
             if sum.len() != 64 || !sum.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -311,12 +313,14 @@ fn validate(doc: &Document) -> Result<(), UserDataError> {
             Schedule::parse(s.get_ref()).map_err(|m| doc.error_at(s.span().start, m))?;
         }
         if let Some(s) = &sync.splay {
-            schedule::parse_duration(s.get_ref()).map_err(|m| doc.error_at(s.span().start, m))?;
+            schedule::parse_bounded(s.get_ref(), "splay", Duration::from_secs(86_400))
+                .map_err(|m| doc.error_at(s.span().start, m))?;
         }
     }
     if let Some(w) = &d.watcher {
         for v in [&w.quiet, &w.max_delay].into_iter().flatten() {
-            schedule::parse_duration(v.get_ref()).map_err(|m| doc.error_at(v.span().start, m))?;
+            schedule::parse_bounded(v.get_ref(), "[watcher] window", Duration::from_secs(600))
+                .map_err(|m| doc.error_at(v.span().start, m))?;
         }
     }
     validate_watch(doc, &d.watch)

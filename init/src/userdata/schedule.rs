@@ -25,6 +25,11 @@ impl Schedule {
             if every < Duration::from_secs(1) {
                 return Err(format!("`@every {rest}` is shorter than the 1s minimum"));
             }
+            if every > MAX_EVERY {
+                return Err(format!(
+                    "`@every {rest}` is longer than the 366 day maximum"
+                ));
+            }
             return Ok(Schedule::Every(every));
         }
         let fields = text.split_whitespace().count();
@@ -53,12 +58,15 @@ impl Schedule {
     ) -> SystemTime {
         match self {
             Schedule::Every(every) => {
-                let base = last.unwrap_or(now) + *every;
-                // After a long sync or a suspended machine, do not fire a backlog of ticks.
-                if base <= now {
-                    now + *every
-                } else {
-                    base
+                // The first tick carries the splay offset; later ones keep that phase.
+                let base = match last {
+                    Some(l) => l.checked_add(*every),
+                    None => now.checked_add(*every).and_then(|t| t.checked_add(offset)),
+                };
+                match base {
+                    // After a long sync or a suspended machine, do not fire a backlog of ticks.
+                    Some(b) if b > now => b,
+                    _ => now.checked_add(*every).unwrap_or(now + MAX_EVERY),
                 }
             }
             Schedule::Cron(expr) => {
@@ -71,7 +79,7 @@ impl Schedule {
                     .map(SystemTime::from)
                     // Validated at parse time; an expression with no future match waits a day.
                     .unwrap_or(shifted + Duration::from_secs(86_400));
-                next + offset
+                next.checked_add(offset).unwrap_or(next)
             }
         }
     }
@@ -98,10 +106,25 @@ impl fmt::Display for Schedule {
     }
 }
 
+/// The longest `@every`.
+pub const MAX_EVERY: Duration = Duration::from_secs(366 * 86_400);
+
 /// A duration such as `2m` or `30s`, with a message that names the value.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim())
         .map_err(|e| format!("bad duration `{text}`: {e} (write it like `90s`, `2m`, `1h`)"))
+}
+
+/// A duration no longer than `max` (`what` names the setting).
+pub fn parse_bounded(text: &str, what: &str, max: Duration) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d > max {
+        return Err(format!(
+            "{what} `{text}` is longer than the {} maximum",
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -158,6 +181,15 @@ mod tests {
         let at = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
         let s = Schedule::parse("@every 10s").unwrap();
         assert_eq!(s.next_tick(at(100), None, Duration::ZERO), at(110));
+        assert_eq!(
+            s.next_tick(at(100), None, Duration::from_secs(3)),
+            at(113),
+            "splay shifts the first tick"
+        );
+        assert!(
+            Schedule::parse("@every 400000000000y").is_err(),
+            "absurd intervals are refused, not overflowed"
+        );
         assert_eq!(s.next_tick(at(105), Some(at(100)), Duration::ZERO), at(110));
         assert_eq!(s.next_tick(at(200), Some(at(100)), Duration::ZERO), at(210));
     }

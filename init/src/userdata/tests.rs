@@ -240,3 +240,25 @@ fn watch_files_hold_only_watch_rules() {
     assert_eq!(e.line, 4, "{e}");
     assert!(parse_watch_file("empty.toml", "").unwrap().is_empty());
 }
+
+#[test]
+fn a_comment_alone_is_empty_user_data() {
+    let s = resolve(&Document::default(), &doc("# nothing here yet\n"), &id()).unwrap();
+    assert_eq!(s.minion_id, "i-0123456789abcdef0");
+}
+
+#[test]
+fn absurd_durations_are_refused_with_their_place() {
+    let e = err("[sync]\nsplay = \"400d\"\n");
+    assert_eq!((e.line, e.column), (2, 9), "{e}");
+    assert!(e.message.contains("maximum"), "{e}");
+    assert!(err("[sync]\nschedule = \"@every 500000000y\"\n")
+        .message
+        .contains("maximum"));
+    assert!(err("[watcher]\nquiet = \"9999h\"\n")
+        .message
+        .contains("maximum"));
+    assert!(err("[salt]\ntimeout = \"9999d\"\n")
+        .message
+        .contains("maximum"));
+}

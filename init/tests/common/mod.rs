@@ -247,6 +247,11 @@ pub struct Agent {
 
 impl Agent {
     pub fn spawn(root: &Path, endpoint: &str) -> Agent {
+        Agent::spawn_with_path(root, endpoint, &test_path())
+    }
+
+    /// With its own PATH (tests put wrappers of git or salt-call first).
+    pub fn spawn_with_path(root: &Path, endpoint: &str, path: &str) -> Agent {
         std::fs::create_dir_all(root).unwrap();
         let log = std::fs::File::create(root.with_extension("agent.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_stackless-init"))
@@ -255,7 +260,7 @@ impl Agent {
             .arg("-v")
             .arg("boot")
             .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", endpoint)
-            .env("PATH", test_path())
+            .env("PATH", path)
             .env_remove("NOTIFY_SOCKET")
             .env_remove("RUST_LOG")
             .stdout(std::process::Stdio::null())
