@@ -1,0 +1,12 @@
+//! builder: bakes stackless images (a seed instance on AWS over SSM, or a local chroot) and
+//! deploys them. The library is the engine; `main.rs` parses arguments.
+
+pub mod communicator;
+pub mod definition;
+pub mod pipeline;
+pub mod render;
+pub mod target;
+pub mod transfer;
+
+#[cfg(test)]
+pub(crate) mod testing;

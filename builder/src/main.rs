@@ -1,0 +1,331 @@
+//! `builder`: argument parsing only; the engine is the library.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use stackless_builder::definition::{self, ImageDef};
+use stackless_builder::pipeline::{self, BakeOptions};
+use stackless_builder::render::{self, RenderInputs};
+use stackless_builder::target::aws::{self, AwsOptions, AwsTarget};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "builder", version, about = "Bakes stackless images and deploys them")]
+struct Cli {
+    /// Folder of image definitions.
+    #[arg(long = "images-dir", global = true, default_value = "images", env = "STACKLESS_IMAGES")]
+    images_dir: PathBuf,
+    /// Your own templates folder (missing files fall back to the built-in ones).
+    #[arg(long, global = true, env = "STACKLESS_TEMPLATES")]
+    templates: Option<PathBuf>,
+    /// More log output (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    /// `json` for scripts.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TargetKind {
+    Aws,
+    Local,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Bake an image; prints its id as the last line of stdout.
+    Bake {
+        image: String,
+        #[arg(long, value_enum, default_value_t = TargetKind::Aws)]
+        target: TargetKind,
+        /// The static stackless-init to install (scripts/build-init.sh builds it).
+        #[arg(long, default_value = "target/x86_64-unknown-linux-musl/release/stackless-init")]
+        init_binary: PathBuf,
+        /// The salt-bootstrap script, for `salt = "onedir"` images.
+        #[arg(long)]
+        bootstrap: Option<PathBuf>,
+        /// Bake even if an image from identical inputs exists.
+        #[arg(long)]
+        force: bool,
+        /// Keep the seed machine after a failure, for debugging (the message says how to remove it).
+        #[arg(long)]
+        keep_on_error: bool,
+        /// Where to write the manifest (default out/IMAGE/manifest-TARGET.json).
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// Check definitions and render every template (shell scripts also pass `bash -n`).
+    Validate { names: Vec<String> },
+    /// Write what a bake would stage and run, for review.
+    Render {
+        image: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Validate user-data with the agent's own types, gzip it when that helps, refuse it over 16 KB.
+    UserData {
+        file: PathBuf,
+        /// Merge under the image's defaults when checking.
+        #[arg(long)]
+        image: Option<String>,
+        /// Write the user-data to send here (gzipped when smaller).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Remove what killed builds left behind (expired temporary instances and groups, half-made images).
+    Gc {
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// List or prune baked images.
+    Images {
+        #[command(subcommand)]
+        command: ImagesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImagesCommand {
+    /// The builder's images, newest first; `*` marks the one the image's SSM parameter points at.
+    List { image: Option<String> },
+    /// Deregister all but the newest N (never the published one) and delete their snapshots.
+    Prune {
+        image: String,
+        #[arg(long)]
+        keep: usize,
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("builder: starting the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("builder: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn load(cli: &Cli, image: &str) -> Result<ImageDef> {
+    Ok(definition::load(&cli.images_dir, image)?)
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Validate { names } => {
+            let names = if names.is_empty() {
+                definition::list(&cli.images_dir).with_context(|| format!("listing {}", cli.images_dir.display()))?
+            } else {
+                names.clone()
+            };
+            if names.is_empty() {
+                bail!("no image definitions in {}", cli.images_dir.display());
+            }
+            for name in names {
+                let def = load(&cli, &name)?;
+                let r = render::render(&def, &placeholder_inputs(cli.templates.as_deref()))?;
+                render::check_shell(&format!("{name}: provision.sh"), &r.provision)?;
+                render::check_shell(&format!("{name}: generalize.sh"), &r.generalize)?;
+                println!("{name}: ok ({} files, from {})", r.files.len(), files_of(&def));
+            }
+            Ok(())
+        }
+        Command::Render { image, out } => {
+            let def = load(&cli, image)?;
+            let bin = std::fs::read(default_init_binary()).ok();
+            let mut inputs = placeholder_inputs(cli.templates.as_deref());
+            if let Some(b) = &bin {
+                inputs.init_binary = b;
+            }
+            let r = render::render(&def, &inputs)?;
+            render::write_out(&r, out)?;
+            println!("{}", out.display());
+            Ok(())
+        }
+        Command::UserData { file, image, out } => user_data(&cli, file, image.as_deref(), out.as_deref()),
+        Command::Bake { image, target, init_binary, bootstrap, force, keep_on_error, manifest } => {
+            let def = load(&cli, image)?;
+            let kind = match target {
+                TargetKind::Aws => "aws",
+                TargetKind::Local => "local",
+            };
+            let opts = BakeOptions {
+                templates: cli.templates.clone(),
+                init_binary: init_binary.clone(),
+                bootstrap: bootstrap.clone(),
+                force: *force,
+                keep_on_error: *keep_on_error,
+                manifest: manifest.clone().unwrap_or_else(|| Path::new("out").join(image).join(format!("manifest-{kind}.json"))),
+                build_ca: *target == TargetKind::Local,
+            };
+            let m = match target {
+                TargetKind::Aws => {
+                    let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+                    let mut t = AwsTarget::new(config, AwsOptions { progress: !cli.quiet, ..Default::default() });
+                    pipeline::bake(&mut t, &def, &opts).await?
+                }
+                TargetKind::Local => bail!("the local target (debootstrap, chroot, qcow2) is not built yet; use --target aws"),
+            };
+            if cli.output == Output::Json {
+                println!("{}", serde_json::to_string(&m)?);
+            } else {
+                if !cli.quiet {
+                    eprintln!(
+                        "builder: {} {} ({}), manifest {}",
+                        if m.reused { "reused" } else { "baked" },
+                        m.image_name,
+                        m.regions.iter().map(|(r, a)| format!("{r}={a}")).collect::<Vec<_>>().join(" "),
+                        opts.manifest.display()
+                    );
+                }
+                println!("{}", m.artifact);
+            }
+            Ok(())
+        }
+        Command::Gc { dry_run } => {
+            let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+            let ec2 = aws_sdk_ec2::Client::new(&config);
+            let r = aws::gc::gc(&ec2, std::time::SystemTime::now(), *dry_run).await?;
+            let verb = if *dry_run { "would remove" } else { "removed" };
+            println!("{verb}: instances {:?}, security groups {:?}, images {:?}", r.instances_terminated, r.groups_deleted, r.images_deregistered);
+            for s in &r.skipped {
+                println!("skipped: {s}");
+            }
+            Ok(())
+        }
+        Command::Images { command } => {
+            let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+            let ec2 = aws_sdk_ec2::Client::new(&config);
+            let ssm = aws_sdk_ssm::Client::new(&config);
+            match command {
+                ImagesCommand::List { image } => {
+                    let defs: Vec<ImageDef> = definition::list(&cli.images_dir)
+                        .unwrap_or_default()
+                        .iter()
+                        .filter_map(|n| definition::load(&cli.images_dir, n).ok())
+                        .collect();
+                    let parameter_of = |name: &str| defs.iter().find(|d| d.image == name).and_then(|d| d.ssm_parameter.clone());
+                    let rows = aws::images::list(&ec2, &ssm, image.as_deref(), &parameter_of).await?;
+                    if cli.output == Output::Json {
+                        println!("{}", serde_json::to_string(&rows.iter().map(|r| serde_json::json!({
+                            "image_id": r.image_id, "name": r.name, "image": r.image, "created": r.created,
+                            "state": r.state, "build_id": r.build_id, "input_hash": r.input_hash, "published": r.published,
+                        })).collect::<Vec<_>>())?);
+                    } else {
+                        for r in rows {
+                            let mark = if r.published { "*" } else { " " };
+                            println!("{mark} {:<21} {:<10} {:<22} {:<10} {}", r.image_id, r.image, r.created, r.state, r.name);
+                        }
+                    }
+                }
+                ImagesCommand::Prune { image, keep, dry_run } => {
+                    let def = load(&cli, image)?;
+                    let r = aws::images::prune(&ec2, &ssm, &def, *keep, *dry_run).await?;
+                    let verb = if *dry_run { "would deregister" } else { "deregistered" };
+                    println!("kept: {:?}", r.kept);
+                    println!("{verb}: {:?} (snapshots {:?})", r.deregistered, r.snapshots_deleted);
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn files_of(def: &ImageDef) -> String {
+    def.files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" < ")
+}
+
+fn default_init_binary() -> PathBuf {
+    PathBuf::from("target/x86_64-unknown-linux-musl/release/stackless-init")
+}
+
+/// Validation and review renders need no real binary.
+fn placeholder_inputs(templates: Option<&Path>) -> RenderInputs<'_> {
+    RenderInputs {
+        templates,
+        init_binary: b"(the stackless-init binary goes here)",
+        bootstrap: Some(b"#!/bin/sh\n# the salt-bootstrap script goes here\n"),
+        build_id: "b-render",
+        build_ca: false,
+    }
+}
+
+fn user_data(cli: &Cli, file: &Path, image: Option<&str>, out: Option<&Path>) -> Result<()> {
+    use stackless_init::userdata;
+    let raw = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let doc = userdata::load(&file.display().to_string(), &raw)?;
+    let defaults = match image {
+        Some(i) => load(cli, i)?.defaults_document(),
+        None => userdata::Document::default(),
+    };
+    let settings = userdata::resolve(&defaults, &doc, &stackless_init::imds::Identity::example())?;
+    let text = doc.text.as_bytes();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(text)?;
+    let gz = gz.finish()?;
+    let (payload, how) = if gz.len() < text.len() { (gz, "gzipped") } else { (text.to_vec(), "plain") };
+    if payload.len() > userdata::EC2_USER_DATA_LIMIT {
+        bail!(
+            "{}: {} bytes {how}; EC2 takes at most {} bytes of user-data. Move data into the config repository.",
+            file.display(),
+            payload.len(),
+            userdata::EC2_USER_DATA_LIMIT
+        );
+    }
+    if let Some(out) = out {
+        std::fs::write(out, &payload).with_context(|| format!("writing {}", out.display()))?;
+    }
+    if cli.output == Output::Json {
+        println!("{}", serde_json::json!({"file": file, "ok": true, "bytes": text.len(), "payload_bytes": payload.len(), "gzipped": how == "gzipped", "minion_id": settings.minion_id}));
+    } else {
+        println!(
+            "{}: ok ({} bytes, {} bytes {how}{}); minion id on a sample instance: {}",
+            file.display(),
+            text.len(),
+            payload.len(),
+            out.map(|o| format!(", written to {}", o.display())).unwrap_or_default(),
+            settings.minion_id
+        );
+    }
+    Ok(())
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}

@@ -1,0 +1,243 @@
+//! `builder gc`: removes what killed runs left behind, in one region.
+//!
+//! - Seed instances and security groups tagged `stackless:temporary=true` whose
+//!   `stackless:expires-at` is in the past: instances are terminated first (and waited for, since
+//!   a group in use cannot be deleted), then the groups.
+//! - Images tagged by the builder that never became `available`: `failed`, `error` and `invalid`
+//!   ones at once (they never will), `pending` ones once their build has expired
+//!   ([`BUILD_LIFETIME`] after the build started). Their snapshots go with them.
+//!
+//! Nothing without those tags is ever touched, and a temporary resource whose expiry cannot be
+//! read is skipped, not guessed at.
+
+use super::image::{self, aws_error, error_code, tag_map};
+use super::tags;
+use super::waiter::{Check, Wait};
+use anyhow::{Context, Result};
+use aws_sdk_ec2::error::DisplayErrorContext;
+use aws_sdk_ec2::types::{Filter, ImageState, InstanceStateName, Tag};
+use serde::Serialize;
+use std::time::{Duration, SystemTime};
+
+/// How long after its start a build may still be making its image. Longer than any lease
+/// (definitions allow 24 hours at most) plus the image wait.
+pub const BUILD_LIFETIME: Duration = Duration::from_secs(26 * 60 * 60);
+
+/// What `gc` removed (or, dry, would remove), and what it found but left, with why.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct GcReport {
+    pub instances_terminated: Vec<String>,
+    pub groups_deleted: Vec<String>,
+    pub images_deregistered: Vec<String>,
+    /// `ID: reason`.
+    pub skipped: Vec<String>,
+}
+
+fn tag_filter(key: &str, value: &str) -> Filter {
+    Filter::builder().name(format!("tag:{key}")).values(value).build()
+}
+
+fn stamp(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Ok(true) when the resource's expiry has passed; Err(reason) when it cannot be read.
+fn expired(tags: &[Tag], now: SystemTime) -> std::result::Result<bool, String> {
+    let t = tag_map(tags);
+    let value = t.get(tags::EXPIRES_AT).ok_or_else(|| format!("tagged temporary but has no {} tag", tags::EXPIRES_AT))?;
+    let at = humantime::parse_rfc3339_weak(value).map_err(|e| format!("unreadable {} `{value}` ({e})", tags::EXPIRES_AT))?;
+    Ok(at <= now)
+}
+
+/// When a build started, from its id (`b-YYYYMMDDhhmmss-xxxxxx`).
+pub fn build_started(build_id: &str) -> Option<SystemTime> {
+    let ts = build_id.strip_prefix("b-")?.get(..14)?;
+    if !ts.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let text = format!("{}-{}-{}T{}:{}:{}Z", &ts[0..4], &ts[4..6], &ts[6..8], &ts[8..10], &ts[10..12], &ts[12..14]);
+    humantime::parse_rfc3339(&text).ok()
+}
+
+/// See the module doc. `now` decides what has expired; `dry_run` only reports.
+pub async fn gc(ec2: &aws_sdk_ec2::Client, now: SystemTime, dry_run: bool) -> Result<GcReport> {
+    let mut report = GcReport::default();
+    instances(ec2, now, dry_run, &mut report).await?;
+    groups(ec2, now, dry_run, &mut report).await?;
+    images(ec2, now, dry_run, &mut report).await?;
+    Ok(report)
+}
+
+async fn instances(ec2: &aws_sdk_ec2::Client, now: SystemTime, dry_run: bool, report: &mut GcReport) -> Result<()> {
+    let reservations = ec2
+        .describe_instances()
+        .filters(tag_filter(tags::TEMPORARY, "true"))
+        .filters(Filter::builder().name("instance-state-name").values("pending").values("running").values("stopping").values("stopped").build())
+        .into_paginator()
+        .items()
+        .send()
+        .try_collect()
+        .await
+        .map_err(|e| aws_error(&e))
+        .context("gc: listing temporary instances (the builder needs ec2:DescribeInstances)")?;
+    let mut doomed = Vec::new();
+    for instance in reservations.iter().flat_map(|r| r.instances()) {
+        let id = instance.instance_id().unwrap_or_default().to_string();
+        let state = instance.state().and_then(|s| s.name());
+        if matches!(state, Some(InstanceStateName::Terminated | InstanceStateName::ShuttingDown)) {
+            continue;
+        }
+        if tag_map(instance.tags()).get(tags::TEMPORARY).map(String::as_str) != Some("true") {
+            continue;
+        }
+        match expired(instance.tags(), now) {
+            Ok(true) => doomed.push(id),
+            Ok(false) => report.skipped.push(format!("{id}: not expired yet")),
+            Err(why) => report.skipped.push(format!("{id}: {why}")),
+        }
+    }
+    if doomed.is_empty() {
+        return Ok(());
+    }
+    if !dry_run {
+        ec2.terminate_instances()
+            .set_instance_ids(Some(doomed.clone()))
+            .send()
+            .await
+            .map_err(|e| aws_error(&e))
+            .with_context(|| format!("gc: terminating expired seed instances {}", doomed.join(", ")))?;
+        Wait::new(format!("instances {} to terminate", doomed.join(", ")), Duration::from_secs(15 * 60))
+            .interval(Duration::from_secs(2), Duration::from_secs(15))
+            .progress(true)
+            .hint("run `builder gc` again later to delete their security groups")
+            .until(|| all_terminated(ec2, &doomed))
+            .await?;
+    }
+    report.instances_terminated = doomed;
+    Ok(())
+}
+
+async fn all_terminated(ec2: &aws_sdk_ec2::Client, ids: &[String]) -> Result<Check<()>> {
+    let out = ec2
+        .describe_instances()
+        .set_instance_ids(Some(ids.to_vec()))
+        .send()
+        .await
+        .map_err(|e| aws_error(&e))
+        .context("gc: checking that the instances terminated")?;
+    let left: Vec<String> = out
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter(|i| i.state().and_then(|s| s.name()) != Some(&InstanceStateName::Terminated))
+        .map(|i| {
+            let state = i.state().and_then(|s| s.name()).map(|s| s.as_str()).unwrap_or("unknown");
+            format!("{} {state}", i.instance_id().unwrap_or_default())
+        })
+        .collect();
+    Ok(if left.is_empty() { Check::Ready(()) } else { Check::Waiting(left.join(", ")) })
+}
+
+async fn groups(ec2: &aws_sdk_ec2::Client, now: SystemTime, dry_run: bool, report: &mut GcReport) -> Result<()> {
+    let groups = ec2
+        .describe_security_groups()
+        .filters(tag_filter(tags::TEMPORARY, "true"))
+        .into_paginator()
+        .items()
+        .send()
+        .try_collect()
+        .await
+        .map_err(|e| aws_error(&e))
+        .context("gc: listing temporary security groups (the builder needs ec2:DescribeSecurityGroups)")?;
+    for group in groups {
+        let id = group.group_id().unwrap_or_default().to_string();
+        if tag_map(group.tags()).get(tags::TEMPORARY).map(String::as_str) != Some("true") {
+            continue;
+        }
+        match expired(group.tags(), now) {
+            Ok(true) => {}
+            Ok(false) => {
+                report.skipped.push(format!("{id}: not expired yet"));
+                continue;
+            }
+            Err(why) => {
+                report.skipped.push(format!("{id}: {why}"));
+                continue;
+            }
+        }
+        if dry_run {
+            report.groups_deleted.push(id);
+            continue;
+        }
+        match ec2.delete_security_group().group_id(&id).send().await {
+            Ok(_) => report.groups_deleted.push(id),
+            Err(e) if error_code(&e) == Some("InvalidGroup.NotFound") => {}
+            Err(e) if error_code(&e) == Some("DependencyViolation") => {
+                report.skipped.push(format!("{id}: still in use (an instance or network interface); run `builder gc` again later"))
+            }
+            Err(e) => report.skipped.push(format!("{id}: could not be deleted: {}", DisplayErrorContext(&e))),
+        }
+    }
+    Ok(())
+}
+
+async fn images(ec2: &aws_sdk_ec2::Client, now: SystemTime, dry_run: bool, report: &mut GcReport) -> Result<()> {
+    let images = ec2
+        .describe_images()
+        .owners("self")
+        .include_deprecated(true)
+        .include_disabled(true)
+        .filters(tag_filter(tags::MANAGED_BY, tags::MANAGED_BY_VALUE))
+        .into_paginator()
+        .items()
+        .send()
+        .try_collect()
+        .await
+        .map_err(|e| aws_error(&e))
+        .context("gc: listing the builder's images (the builder needs ec2:DescribeImages)")?;
+    for img in images {
+        let id = img.image_id().unwrap_or_default().to_string();
+        let t = tag_map(img.tags());
+        if t.get(tags::MANAGED_BY).map(String::as_str) != Some(tags::MANAGED_BY_VALUE) {
+            continue;
+        }
+        let state = img.state().cloned().unwrap_or(ImageState::Pending);
+        let remove = match state {
+            ImageState::Failed | ImageState::Error | ImageState::Invalid => true,
+            ImageState::Pending | ImageState::Transient => {
+                let started = t
+                    .get(tags::BUILD_ID)
+                    .and_then(|b| build_started(b))
+                    .or_else(|| img.creation_date().and_then(|c| humantime::parse_rfc3339_weak(c).ok()));
+                match started {
+                    Some(start) if start + BUILD_LIFETIME <= now => true,
+                    Some(start) => {
+                        report.skipped.push(format!(
+                            "{id}: {} and its build may still be running (until {})",
+                            state.as_str(),
+                            stamp(start + BUILD_LIFETIME)
+                        ));
+                        false
+                    }
+                    None => {
+                        report.skipped.push(format!("{id}: {} but its build time is unknown", state.as_str()));
+                        false
+                    }
+                }
+            }
+            // available, disabled (on purpose), deregistered (going): not garbage.
+            _ => false,
+        };
+        if !remove {
+            continue;
+        }
+        if !dry_run {
+            image::deregister(ec2, &id).await.with_context(|| format!("gc: removing the {} image {id}", state.as_str()))?;
+        }
+        report.images_deregistered.push(id);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
