@@ -357,7 +357,9 @@ fn resolve(image: &str, chain: &[Parsed]) -> Result<ImageDef, DefinitionError> {
         ($($f:tt)+) => {{
             let mut v = None;
             for p in chain {
-                if let Some(x) = (|| -> Option<_> { Some(p.data.$($f)+.clone()?) })() {
+                #[allow(clippy::needless_question_mark)]
+                let found = (|| -> Option<_> { Some(p.data.$($f)+.clone()?) })();
+                if let Some(x) = found {
                     v = Some(x);
                 }
             }

@@ -117,8 +117,20 @@ async fn interrupted() -> &'static str {
     }
 }
 
-/// Bakes `def` on `target`. The artifact's id is what callers print last.
+/// Bakes `def` on `target`, stopping and cleaning up on Ctrl-C or SIGTERM. The artifact's id is
+/// what callers print last.
 pub async fn bake(target: &mut dyn Target, def: &ImageDef, opts: &BakeOptions) -> Result<Manifest> {
+    bake_until(target, def, opts, interrupted()).await
+}
+
+/// `bake`, interrupted when `stop` resolves (with the reason) instead of on a signal: tests
+/// interrupt each phase this way without signalling the whole test process.
+pub async fn bake_until(
+    target: &mut dyn Target,
+    def: &ImageDef,
+    opts: &BakeOptions,
+    stop: impl std::future::Future<Output = &'static str>,
+) -> Result<Manifest> {
     let init_binary = read(&opts.init_binary, "the stackless-init binary (build it with scripts/build-init.sh)")?;
     let bootstrap = match &opts.bootstrap {
         Some(p) => Some(read(p, "the salt-bootstrap script")?),
@@ -164,9 +176,9 @@ pub async fn bake(target: &mut dyn Target, def: &ImageDef, opts: &BakeOptions) -
 
     let result = {
         let run = run_phases(target, def, &build, &rendered, &mut phases);
-        tokio::select! {
+                tokio::select! {
             r = run => r,
-            why = interrupted() => Err(anyhow!("{why}; cleaning up")),
+            why = stop => Err(anyhow!("{why}; cleaning up")),
         }
     };
     let failed = result.is_err();
@@ -274,3 +286,6 @@ fn write_manifest(path: &Path, m: &Manifest) -> Result<()> {
     json.push(b'\n');
     std::fs::write(path, json).with_context(|| format!("writing the manifest {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests;
