@@ -23,7 +23,11 @@ impl fmt::Display for DefinitionError {
         if self.line == 0 {
             write!(f, "{}: {}", self.file, self.message)
         } else {
-            write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, self.line, self.column, self.message
+            )
         }
     }
 }
@@ -33,10 +37,20 @@ impl std::error::Error for DefinitionError {}
 impl DefinitionError {
     fn at(file: &str, text: &str, offset: usize, message: impl Into<String>) -> Self {
         let (line, column) = line_column(text, offset);
-        Self { file: file.into(), line, column, message: message.into() }
+        Self {
+            file: file.into(),
+            line,
+            column,
+            message: message.into(),
+        }
     }
     fn whole(file: &str, message: impl Into<String>) -> Self {
-        Self { file: file.into(), line: 0, column: 0, message: message.into() }
+        Self {
+            file: file.into(),
+            line: 0,
+            column: 0,
+            message: message.into(),
+        }
     }
 }
 
@@ -91,7 +105,7 @@ pub struct InstanceFile {
     pub volume_type: Option<Spanned<String>>,
     /// The seed instance shuts itself down (and so terminates) after this, whatever happens.
     pub lease_minutes: Option<Spanned<i64>>,
-    /// The user the provisioning runs as on SSM (root).
+    /// How long the seed's SSM agent may take to come online, like `15m`.
     pub ssm_timeout: Option<Spanned<String>>,
 }
 
@@ -155,7 +169,11 @@ pub struct LocalFile {
 #[serde(rename_all = "snake_case")]
 pub enum Source {
     Ami(String),
-    Search { owner: String, name: String, architecture: String },
+    Search {
+        owner: String,
+        name: String,
+        architecture: String,
+    },
     Parameter(String),
 }
 
@@ -184,6 +202,8 @@ pub struct ImageDef {
     pub volume_size: i64,
     pub volume_type: String,
     pub lease_minutes: i64,
+    /// How long the seed's SSM agent may take to come online.
+    pub ssm_wait: Option<std::time::Duration>,
     pub packages: Vec<String>,
     pub salt: SaltBake,
     pub salt_version: String,
@@ -244,7 +264,10 @@ fn check_file(p: &Parsed) -> Result<(), DefinitionError> {
         }
         if let Some(v) = &i.volume_type {
             if !VOLUME_TYPES.contains(&v.get_ref().as_str()) {
-                return Err(p.err(v.span().start, format!("volume_type must be one of {}", VOLUME_TYPES.join(", "))));
+                return Err(p.err(
+                    v.span().start,
+                    format!("volume_type must be one of {}", VOLUME_TYPES.join(", ")),
+                ));
             }
         }
         if let Some(v) = &i.lease_minutes {
@@ -266,8 +289,15 @@ fn check_file(p: &Parsed) -> Result<(), DefinitionError> {
             duration(p, t)?;
         }
         for pkg in pr.packages.iter().flatten() {
-            if pkg.is_empty() || !pkg.chars().all(|c| c.is_ascii_alphanumeric() || "+-.:=_~".contains(c)) {
-                return Err(DefinitionError::whole(&p.file, format!("package name `{pkg}` is not a package name")));
+            if pkg.is_empty()
+                || !pkg
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.:=_~".contains(c))
+            {
+                return Err(DefinitionError::whole(
+                    &p.file,
+                    format!("package name `{pkg}` is not a package name"),
+                ));
             }
         }
     }
@@ -277,7 +307,10 @@ fn check_file(p: &Parsed) -> Result<(), DefinitionError> {
         }
         for a in pb.accounts.iter().flatten() {
             if a.len() != 12 || !a.chars().all(|c| c.is_ascii_digit()) {
-                return Err(DefinitionError::whole(&p.file, format!("account `{a}` is not a 12-digit AWS account id")));
+                return Err(DefinitionError::whole(
+                    &p.file,
+                    format!("account `{a}` is not a 12-digit AWS account id"),
+                ));
             }
         }
     }
@@ -290,12 +323,19 @@ fn check_file(p: &Parsed) -> Result<(), DefinitionError> {
         }
     }
     if let Some(src) = &d.source {
-        let n = [src.ami.is_some(), src.ssm_parameter.is_some(), src.owner.is_some() || src.name.is_some()]
-            .iter()
-            .filter(|x| **x)
-            .count();
+        let n = [
+            src.ami.is_some(),
+            src.ssm_parameter.is_some(),
+            src.owner.is_some() || src.name.is_some(),
+        ]
+        .iter()
+        .filter(|x| **x)
+        .count();
         if n > 1 {
-            return Err(DefinitionError::whole(&p.file, "[source] takes one of: ami, ssm_parameter, or owner plus name"));
+            return Err(DefinitionError::whole(
+                &p.file,
+                "[source] takes one of: ami, ssm_parameter, or owner plus name",
+            ));
         }
         if let Some(ami) = &src.ami {
             if !ami.get_ref().starts_with("ami-") {
@@ -308,16 +348,27 @@ fn check_file(p: &Parsed) -> Result<(), DefinitionError> {
         // first `[defaults` header or key.
         let text = toml::to_string(defaults).unwrap_or_default();
         if let Err(e) = userdata::parse("defaults", &text) {
-            let at = p.text.find("[defaults").or_else(|| p.text.find("defaults")).unwrap_or(0);
-            return Err(p.err(at, format!("[defaults] is not valid stackless user-data: {}", e.message)));
+            let at = p
+                .text
+                .find("[defaults")
+                .or_else(|| p.text.find("defaults"))
+                .unwrap_or(0);
+            return Err(p.err(
+                at,
+                format!("[defaults] is not valid stackless user-data: {}", e.message),
+            ));
         }
     }
     Ok(())
 }
 
 fn duration(p: &Parsed, v: &Spanned<String>) -> Result<std::time::Duration, DefinitionError> {
-    humantime::parse_duration(v.get_ref())
-        .map_err(|e| p.err(v.span().start, format!("bad duration `{}`: {e}", v.get_ref())))
+    humantime::parse_duration(v.get_ref()).map_err(|e| {
+        p.err(
+            v.span().start,
+            format!("bad duration `{}`: {e}", v.get_ref()),
+        )
+    })
 }
 
 /// Loads `DIR/IMAGE.toml` and its `extends` chain.
@@ -330,18 +381,27 @@ pub fn load(dir: &Path, image: &str) -> Result<ImageDef, DefinitionError> {
             return Err(match chain.last() {
                 None => DefinitionError::whole(
                     &path.display().to_string(),
-                    format!("no image definition `{name}` (looked for {})", path.display()),
+                    format!(
+                        "no image definition `{name}` (looked for {})",
+                        path.display()
+                    ),
                 ),
                 Some(child) => {
                     let ext = child.data.extends.as_ref().expect("extends set");
-                    child.err(ext.span().start, format!("extends `{name}`, but {} does not exist", path.display()))
+                    child.err(
+                        ext.span().start,
+                        format!("extends `{name}`, but {} does not exist", path.display()),
+                    )
                 }
             });
         }
         if chain.iter().any(|p| Path::new(&p.file) == path) {
             let child = chain.last().expect("a child");
             let ext = child.data.extends.as_ref().expect("extends set");
-            return Err(child.err(ext.span().start, format!("extends `{name}`, which extends back: a cycle")));
+            return Err(child.err(
+                ext.span().start,
+                format!("extends `{name}`, which extends back: a cycle"),
+            ));
         }
         let parsed = parse_file(&path)?;
         next = parsed.data.extends.as_ref().map(|e| e.get_ref().clone());
@@ -378,7 +438,12 @@ fn resolve(image: &str, chain: &[Parsed]) -> Result<ImageDef, DefinitionError> {
                 }
             }
         }
-        let s = src.ok_or_else(|| DefinitionError::whole(leaf, "[source] is missing: give ami, ssm_parameter, or owner plus name"))?;
+        let s = src.ok_or_else(|| {
+            DefinitionError::whole(
+                leaf,
+                "[source] is missing: give ami, ssm_parameter, or owner plus name",
+            )
+        })?;
         if let Some(ami) = s.ami {
             Source::Ami(ami.into_inner())
         } else if let Some(param) = s.ssm_parameter {
@@ -390,7 +455,12 @@ fn resolve(image: &str, chain: &[Parsed]) -> Result<ImageDef, DefinitionError> {
                     name,
                     architecture: s.architecture.unwrap_or_else(|| "x86_64".into()),
                 },
-                _ => return Err(DefinitionError::whole(leaf, "[source] owner and name go together")),
+                _ => {
+                    return Err(DefinitionError::whole(
+                        leaf,
+                        "[source] owner and name go together",
+                    ))
+                }
             }
         }
     };
@@ -407,18 +477,33 @@ fn resolve(image: &str, chain: &[Parsed]) -> Result<ImageDef, DefinitionError> {
     }
     let defaults_toml = toml::to_string(&defaults).unwrap_or_default();
     // The merged defaults must still be valid user-data.
-    userdata::parse("defaults", &defaults_toml).map_err(|e| DefinitionError::whole(leaf, format!("merged [defaults]: {e}")))?;
+    userdata::parse("defaults", &defaults_toml)
+        .map_err(|e| DefinitionError::whole(leaf, format!("merged [defaults]: {e}")))?;
     for (name, prog) in &programs {
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            return Err(DefinitionError::whole(leaf, format!("program name `{name}` may use only A-Z a-z 0-9 - _ .")));
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(DefinitionError::whole(
+                leaf,
+                format!("program name `{name}` may use only A-Z a-z 0-9 - _ ."),
+            ));
         }
         if prog.command.trim().is_empty() {
-            return Err(DefinitionError::whole(leaf, format!("program `{name}` has an empty command")));
+            return Err(DefinitionError::whole(
+                leaf,
+                format!("program `{name}` has an empty command"),
+            ));
         }
     }
 
-    let parse_d = |v: Option<Spanned<String>>| v.and_then(|s| humantime::parse_duration(s.get_ref()).ok());
-    let salt = match pick!(provision.as_ref()?.salt).map(|s| s.into_inner()).as_deref() {
+    let parse_d =
+        |v: Option<Spanned<String>>| v.and_then(|s| humantime::parse_duration(s.get_ref()).ok());
+    let salt = match pick!(provision.as_ref()?.salt)
+        .map(|s| s.into_inner())
+        .as_deref()
+    {
         Some("pip") => SaltBake::Pip,
         Some("onedir") => SaltBake::Onedir,
         _ => SaltBake::None,
@@ -426,21 +511,31 @@ fn resolve(image: &str, chain: &[Parsed]) -> Result<ImageDef, DefinitionError> {
     Ok(ImageDef {
         image: image.to_string(),
         files: chain.iter().map(|p| PathBuf::from(&p.file)).collect(),
-        name_template: pick!(name).map(|s| s.into_inner()).unwrap_or_else(|| "stackless-{image}-{timestamp}".into()),
+        name_template: pick!(name)
+            .map(|s| s.into_inner())
+            .unwrap_or_else(|| "stackless-{image}-{timestamp}".into()),
         description: pick!(description).unwrap_or_else(|| format!("stackless {image} image")),
         source,
         instance_type: pick!(instance.as_ref()?.instance_type).unwrap_or_else(|| "t3.small".into()),
         subnet: pick!(instance.as_ref()?.subnet),
         instance_profile: pick!(instance.as_ref()?.instance_profile),
-        volume_size: pick!(instance.as_ref()?.volume_size).map(|s| s.into_inner()).unwrap_or(8),
-        volume_type: pick!(instance.as_ref()?.volume_type).map(|s| s.into_inner()).unwrap_or_else(|| "gp3".into()),
-        lease_minutes: pick!(instance.as_ref()?.lease_minutes).map(|s| s.into_inner()).unwrap_or(120),
+        volume_size: pick!(instance.as_ref()?.volume_size)
+            .map(|s| s.into_inner())
+            .unwrap_or(8),
+        volume_type: pick!(instance.as_ref()?.volume_type)
+            .map(|s| s.into_inner())
+            .unwrap_or_else(|| "gp3".into()),
+        lease_minutes: pick!(instance.as_ref()?.lease_minutes)
+            .map(|s| s.into_inner())
+            .unwrap_or(120),
+        ssm_wait: parse_d(pick!(instance.as_ref()?.ssm_timeout)),
         packages: pick!(provision.as_ref()?.packages).unwrap_or_default(),
         salt,
         salt_version: pick!(provision.as_ref()?.salt_version)
             .unwrap_or_else(|| stackless_init::salt::install::DEFAULT_SALT_VERSION.to_string()),
         supervisor: pick!(provision.as_ref()?.supervisor).unwrap_or(true),
-        provision_timeout: parse_d(pick!(provision.as_ref()?.timeout)).unwrap_or(std::time::Duration::from_secs(30 * 60)),
+        provision_timeout: parse_d(pick!(provision.as_ref()?.timeout))
+            .unwrap_or(std::time::Duration::from_secs(30 * 60)),
         provision_script: pick!(provision.as_ref()?.script),
         programs,
         defaults_toml,
@@ -452,7 +547,8 @@ fn resolve(image: &str, chain: &[Parsed]) -> Result<ImageDef, DefinitionError> {
         ssm_parameter: pick!(publish.as_ref()?.ssm_parameter),
         tags,
         local_release: pick!(local.as_ref()?.release).unwrap_or_else(|| "bookworm".into()),
-        local_mirror: pick!(local.as_ref()?.mirror).unwrap_or_else(|| "http://deb.debian.org/debian".into()),
+        local_mirror: pick!(local.as_ref()?.mirror)
+            .unwrap_or_else(|| "http://deb.debian.org/debian".into()),
         local_disk_size: pick!(local.as_ref()?.disk_size).unwrap_or_else(|| "4G".into()),
     })
 }
@@ -484,7 +580,10 @@ pub fn list(dir: &Path) -> std::io::Result<Vec<String>> {
 impl ImageDef {
     /// The image name for a build.
     pub fn image_name(&self, build_id: &str, timestamp: &str) -> String {
-        self.name_template.replace("{image}", &self.image).replace("{build_id}", build_id).replace("{timestamp}", timestamp)
+        self.name_template
+            .replace("{image}", &self.image)
+            .replace("{build_id}", build_id)
+            .replace("{timestamp}", timestamp)
     }
 
     /// The defaults as a parsed document (for the agent's types).

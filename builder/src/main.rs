@@ -11,10 +11,19 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "builder", version, about = "Bakes stackless images and deploys them")]
+#[command(
+    name = "builder",
+    version,
+    about = "Bakes stackless images and deploys them"
+)]
 struct Cli {
     /// Folder of image definitions.
-    #[arg(long = "images-dir", global = true, default_value = "images", env = "STACKLESS_IMAGES")]
+    #[arg(
+        long = "images-dir",
+        global = true,
+        default_value = "images",
+        env = "STACKLESS_IMAGES"
+    )]
     images_dir: PathBuf,
     /// Your own templates folder (missing files fall back to the built-in ones).
     #[arg(long, global = true, env = "STACKLESS_TEMPLATES")]
@@ -52,7 +61,10 @@ enum Command {
         #[arg(long, value_enum, default_value_t = TargetKind::Aws)]
         target: TargetKind,
         /// The static stackless-init to install (scripts/build-init.sh builds it).
-        #[arg(long, default_value = "target/x86_64-unknown-linux-musl/release/stackless-init")]
+        #[arg(
+            long,
+            default_value = "target/x86_64-unknown-linux-musl/release/stackless-init"
+        )]
         init_binary: PathBuf,
         /// The salt-bootstrap script, for `salt = "onedir"` images.
         #[arg(long)]
@@ -138,7 +150,8 @@ async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Validate { names } => {
             let names = if names.is_empty() {
-                definition::list(&cli.images_dir).with_context(|| format!("listing {}", cli.images_dir.display()))?
+                definition::list(&cli.images_dir)
+                    .with_context(|| format!("listing {}", cli.images_dir.display()))?
             } else {
                 names.clone()
             };
@@ -150,7 +163,11 @@ async fn run(cli: Cli) -> Result<()> {
                 let r = render::render(&def, &placeholder_inputs(cli.templates.as_deref()))?;
                 render::check_shell(&format!("{name}: provision.sh"), &r.provision)?;
                 render::check_shell(&format!("{name}: generalize.sh"), &r.generalize)?;
-                println!("{name}: ok ({} files, from {})", r.files.len(), files_of(&def));
+                println!(
+                    "{name}: ok ({} files, from {})",
+                    r.files.len(),
+                    files_of(&def)
+                );
             }
             Ok(())
         }
@@ -166,8 +183,18 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{}", out.display());
             Ok(())
         }
-        Command::UserData { file, image, out } => user_data(&cli, file, image.as_deref(), out.as_deref()),
-        Command::Bake { image, target, init_binary, bootstrap, force, keep_on_error, manifest } => {
+        Command::UserData { file, image, out } => {
+            user_data(&cli, file, image.as_deref(), out.as_deref())
+        }
+        Command::Bake {
+            image,
+            target,
+            init_binary,
+            bootstrap,
+            force,
+            keep_on_error,
+            manifest,
+        } => {
             let def = load(&cli, image)?;
             let kind = match target {
                 TargetKind::Aws => "aws",
@@ -179,13 +206,23 @@ async fn run(cli: Cli) -> Result<()> {
                 bootstrap: bootstrap.clone(),
                 force: *force,
                 keep_on_error: *keep_on_error,
-                manifest: manifest.clone().unwrap_or_else(|| Path::new("out").join(image).join(format!("manifest-{kind}.json"))),
+                manifest: manifest.clone().unwrap_or_else(|| {
+                    Path::new("out")
+                        .join(image)
+                        .join(format!("manifest-{kind}.json"))
+                }),
                 build_ca: *target == TargetKind::Local,
             };
             let m = match target {
                 TargetKind::Aws => {
                     let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-                    let mut t = AwsTarget::new(config, AwsOptions { progress: !cli.quiet, ..Default::default() });
+                                        let defaults = AwsOptions::default();
+                    let aws_opts = AwsOptions {
+                        progress: !cli.quiet,
+                        ssm_wait: def.ssm_wait.unwrap_or(defaults.ssm_wait),
+                        ..defaults
+                    };
+                    let mut t = AwsTarget::new(config, aws_opts);
                     pipeline::bake(&mut t, &def, &opts).await?
                 }
                 TargetKind::Local => bail!("the local target (debootstrap, chroot, qcow2) is not built yet; use --target aws"),
@@ -198,7 +235,11 @@ async fn run(cli: Cli) -> Result<()> {
                         "builder: {} {} ({}), manifest {}",
                         if m.reused { "reused" } else { "baked" },
                         m.image_name,
-                        m.regions.iter().map(|(r, a)| format!("{r}={a}")).collect::<Vec<_>>().join(" "),
+                        m.regions
+                            .iter()
+                            .map(|(r, a)| format!("{r}={a}"))
+                            .collect::<Vec<_>>()
+                            .join(" "),
                         opts.manifest.display()
                     );
                 }
@@ -211,7 +252,10 @@ async fn run(cli: Cli) -> Result<()> {
             let ec2 = aws_sdk_ec2::Client::new(&config);
             let r = aws::gc::gc(&ec2, std::time::SystemTime::now(), *dry_run).await?;
             let verb = if *dry_run { "would remove" } else { "removed" };
-            println!("{verb}: instances {:?}, security groups {:?}, images {:?}", r.instances_terminated, r.groups_deleted, r.images_deregistered);
+            println!(
+                "{verb}: instances {:?}, security groups {:?}, images {:?}",
+                r.instances_terminated, r.groups_deleted, r.images_deregistered
+            );
             for s in &r.skipped {
                 println!("skipped: {s}");
             }
@@ -228,8 +272,13 @@ async fn run(cli: Cli) -> Result<()> {
                         .iter()
                         .filter_map(|n| definition::load(&cli.images_dir, n).ok())
                         .collect();
-                    let parameter_of = |name: &str| defs.iter().find(|d| d.image == name).and_then(|d| d.ssm_parameter.clone());
-                    let rows = aws::images::list(&ec2, &ssm, image.as_deref(), &parameter_of).await?;
+                    let parameter_of = |name: &str| {
+                        defs.iter()
+                            .find(|d| d.image == name)
+                            .and_then(|d| d.ssm_parameter.clone())
+                    };
+                    let rows =
+                        aws::images::list(&ec2, &ssm, image.as_deref(), &parameter_of).await?;
                     if cli.output == Output::Json {
                         println!("{}", serde_json::to_string(&rows.iter().map(|r| serde_json::json!({
                             "image_id": r.image_id, "name": r.name, "image": r.image, "created": r.created,
@@ -238,16 +287,30 @@ async fn run(cli: Cli) -> Result<()> {
                     } else {
                         for r in rows {
                             let mark = if r.published { "*" } else { " " };
-                            println!("{mark} {:<21} {:<10} {:<22} {:<10} {}", r.image_id, r.image, r.created, r.state, r.name);
+                            println!(
+                                "{mark} {:<21} {:<10} {:<22} {:<10} {}",
+                                r.image_id, r.image, r.created, r.state, r.name
+                            );
                         }
                     }
                 }
-                ImagesCommand::Prune { image, keep, dry_run } => {
+                ImagesCommand::Prune {
+                    image,
+                    keep,
+                    dry_run,
+                } => {
                     let def = load(&cli, image)?;
                     let r = aws::images::prune(&ec2, &ssm, &def, *keep, *dry_run).await?;
-                    let verb = if *dry_run { "would deregister" } else { "deregistered" };
+                    let verb = if *dry_run {
+                        "would deregister"
+                    } else {
+                        "deregistered"
+                    };
                     println!("kept: {:?}", r.kept);
-                    println!("{verb}: {:?} (snapshots {:?})", r.deregistered, r.snapshots_deleted);
+                    println!(
+                        "{verb}: {:?} (snapshots {:?})",
+                        r.deregistered, r.snapshots_deleted
+                    );
                 }
             }
             Ok(())
@@ -256,7 +319,11 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 fn files_of(def: &ImageDef) -> String {
-    def.files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" < ")
+    def.files
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" < ")
 }
 
 fn default_init_binary() -> PathBuf {
@@ -287,7 +354,11 @@ fn user_data(cli: &Cli, file: &Path, image: Option<&str>, out: Option<&Path>) ->
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     gz.write_all(text)?;
     let gz = gz.finish()?;
-    let (payload, how) = if gz.len() < text.len() { (gz, "gzipped") } else { (text.to_vec(), "plain") };
+    let (payload, how) = if gz.len() < text.len() {
+        (gz, "gzipped")
+    } else {
+        (text.to_vec(), "plain")
+    };
     if payload.len() > userdata::EC2_USER_DATA_LIMIT {
         bail!(
             "{}: {} bytes {how}; EC2 takes at most {} bytes of user-data. Move data into the config repository.",
@@ -300,14 +371,18 @@ fn user_data(cli: &Cli, file: &Path, image: Option<&str>, out: Option<&Path>) ->
         std::fs::write(out, &payload).with_context(|| format!("writing {}", out.display()))?;
     }
     if cli.output == Output::Json {
-        println!("{}", serde_json::json!({"file": file, "ok": true, "bytes": text.len(), "payload_bytes": payload.len(), "gzipped": how == "gzipped", "minion_id": settings.minion_id}));
+        println!(
+            "{}",
+            serde_json::json!({"file": file, "ok": true, "bytes": text.len(), "payload_bytes": payload.len(), "gzipped": how == "gzipped", "minion_id": settings.minion_id})
+        );
     } else {
         println!(
             "{}: ok ({} bytes, {} bytes {how}{}); minion id on a sample instance: {}",
             file.display(),
             text.len(),
             payload.len(),
-            out.map(|o| format!(", written to {}", o.display())).unwrap_or_default(),
+            out.map(|o| format!(", written to {}", o.display()))
+                .unwrap_or_default(),
             settings.minion_id
         );
     }
@@ -321,7 +396,8 @@ fn init_logging(verbose: u8, quiet: bool) {
         (false, 1) => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -54,7 +54,11 @@ pub struct Manifest {
 struct Phases(Vec<(String, u64)>);
 
 impl Phases {
-    async fn run<T, F: std::future::Future<Output = Result<T>>>(&mut self, name: &str, f: F) -> Result<T> {
+    async fn run<T, F: std::future::Future<Output = Result<T>>>(
+        &mut self,
+        name: &str,
+        f: F,
+    ) -> Result<T> {
         let t = Instant::now();
         tracing::info!(phase = name, "starting");
         let r = f.await.with_context(|| format!("phase `{name}`"));
@@ -91,13 +95,16 @@ pub fn input_hash(def: &ImageDef, source: &str, rendered: &Rendered) -> String {
 
 const BUILD_ID_PLACEHOLDER: &str = "b-00000000000000-000000";
 
-
 /// `b-YYYYMMDDhhmmss-xxxxxx` and the UTC timestamp.
 pub fn new_build_id() -> (String, String) {
     let ts = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     let compact: String = ts.chars().filter(|c| c.is_ascii_digit()).take(14).collect();
-    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
-    let rand = hex::encode(Sha256::digest(format!("{nanos}{}", std::process::id())))[..6].to_string();
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    let rand =
+        hex::encode(Sha256::digest(format!("{nanos}{}", std::process::id())))[..6].to_string();
     (format!("b-{compact}-{rand}"), compact)
 }
 
@@ -131,13 +138,18 @@ pub async fn bake_until(
     opts: &BakeOptions,
     stop: impl std::future::Future<Output = &'static str>,
 ) -> Result<Manifest> {
-    let init_binary = read(&opts.init_binary, "the stackless-init binary (build it with scripts/build-init.sh)")?;
+    let init_binary = read(
+        &opts.init_binary,
+        "the stackless-init binary (build it with scripts/build-init.sh)",
+    )?;
     let bootstrap = match &opts.bootstrap {
         Some(p) => Some(read(p, "the salt-bootstrap script")?),
         None => None,
     };
     let mut phases = Phases::default();
-    let source = phases.run("resolve-source", target.resolve_source(def)).await?;
+    let source = phases
+        .run("resolve-source", target.resolve_source(def))
+        .await?;
     let for_hash = render::render(
         def,
         &RenderInputs {
@@ -150,11 +162,20 @@ pub async fn bake_until(
     )?;
     let hash = input_hash(def, &source, &for_hash);
     let (id, timestamp) = new_build_id();
-    let build = Build { image_name: def.image_name(&id, &timestamp), id, timestamp, input_hash: hash.clone(), source };
+    let build = Build {
+        image_name: def.image_name(&id, &timestamp),
+        id,
+        timestamp,
+        input_hash: hash.clone(),
+        source,
+    };
     tracing::info!(build = %build.id, image = %build.image_name, input_hash = %hash, "bake");
 
     if !opts.force {
-        if let Some(existing) = phases.run("find-existing", target.find_existing(def, &hash)).await? {
+        if let Some(existing) = phases
+            .run("find-existing", target.find_existing(def, &hash))
+            .await?
+        {
             tracing::info!(id = %existing.id, "an image from identical inputs exists; reusing it (--force bakes anew)");
             let m = manifest(def, target.kind(), &build, &existing, true, phases.0);
             write_manifest(&opts.manifest, &m)?;
@@ -176,7 +197,7 @@ pub async fn bake_until(
 
     let result = {
         let run = run_phases(target, def, &build, &rendered, &mut phases);
-                tokio::select! {
+        tokio::select! {
             r = run => r,
             why = stop => Err(anyhow!("{why}; cleaning up")),
         }
@@ -184,7 +205,9 @@ pub async fn bake_until(
     let failed = result.is_err();
     let keep = failed && opts.keep_on_error;
     // Cleanup runs whatever happened, and a second Ctrl-C does not stop it.
-    let cleanup = phases.run("cleanup", target.cleanup(&build, failed, keep)).await;
+    let cleanup = phases
+        .run("cleanup", target.cleanup(&build, failed, keep))
+        .await;
     match (result, cleanup) {
         (Ok(artifact), Ok(_)) => {
             let m = manifest(def, target.kind(), &build, &artifact, false, phases.0);
@@ -219,7 +242,13 @@ async fn run_phases(
     phases
         .run("upload", async {
             for (i, c) in upload.iter().enumerate() {
-                run_checked(comm.as_ref(), &format!("upload {}/{total}", i + 1), c, Duration::from_secs(300)).await?;
+                run_checked(
+                    comm.as_ref(),
+                    &format!("upload {}/{total}", i + 1),
+                    c,
+                    Duration::from_secs(300),
+                )
+                .await?;
             }
             Ok(())
         })
@@ -257,11 +286,20 @@ fn show_output(what: &str, stdout: &str, truncated: bool) {
         tracing::info!("{what}: {line}");
     }
     if truncated {
-        tracing::warn!("{what}: the output above was cut by the transport (SSM keeps 24,000 characters)");
+        tracing::warn!(
+            "{what}: the output above was cut by the transport (SSM keeps 24,000 characters)"
+        );
     }
 }
 
-fn manifest(def: &ImageDef, kind: &str, build: &Build, a: &Artifact, reused: bool, phases: Vec<(String, u64)>) -> Manifest {
+fn manifest(
+    def: &ImageDef,
+    kind: &str,
+    build: &Build,
+    a: &Artifact,
+    reused: bool,
+    phases: Vec<(String, u64)>,
+) -> Manifest {
     Manifest {
         image: def.image.clone(),
         target: kind.to_string(),

@@ -13,15 +13,39 @@ pub const STAGE: &str = "/var/tmp/stackless-build";
 
 /// The built-in templates, so the builder works outside a checkout too.
 const BUILTIN: &[(&str, &str)] = &[
-    ("provision.sh.tera", include_str!("../../templates/provision.sh.tera")),
-    ("generalize.sh.tera", include_str!("../../templates/generalize.sh.tera")),
-    ("stackless-init.service.tera", include_str!("../../templates/stackless-init.service.tera")),
-    ("supervisord.conf.tera", include_str!("../../templates/supervisord.conf.tera")),
-    ("supervisor.service.tera", include_str!("../../templates/supervisor.service.tera")),
-    ("program.conf.tera", include_str!("../../templates/program.conf.tera")),
+    (
+        "provision.sh.tera",
+        include_str!("../../templates/provision.sh.tera"),
+    ),
+    (
+        "generalize.sh.tera",
+        include_str!("../../templates/generalize.sh.tera"),
+    ),
+    (
+        "stackless-init.service.tera",
+        include_str!("../../templates/stackless-init.service.tera"),
+    ),
+    (
+        "supervisord.conf.tera",
+        include_str!("../../templates/supervisord.conf.tera"),
+    ),
+    (
+        "supervisor.service.tera",
+        include_str!("../../templates/supervisor.service.tera"),
+    ),
+    (
+        "program.conf.tera",
+        include_str!("../../templates/program.conf.tera"),
+    ),
     ("minion.tera", include_str!("../../templates/minion.tera")),
-    ("init.toml.tera", include_str!("../../templates/init.toml.tera")),
-    ("user-data.example.toml.tera", include_str!("../../templates/user-data.example.toml.tera")),
+    (
+        "init.toml.tera",
+        include_str!("../../templates/init.toml.tera"),
+    ),
+    (
+        "user-data.example.toml.tera",
+        include_str!("../../templates/user-data.example.toml.tera"),
+    ),
 ];
 
 /// A file staged on the machine: `name` under the staging folder.
@@ -73,10 +97,13 @@ fn engine(templates: Option<&Path>) -> Result<tera::Tera> {
     let mut tera = tera::Tera::default();
     for (name, builtin) in BUILTIN {
         let text = match templates.map(|d| d.join(name)) {
-            Some(p) if p.exists() => std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?,
+            Some(p) if p.exists() => {
+                std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?
+            }
             _ => builtin.to_string(),
         };
-        tera.add_raw_template(name, &text).map_err(|e| anyhow::anyhow!("template {name}: {}", tera_error(&e)))?;
+        tera.add_raw_template(name, &text)
+            .map_err(|e| anyhow::anyhow!("template {name}: {}", tera_error(&e)))?;
     }
     Ok(tera)
 }
@@ -96,45 +123,93 @@ fn tera_error(e: &tera::Error) -> String {
 pub fn render(def: &ImageDef, inputs: &RenderInputs) -> Result<Rendered> {
     let tera = engine(inputs.templates)?;
     if def.salt == crate::definition::SaltBake::Onedir && inputs.bootstrap.is_none() {
-        bail!("{}: salt = \"onedir\" needs the salt-bootstrap script", def.image);
+        bail!(
+            "{}: salt = \"onedir\" needs the salt-bootstrap script",
+            def.image
+        );
     }
     let ctx = TemplateContext {
         image: def,
         build_id: inputs.build_id,
         stage: STAGE,
         init_sha256: hex::encode(Sha256::digest(inputs.init_binary)),
-        bootstrap_sha256: inputs.bootstrap.map(|b| hex::encode(Sha256::digest(b))).unwrap_or_default(),
+        bootstrap_sha256: inputs
+            .bootstrap
+            .map(|b| hex::encode(Sha256::digest(b)))
+            .unwrap_or_default(),
         build_ca: inputs.build_ca,
     };
     let mut tctx = tera::Context::from_serialize(&ctx).context("building the template context")?;
     let one = |name: &str, tctx: &tera::Context| -> Result<String> {
-        tera.render(name, tctx).map_err(|e| anyhow::anyhow!("rendering {name} for {}: {}", def.image, tera_error(&e)))
+        tera.render(name, tctx)
+            .map_err(|e| anyhow::anyhow!("rendering {name} for {}: {}", def.image, tera_error(&e)))
     };
     let mut files = vec![
-        StagedFile { name: "stackless-init".into(), mode: 0o755, content: inputs.init_binary.to_vec() },
-        StagedFile { name: "stackless-init.service".into(), mode: 0o644, content: one("stackless-init.service.tera", &tctx)?.into_bytes() },
-        StagedFile { name: "init.toml".into(), mode: 0o644, content: one("init.toml.tera", &tctx)?.into_bytes() },
-        StagedFile { name: "minion".into(), mode: 0o644, content: one("minion.tera", &tctx)?.into_bytes() },
-        StagedFile { name: "user-data.example.toml".into(), mode: 0o644, content: one("user-data.example.toml.tera", &tctx)?.into_bytes() },
+        StagedFile {
+            name: "stackless-init".into(),
+            mode: 0o755,
+            content: inputs.init_binary.to_vec(),
+        },
+        StagedFile {
+            name: "stackless-init.service".into(),
+            mode: 0o644,
+            content: one("stackless-init.service.tera", &tctx)?.into_bytes(),
+        },
+        StagedFile {
+            name: "init.toml".into(),
+            mode: 0o644,
+            content: one("init.toml.tera", &tctx)?.into_bytes(),
+        },
+        StagedFile {
+            name: "minion".into(),
+            mode: 0o644,
+            content: one("minion.tera", &tctx)?.into_bytes(),
+        },
+        StagedFile {
+            name: "user-data.example.toml".into(),
+            mode: 0o644,
+            content: one("user-data.example.toml.tera", &tctx)?.into_bytes(),
+        },
     ];
     if def.supervisor {
-        files.push(StagedFile { name: "supervisord.conf".into(), mode: 0o644, content: one("supervisord.conf.tera", &tctx)?.into_bytes() });
-        files.push(StagedFile { name: "supervisor.service".into(), mode: 0o644, content: one("supervisor.service.tera", &tctx)?.into_bytes() });
+        files.push(StagedFile {
+            name: "supervisord.conf".into(),
+            mode: 0o644,
+            content: one("supervisord.conf.tera", &tctx)?.into_bytes(),
+        });
+        files.push(StagedFile {
+            name: "supervisor.service".into(),
+            mode: 0o644,
+            content: one("supervisor.service.tera", &tctx)?.into_bytes(),
+        });
         for (name, program) in &def.programs {
             tctx.insert("name", name);
             tctx.insert("program", program);
-            files.push(StagedFile { name: format!("program-{name}.conf"), mode: 0o644, content: one("program.conf.tera", &tctx)?.into_bytes() });
+            files.push(StagedFile {
+                name: format!("program-{name}.conf"),
+                mode: 0o644,
+                content: one("program.conf.tera", &tctx)?.into_bytes(),
+            });
         }
     }
-        if let (Some(b), crate::definition::SaltBake::Onedir) = (inputs.bootstrap, def.salt) {
-        files.push(StagedFile { name: "bootstrap-salt.sh".into(), mode: 0o755, content: b.to_vec() });
+    if let (Some(b), crate::definition::SaltBake::Onedir) = (inputs.bootstrap, def.salt) {
+        files.push(StagedFile {
+            name: "bootstrap-salt.sh".into(),
+            mode: 0o755,
+            content: b.to_vec(),
+        });
     }
     let provision = one("provision.sh.tera", &tctx)?;
     let generalize = one("generalize.sh.tera", &tctx)?;
     // The rendered defaults must be what the agent accepts.
     let init_toml = String::from_utf8_lossy(&files[2].content).into_owned();
-    stackless_init::userdata::parse("init.toml", &init_toml).map_err(|e| anyhow::anyhow!("rendered init.toml: {e}"))?;
-    Ok(Rendered { files, provision, generalize })
+    stackless_init::userdata::parse("init.toml", &init_toml)
+        .map_err(|e| anyhow::anyhow!("rendered init.toml: {e}"))?;
+    Ok(Rendered {
+        files,
+        provision,
+        generalize,
+    })
 }
 
 /// `bash -n` on a script: a syntax error fails validation before any machine starts.
@@ -146,10 +221,19 @@ pub fn check_shell(name: &str, script: &str) -> Result<()> {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .context("running bash -n")?;
-    child.stdin.take().expect("piped").write_all(script.as_bytes())?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(script.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!("{name} does not pass `bash -n`: {}", String::from_utf8_lossy(&out.stderr).trim().replace("bash: ", ""));
+        bail!(
+            "{name} does not pass `bash -n`: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .trim()
+                .replace("bash: ", "")
+        );
     }
     Ok(())
 }
@@ -158,7 +242,11 @@ pub fn check_shell(name: &str, script: &str) -> Result<()> {
 pub fn write_out(r: &Rendered, out: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let mut all: Vec<(String, u32, &[u8])> = r.files.iter().map(|f| (f.name.clone(), f.mode, f.content.as_slice())).collect();
+    let mut all: Vec<(String, u32, &[u8])> = r
+        .files
+        .iter()
+        .map(|f| (f.name.clone(), f.mode, f.content.as_slice()))
+        .collect();
     all.push(("provision.sh".into(), 0o755, r.provision.as_bytes()));
     all.push(("generalize.sh".into(), 0o755, r.generalize.as_bytes()));
     for (name, mode, content) in all {

@@ -19,7 +19,10 @@ fn prologue() -> String {
 fn check_name(name: &str) {
     // Names are ours (render.rs), never user input; keep the shell quoting trivially safe.
     assert!(
-        !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
+        !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
         "staged file name {name:?}"
     );
 }
@@ -31,7 +34,8 @@ pub fn upload_commands(files: &[StagedFile]) -> Vec<String> {
         check_name(&f.name);
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
         gz.write_all(&f.content).expect("writing to memory");
-        let b64 = base64::engine::general_purpose::STANDARD.encode(gz.finish().expect("gzip to memory"));
+        let b64 =
+            base64::engine::general_purpose::STANDARD.encode(gz.finish().expect("gzip to memory"));
         let part = format!(".parts/{}.gz.b64", f.name);
         let chunk = MAX_COMMAND_BYTES - 512;
         let mut first = true;
@@ -39,7 +43,10 @@ pub fn upload_commands(files: &[StagedFile]) -> Vec<String> {
             let redirect = if first { ">" } else { ">>" };
             first = false;
             // base64 has no quote characters, so single quotes are safe.
-            segments.push(format!("printf '%s' '{}' {redirect} {part}\n", String::from_utf8_lossy(piece)));
+            segments.push(format!(
+                "printf '%s' '{}' {redirect} {part}\n",
+                String::from_utf8_lossy(piece)
+            ));
         }
         if b64.is_empty() {
             segments.push(format!(": > {part}\n"));
@@ -72,7 +79,10 @@ pub fn upload_commands(files: &[StagedFile]) -> Vec<String> {
 pub fn script_command(name: &str, script: &str) -> String {
     check_name(name);
     let b64 = base64::engine::general_purpose::STANDARD.encode(script.as_bytes());
-    format!("{}printf '%s' '{b64}' | base64 -d > {name}\nexec bash \"$stage/{name}\"\n", prologue())
+    format!(
+        "{}printf '%s' '{b64}' | base64 -d > {name}\nexec bash \"$stage/{name}\"\n",
+        prologue()
+    )
 }
 
 #[cfg(test)]
@@ -83,8 +93,17 @@ mod tests {
     /// Replays the command stream with bash in a scratch folder, as the machine would.
     fn replay(commands: &[String], stage: &std::path::Path) {
         for c in commands {
-            let o = Command::new("bash").arg("-c").arg(c).env("STACKLESS_STAGE", stage).output().unwrap();
-            assert!(o.status.success(), "command failed: {}", String::from_utf8_lossy(&o.stderr));
+            let o = Command::new("bash")
+                .arg("-c")
+                .arg(c)
+                .env("STACKLESS_STAGE", stage)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "command failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
         }
     }
 
@@ -104,12 +123,28 @@ mod tests {
     fn the_stream_reassembles_files_byte_for_byte() {
         let files = vec![
             // Incompressible, so it spans many commands.
-            StagedFile { name: "stackless-init".into(), mode: 0o755, content: pseudo_random(300_000, 7) },
-            StagedFile { name: "init.toml".into(), mode: 0o644, content: b"[sync]\nschedule = \"@hourly\"\n".to_vec() },
-            StagedFile { name: "empty".into(), mode: 0o600, content: Vec::new() },
+            StagedFile {
+                name: "stackless-init".into(),
+                mode: 0o755,
+                content: pseudo_random(300_000, 7),
+            },
+            StagedFile {
+                name: "init.toml".into(),
+                mode: 0o644,
+                content: b"[sync]\nschedule = \"@hourly\"\n".to_vec(),
+            },
+            StagedFile {
+                name: "empty".into(),
+                mode: 0o600,
+                content: Vec::new(),
+            },
         ];
         let commands = upload_commands(&files);
-        assert!(commands.len() >= 8, "300 KB of noise needs several commands: {}", commands.len());
+        assert!(
+            commands.len() >= 8,
+            "300 KB of noise needs several commands: {}",
+            commands.len()
+        );
         for c in &commands {
             assert!(c.len() <= MAX_COMMAND_BYTES, "{} bytes", c.len());
         }
@@ -119,38 +154,74 @@ mod tests {
         for f in &files {
             let p = dir.path().join(&f.name);
             assert_eq!(std::fs::read(&p).unwrap(), f.content, "{}", f.name);
-            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, f.mode);
+            assert_eq!(
+                std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                f.mode
+            );
         }
-        assert_eq!(std::fs::read_dir(dir.path().join(".parts")).unwrap().count(), 0, "parts cleaned up");
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(".parts"))
+                .unwrap()
+                .count(),
+            0,
+            "parts cleaned up"
+        );
         // Replaying again (a retried upload) gives the same result.
         replay(&commands, dir.path());
-        assert_eq!(std::fs::read(dir.path().join("stackless-init")).unwrap(), files[0].content);
+        assert_eq!(
+            std::fs::read(dir.path().join("stackless-init")).unwrap(),
+            files[0].content
+        );
     }
 
     #[test]
     fn a_corrupted_chunk_fails_the_checksum() {
-        let files = vec![StagedFile { name: "f".into(), mode: 0o644, content: pseudo_random(1000, 3) }];
+        let files = vec![StagedFile {
+            name: "f".into(),
+            mode: 0o644,
+            content: pseudo_random(1000, 3),
+        }];
         let mut commands = upload_commands(&files);
         // Flip one base64 character of the payload.
         let c = &mut commands[0];
-                // In the middle of the compressed payload (the gzip header has fields that do not matter).
+        // In the middle of the compressed payload (the gzip header has fields that do not matter).
         let start = c.find("printf '%s' '").unwrap() + "printf '%s' '".len();
         let end = start + c[start..].find('\'').unwrap();
         let at = (start + end) / 2;
         let flipped = if &c[at..at + 1] == "A" { "B" } else { "A" };
         c.replace_range(at..at + 1, flipped);
         let dir = tempfile::tempdir().unwrap();
-        let o = Command::new("bash").arg("-c").arg(&commands[0]).env("STACKLESS_STAGE", dir.path()).output().unwrap();
+        let o = Command::new("bash")
+            .arg("-c")
+            .arg(&commands[0])
+            .env("STACKLESS_STAGE", dir.path())
+            .output()
+            .unwrap();
         assert!(!o.status.success());
-        assert!(!dir.path().join("f").exists(), "nothing published on a bad checksum");
+        assert!(
+            !dir.path().join("f").exists(),
+            "nothing published on a bad checksum"
+        );
     }
 
     #[test]
     fn scripts_run_from_the_stage() {
         let dir = tempfile::tempdir().unwrap();
-        let cmd = script_command("provision.sh", "set -e\necho \"it's $(basename \"$0\")\" > out\n");
-        let o = Command::new("bash").arg("-c").arg(&cmd).current_dir(dir.path()).env("STACKLESS_STAGE", dir.path()).output().unwrap();
+        let cmd = script_command(
+            "provision.sh",
+            "set -e\necho \"it's $(basename \"$0\")\" > out\n",
+        );
+        let o = Command::new("bash")
+            .arg("-c")
+            .arg(&cmd)
+            .current_dir(dir.path())
+            .env("STACKLESS_STAGE", dir.path())
+            .output()
+            .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert_eq!(std::fs::read_to_string(dir.path().join("out")).unwrap(), "it's provision.sh\n");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("out")).unwrap(),
+            "it's provision.sh\n"
+        );
     }
 }

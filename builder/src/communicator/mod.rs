@@ -24,10 +24,24 @@ pub trait Communicator: Send + Sync {
 }
 
 /// Runs a command and fails, with its output, unless it exits 0.
-pub async fn run_checked(c: &dyn Communicator, what: &str, command: &str, timeout: Duration) -> Result<CommandOutput> {
+pub async fn run_checked(
+    c: &dyn Communicator,
+    what: &str,
+    command: &str,
+    timeout: Duration,
+) -> Result<CommandOutput> {
     let out = c.run(what, command, timeout).await?;
     if out.exit_code != 0 {
-        let tail = |s: &str| s.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        let tail = |s: &str| {
+            s.lines()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
         bail!(
             "{what} failed on {} (exit {}){}\n--- stdout (last lines) ---\n{}\n--- stderr (last lines) ---\n{}",
             c.describe(),

@@ -12,23 +12,40 @@ fn write(dir: &Path, name: &str, text: &str) {
 fn the_shipped_definitions_load() {
     let bare = load(&repo_images(), "bare").unwrap();
     assert_eq!(bare.salt, SaltBake::None);
-    assert_eq!(bare.source, Source::Parameter("/aws/service/debian/release/bookworm/latest/amd64".into()));
-    assert_eq!(bare.ssm_parameter.as_deref(), Some("/stackless/images/bare"));
+    assert_eq!(
+        bare.source,
+        Source::Parameter("/aws/service/debian/release/bookworm/latest/amd64".into())
+    );
+    assert_eq!(
+        bare.ssm_parameter.as_deref(),
+        Some("/stackless/images/bare")
+    );
     let pre = load(&repo_images(), "preseeded").unwrap();
     assert_eq!(pre.salt, SaltBake::Pip);
     assert_eq!(pre.source, bare.source, "inherited from bare");
     assert_eq!(pre.instance_type, bare.instance_type);
     assert_eq!(pre.tags["stackless:image"], "preseeded");
-    assert_eq!(pre.ssm_parameter.as_deref(), Some("/stackless/images/preseeded"));
+    assert_eq!(
+        pre.ssm_parameter.as_deref(),
+        Some("/stackless/images/preseeded")
+    );
     assert_eq!(pre.files.len(), 2);
-    assert!(pre.defaults_toml.contains("schedule"), "{}", pre.defaults_toml);
+    assert!(
+        pre.defaults_toml.contains("schedule"),
+        "{}",
+        pre.defaults_toml
+    );
     assert_eq!(list(&repo_images()).unwrap(), vec!["bare", "preseeded"]);
 }
 
 #[test]
 fn unknown_keys_are_located() {
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "x", "[source]\nami = \"ami-1\"\n\n[instance]\nflavour = \"big\"\n");
+    write(
+        dir.path(),
+        "x",
+        "[source]\nami = \"ami-1\"\n\n[instance]\nflavour = \"big\"\n",
+    );
     let e = load(dir.path(), "x").unwrap_err();
     assert_eq!((e.line, e.column), (5, 1), "{e}");
     assert!(e.message.contains("unknown field `flavour`"), "{e}");
@@ -38,25 +55,58 @@ fn unknown_keys_are_located() {
 #[test]
 fn values_are_checked_with_positions() {
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "a", "[source]\nami = \"ami-1\"\n[instance]\nvolume_type = \"ssd\"\n");
+    write(
+        dir.path(),
+        "a",
+        "[source]\nami = \"ami-1\"\n[instance]\nvolume_type = \"ssd\"\n",
+    );
     let e = load(dir.path(), "a").unwrap_err();
     assert_eq!((e.line, e.column), (4, 15), "{e}");
     write(dir.path(), "b", "[source]\nami = \"i-1\"\n");
     assert_eq!(load(dir.path(), "b").unwrap_err().line, 2);
-    write(dir.path(), "c", "[source]\nami = \"ami-1\"\n[provision]\nsalt = \"apt\"\n");
+    write(
+        dir.path(),
+        "c",
+        "[source]\nami = \"ami-1\"\n[provision]\nsalt = \"apt\"\n",
+    );
     assert_eq!(load(dir.path(), "c").unwrap_err().line, 4);
-    write(dir.path(), "d", "name = \"x-{date}\"\n[source]\nami = \"ami-1\"\n");
-    assert!(load(dir.path(), "d").unwrap_err().message.contains("{date}"));
-    write(dir.path(), "e", "[source]\nami = \"ami-1\"\nssm_parameter = \"/p\"\n");
-    assert!(load(dir.path(), "e").unwrap_err().message.contains("one of"));
-    write(dir.path(), "f", "[source]\nami = \"ami-1\"\n[publish]\naccounts = [\"12\"]\n");
-    assert!(load(dir.path(), "f").unwrap_err().message.contains("12-digit"));
+    write(
+        dir.path(),
+        "d",
+        "name = \"x-{date}\"\n[source]\nami = \"ami-1\"\n",
+    );
+    assert!(load(dir.path(), "d")
+        .unwrap_err()
+        .message
+        .contains("{date}"));
+    write(
+        dir.path(),
+        "e",
+        "[source]\nami = \"ami-1\"\nssm_parameter = \"/p\"\n",
+    );
+    assert!(load(dir.path(), "e")
+        .unwrap_err()
+        .message
+        .contains("one of"));
+    write(
+        dir.path(),
+        "f",
+        "[source]\nami = \"ami-1\"\n[publish]\naccounts = [\"12\"]\n",
+    );
+    assert!(load(dir.path(), "f")
+        .unwrap_err()
+        .message
+        .contains("12-digit"));
 }
 
 #[test]
 fn defaults_are_checked_as_user_data() {
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "a", "[source]\nami = \"ami-1\"\n\n[defaults.sync]\nschedule = \"soon\"\n");
+    write(
+        dir.path(),
+        "a",
+        "[source]\nami = \"ami-1\"\n\n[defaults.sync]\nschedule = \"soon\"\n",
+    );
     let e = load(dir.path(), "a").unwrap_err();
     assert!(e.message.contains("not valid stackless user-data"), "{e}");
     assert_eq!(e.line, 4, "{e}");
@@ -66,24 +116,44 @@ fn defaults_are_checked_as_user_data() {
 fn extends_merges_and_finds_problems() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "base", "[source]\nami = \"ami-1\"\n[tags]\nteam = \"a\"\n[defaults.sync]\nschedule = \"@hourly\"\nsplay = \"1m\"\n");
-    write(dir.path(), "child", "extends = \"base\"\n[tags]\nrole = \"b\"\n[defaults.sync]\nsplay = \"5m\"\n");
+    write(
+        dir.path(),
+        "child",
+        "extends = \"base\"\n[tags]\nrole = \"b\"\n[defaults.sync]\nsplay = \"5m\"\n",
+    );
     let d = load(dir.path(), "child").unwrap();
     assert_eq!(d.source, Source::Ami("ami-1".into()));
     assert_eq!(d.tags.len(), 2);
-    assert!(d.defaults_toml.contains("@hourly") && d.defaults_toml.contains("5m"), "{}", d.defaults_toml);
+    assert!(
+        d.defaults_toml.contains("@hourly") && d.defaults_toml.contains("5m"),
+        "{}",
+        d.defaults_toml
+    );
     write(dir.path(), "orphan", "extends = \"nowhere\"\n");
     let e = load(dir.path(), "orphan").unwrap_err();
     assert_eq!((e.line, e.column), (1, 11), "{e}");
     write(dir.path(), "loop1", "extends = \"loop2\"\n");
     write(dir.path(), "loop2", "extends = \"loop1\"\n");
-    assert!(load(dir.path(), "loop1").unwrap_err().message.contains("cycle"));
+    assert!(load(dir.path(), "loop1")
+        .unwrap_err()
+        .message
+        .contains("cycle"));
     write(dir.path(), "nosource", "[instance]\ntype = \"t3.micro\"\n");
-    assert!(load(dir.path(), "nosource").unwrap_err().message.contains("[source] is missing"));
-    assert!(load(dir.path(), "missing").unwrap_err().message.contains("no image definition"));
+    assert!(load(dir.path(), "nosource")
+        .unwrap_err()
+        .message
+        .contains("[source] is missing"));
+    assert!(load(dir.path(), "missing")
+        .unwrap_err()
+        .message
+        .contains("no image definition"));
 }
 
 #[test]
 fn image_names_fill_placeholders() {
     let d = load(&repo_images(), "bare").unwrap();
-    assert_eq!(d.image_name("b-1", "20261126050000"), "stackless-bare-20261126050000");
+    assert_eq!(
+        d.image_name("b-1", "20261126050000"),
+        "stackless-bare-20261126050000"
+    );
 }

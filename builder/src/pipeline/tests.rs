@@ -25,7 +25,11 @@ struct Env {
 fn write_templates(dir: &Path, fail_provision: bool) {
     let t = dir.join("templates");
     std::fs::create_dir_all(&t).unwrap();
-    let fail = if fail_provision { "echo 'apt-get: unable to locate package nope' >&2\nexit 7\n" } else { "" };
+    let fail = if fail_provision {
+        "echo 'apt-get: unable to locate package nope' >&2\nexit 7\n"
+    } else {
+        ""
+    };
     std::fs::write(
         t.join("provision.sh.tera"),
         format!(
@@ -81,7 +85,15 @@ team = "platform"
         .collect();
     std::fs::write(dir.path().join("stackless-init"), &binary).unwrap();
     let ec2 = aws_sdk_ec2::Client::new(&config);
-    Env { shim, _moto: moto, config, ec2, dir, def, binary }
+    Env {
+        shim,
+        _moto: moto,
+        config,
+        ec2,
+        dir,
+        def,
+        binary,
+    }
 }
 
 impl Env {
@@ -113,7 +125,12 @@ impl Env {
         let out = self
             .ec2
             .describe_instances()
-            .filters(Filter::builder().name(format!("tag:{}", tags::BUILD_ID)).values(build_id).build())
+            .filters(
+                Filter::builder()
+                    .name(format!("tag:{}", tags::BUILD_ID))
+                    .values(build_id)
+                    .build(),
+            )
             .send()
             .await
             .unwrap();
@@ -129,11 +146,19 @@ impl Env {
         let out = self
             .ec2
             .describe_security_groups()
-            .filters(Filter::builder().name(format!("tag:{}", tags::BUILD_ID)).values(build_id).build())
+            .filters(
+                Filter::builder()
+                    .name(format!("tag:{}", tags::BUILD_ID))
+                    .values(build_id)
+                    .build(),
+            )
             .send()
             .await
             .unwrap();
-        out.security_groups().iter().filter_map(|g| g.group_id().map(str::to_string)).collect()
+        out.security_groups()
+            .iter()
+            .filter_map(|g| g.group_id().map(str::to_string))
+            .collect()
     }
 
     /// Every build id the builder tagged an instance with.
@@ -157,19 +182,48 @@ impl Env {
 async fn a_whole_bake_leaves_an_image_and_nothing_else() {
     let env = env().await;
     let mut target = env.target();
-    let m = bake_until(&mut target, &env.def, &env.options(false), std::future::pending()).await.unwrap();
+    let m = bake_until(
+        &mut target,
+        &env.def,
+        &env.options(false),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
 
     // The image exists, is available and tagged with the build and the input hash.
-    let img = env.ec2.describe_images().image_ids(&m.artifact).send().await.unwrap();
+    let img = env
+        .ec2
+        .describe_images()
+        .image_ids(&m.artifact)
+        .send()
+        .await
+        .unwrap();
     let img = &img.images()[0];
     assert_eq!(img.state().map(|s| s.as_str()), Some("available"));
-    let tag = |k: &str| img.tags().iter().find(|t| t.key() == Some(k)).and_then(|t| t.value()).map(str::to_string);
+    let tag = |k: &str| {
+        img.tags()
+            .iter()
+            .find(|t| t.key() == Some(k))
+            .and_then(|t| t.value())
+            .map(str::to_string)
+    };
     assert_eq!(tag(tags::BUILD_ID).as_deref(), Some(m.build_id.as_str()));
-    assert_eq!(tag(tags::INPUT_HASH).as_deref(), Some(m.input_hash.as_str()));
+    assert_eq!(
+        tag(tags::INPUT_HASH).as_deref(),
+        Some(m.input_hash.as_str())
+    );
     assert_eq!(tag("team").as_deref(), Some("platform"));
-    assert_eq!(img.name(), Some(format!("stackless-web-{}", m.build_id).as_str()));
+    assert_eq!(
+        img.name(),
+        Some(format!("stackless-web-{}", m.build_id).as_str())
+    );
     // Copied to the other region.
-    assert!(m.regions.contains_key("us-west-2") && m.regions.contains_key("eu-west-1"), "{:?}", m.regions);
+    assert!(
+        m.regions.contains_key("us-west-2") && m.regions.contains_key("eu-west-1"),
+        "{:?}",
+        m.regions
+    );
 
     // The seed is gone, and its temporary group.
     assert!(env.live_instances(&m.build_id).await.is_empty());
@@ -177,43 +231,95 @@ async fn a_whole_bake_leaves_an_image_and_nothing_else() {
 
     // The parameter points at the image.
     let ssm = aws_sdk_ssm::Client::new(&env.config);
-    let p = ssm.get_parameter().name("/stackless/images/web").send().await.unwrap();
-    assert_eq!(p.parameter().and_then(|p| p.value()), Some(m.artifact.as_str()));
+    let p = ssm
+        .get_parameter()
+        .name("/stackless/images/web")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        p.parameter().and_then(|p| p.value()),
+        Some(m.artifact.as_str())
+    );
 
     // The manifest is written, with every phase timed.
     let written: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(env.dir.path().join("out/manifest.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(env.dir.path().join("out/manifest.json")).unwrap())
+            .unwrap();
     assert_eq!(written["artifact"], m.artifact.as_str());
     assert_eq!(written["reused"], false);
-    let phases: Vec<&str> = written["phases"].as_array().unwrap().iter().map(|p| p[0].as_str().unwrap()).collect();
-    for want in ["resolve-source", "start", "upload", "provision", "generalize", "snapshot", "cleanup"] {
+    let phases: Vec<&str> = written["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[0].as_str().unwrap())
+        .collect();
+    for want in [
+        "resolve-source",
+        "start",
+        "upload",
+        "provision",
+        "generalize",
+        "snapshot",
+        "cleanup",
+    ] {
         assert!(phases.contains(&want), "{want} missing from {phases:?}");
     }
 
     // On the "instance", the staged binary is byte for byte the input, and the scripts ran.
     let seed = env.shim.sent()[0].instance_id.clone();
     let stage = env.shim.stage(&seed);
-    assert_eq!(std::fs::read(stage.join("stackless-init")).unwrap(), env.binary);
-    assert_eq!(std::fs::read_to_string(stage.join("provisioned")).unwrap(), "provisioned web\n");
+    assert_eq!(
+        std::fs::read(stage.join("stackless-init")).unwrap(),
+        env.binary
+    );
+    assert_eq!(
+        std::fs::read_to_string(stage.join("provisioned")).unwrap(),
+        "provisioned web\n"
+    );
     assert!(stage.parent().unwrap().join("generalized").exists());
     for s in env.shim.sent() {
         assert_eq!(s.document, "AWS-RunShellScript");
         let size: usize = s.commands.iter().map(|c| c.len()).sum();
-        assert!(size < 64 * 1024, "every SendCommand stays under the document limit: {size}");
+        assert!(
+            size < 64 * 1024,
+            "every SendCommand stays under the document limit: {size}"
+        );
     }
 }
 
 #[tokio::test]
 async fn identical_inputs_reuse_the_image_and_force_bakes_anew() {
     let env = env().await;
-    let first = bake_until(&mut env.target(), &env.def, &env.options(false), std::future::pending()).await.unwrap();
+    let first = bake_until(
+        &mut env.target(),
+        &env.def,
+        &env.options(false),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
     let sends = env.shim.sent().len();
-    let again = bake_until(&mut env.target(), &env.def, &env.options(false), std::future::pending()).await.unwrap();
+    let again = bake_until(
+        &mut env.target(),
+        &env.def,
+        &env.options(false),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
     assert!(again.reused);
     assert_eq!(again.artifact, first.artifact);
     assert_eq!(env.shim.sent().len(), sends, "no machine was started");
     assert_eq!(env.build_ids().await.len(), 1, "no second seed");
-    let forced = bake_until(&mut env.target(), &env.def, &env.options(true), std::future::pending()).await.unwrap();
+    let forced = bake_until(
+        &mut env.target(),
+        &env.def,
+        &env.options(true),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
     assert!(!forced.reused);
     assert_ne!(forced.artifact, first.artifact);
     assert_eq!(forced.input_hash, first.input_hash);
@@ -223,19 +329,40 @@ async fn identical_inputs_reuse_the_image_and_force_bakes_anew() {
 async fn a_failed_provisioning_cleans_up_and_says_why() {
     let env = env().await;
     write_templates(env.dir.path(), true);
-    let e = bake_until(&mut env.target(), &env.def, &env.options(false), std::future::pending()).await.unwrap_err();
+    let e = bake_until(
+        &mut env.target(),
+        &env.def,
+        &env.options(false),
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err();
     let msg = format!("{e:#}");
-    assert!(msg.contains("provisioning failed") && msg.contains("exit 7"), "{msg}");
-    assert!(msg.contains("unable to locate package nope"), "stderr is shown: {msg}");
+    assert!(
+        msg.contains("provisioning failed") && msg.contains("exit 7"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("unable to locate package nope"),
+        "stderr is shown: {msg}"
+    );
     let ids = env.build_ids().await;
     assert_eq!(ids.len(), 1);
-    assert!(env.live_instances(&ids[0]).await.is_empty(), "seed terminated");
+    assert!(
+        env.live_instances(&ids[0]).await.is_empty(),
+        "seed terminated"
+    );
     assert!(env.groups(&ids[0]).await.is_empty(), "group deleted");
     let images = env
         .ec2
         .describe_images()
         .owners("self")
-        .filters(Filter::builder().name(format!("tag:{}", tags::BUILD_ID)).values(&ids[0]).build())
+        .filters(
+            Filter::builder()
+                .name(format!("tag:{}", tags::BUILD_ID))
+                .values(&ids[0])
+                .build(),
+        )
         .send()
         .await
         .unwrap();
@@ -253,11 +380,19 @@ async fn interrupt_when(env: &Env, what: &'static str, reached: impl Fn(&Env) ->
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
-    let e = bake_until(&mut env.target(), &env.def, &env.options(true), stop).await.unwrap_err();
+    let e = bake_until(&mut env.target(), &env.def, &env.options(true), stop)
+        .await
+        .unwrap_err();
     assert!(format!("{e:#}").contains("interrupted"), "{what}: {e:#}");
     for id in env.build_ids().await {
-        assert!(env.live_instances(&id).await.is_empty(), "{what}: an instance of {id} is still up");
-        assert!(env.groups(&id).await.is_empty(), "{what}: a group of {id} is left");
+        assert!(
+            env.live_instances(&id).await.is_empty(),
+            "{what}: an instance of {id} is still up"
+        );
+        assert!(
+            env.groups(&id).await.is_empty(),
+            "{what}: a group of {id} is left"
+        );
     }
 }
 
@@ -265,14 +400,24 @@ async fn interrupt_when(env: &Env, what: &'static str, reached: impl Fn(&Env) ->
 async fn an_interrupt_in_any_phase_leaves_no_instance_and_no_group() {
     let env = env().await;
     // While waiting for SSM (the instance exists, nothing was sent yet).
-    interrupt_when(&env, "start", |e| e.shim.ops().iter().any(|o| o == "DescribeInstanceInformation")).await;
+    interrupt_when(&env, "start", |e| {
+        e.shim
+            .ops()
+            .iter()
+            .any(|o| o == "DescribeInstanceInformation")
+    })
+    .await;
     // During the upload.
     interrupt_when(&env, "upload", |e| e.shim.sent().len() >= 2).await;
     // During provisioning: commands stay in progress long enough to be caught.
     env.shim.set_in_progress_for(Duration::from_secs(3));
     let n = env.shim.sent().len();
     interrupt_when(&env, "provision", move |e| {
-        e.shim.sent().iter().skip(n).any(|s| s.commands.iter().any(|c| c.contains("provision.sh")))
+        e.shim
+            .sent()
+            .iter()
+            .skip(n)
+            .any(|s| s.commands.iter().any(|c| c.contains("provision.sh")))
     })
     .await;
 }

@@ -43,7 +43,8 @@ pub trait Target: Send {
     /// Resolves the definition's source to a concrete id (part of the input hash).
     async fn resolve_source(&mut self, def: &ImageDef) -> Result<String>;
     /// An image already baked from exactly these inputs, if any.
-    async fn find_existing(&mut self, def: &ImageDef, input_hash: &str) -> Result<Option<Artifact>>;
+    async fn find_existing(&mut self, def: &ImageDef, input_hash: &str)
+        -> Result<Option<Artifact>>;
     /// Starts the machine and returns a way to run commands on it.
     async fn start(&mut self, def: &ImageDef, build: &Build) -> Result<Arc<dyn Communicator>>;
     /// Turns the provisioned, generalised machine into the image and publishes it.

@@ -14,7 +14,6 @@ use super::image::{self, aws_error, error_code, tag_map};
 use super::tags;
 use super::waiter::{Check, Wait};
 use anyhow::{Context, Result};
-use aws_sdk_ec2::error::DisplayErrorContext;
 use aws_sdk_ec2::types::{Filter, ImageState, InstanceStateName, Tag};
 use serde::Serialize;
 use std::time::{Duration, SystemTime};
@@ -34,7 +33,10 @@ pub struct GcReport {
 }
 
 fn tag_filter(key: &str, value: &str) -> Filter {
-    Filter::builder().name(format!("tag:{key}")).values(value).build()
+    Filter::builder()
+        .name(format!("tag:{key}"))
+        .values(value)
+        .build()
 }
 
 fn stamp(t: SystemTime) -> String {
@@ -44,8 +46,11 @@ fn stamp(t: SystemTime) -> String {
 /// Ok(true) when the resource's expiry has passed; Err(reason) when it cannot be read.
 fn expired(tags: &[Tag], now: SystemTime) -> std::result::Result<bool, String> {
     let t = tag_map(tags);
-    let value = t.get(tags::EXPIRES_AT).ok_or_else(|| format!("tagged temporary but has no {} tag", tags::EXPIRES_AT))?;
-    let at = humantime::parse_rfc3339_weak(value).map_err(|e| format!("unreadable {} `{value}` ({e})", tags::EXPIRES_AT))?;
+    let value = t
+        .get(tags::EXPIRES_AT)
+        .ok_or_else(|| format!("tagged temporary but has no {} tag", tags::EXPIRES_AT))?;
+    let at = humantime::parse_rfc3339_weak(value)
+        .map_err(|e| format!("unreadable {} `{value}` ({e})", tags::EXPIRES_AT))?;
     Ok(at <= now)
 }
 
@@ -55,7 +60,15 @@ pub fn build_started(build_id: &str) -> Option<SystemTime> {
     if !ts.chars().all(|c| c.is_ascii_digit()) {
         return None;
     }
-    let text = format!("{}-{}-{}T{}:{}:{}Z", &ts[0..4], &ts[4..6], &ts[6..8], &ts[8..10], &ts[10..12], &ts[12..14]);
+    let text = format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        &ts[0..4],
+        &ts[4..6],
+        &ts[6..8],
+        &ts[8..10],
+        &ts[10..12],
+        &ts[12..14]
+    );
     humantime::parse_rfc3339(&text).ok()
 }
 
@@ -68,11 +81,24 @@ pub async fn gc(ec2: &aws_sdk_ec2::Client, now: SystemTime, dry_run: bool) -> Re
     Ok(report)
 }
 
-async fn instances(ec2: &aws_sdk_ec2::Client, now: SystemTime, dry_run: bool, report: &mut GcReport) -> Result<()> {
+async fn instances(
+    ec2: &aws_sdk_ec2::Client,
+    now: SystemTime,
+    dry_run: bool,
+    report: &mut GcReport,
+) -> Result<()> {
     let reservations = ec2
         .describe_instances()
         .filters(tag_filter(tags::TEMPORARY, "true"))
-        .filters(Filter::builder().name("instance-state-name").values("pending").values("running").values("stopping").values("stopped").build())
+        .filters(
+            Filter::builder()
+                .name("instance-state-name")
+                .values("pending")
+                .values("running")
+                .values("stopping")
+                .values("stopped")
+                .build(),
+        )
         .into_paginator()
         .items()
         .send()
@@ -84,10 +110,17 @@ async fn instances(ec2: &aws_sdk_ec2::Client, now: SystemTime, dry_run: bool, re
     for instance in reservations.iter().flat_map(|r| r.instances()) {
         let id = instance.instance_id().unwrap_or_default().to_string();
         let state = instance.state().and_then(|s| s.name());
-        if matches!(state, Some(InstanceStateName::Terminated | InstanceStateName::ShuttingDown)) {
+        if matches!(
+            state,
+            Some(InstanceStateName::Terminated | InstanceStateName::ShuttingDown)
+        ) {
             continue;
         }
-        if tag_map(instance.tags()).get(tags::TEMPORARY).map(String::as_str) != Some("true") {
+        if tag_map(instance.tags())
+            .get(tags::TEMPORARY)
+            .map(String::as_str)
+            != Some("true")
+        {
             continue;
         }
         match expired(instance.tags(), now) {
@@ -105,13 +138,21 @@ async fn instances(ec2: &aws_sdk_ec2::Client, now: SystemTime, dry_run: bool, re
             .send()
             .await
             .map_err(|e| aws_error(&e))
-            .with_context(|| format!("gc: terminating expired seed instances {}", doomed.join(", ")))?;
-        Wait::new(format!("instances {} to terminate", doomed.join(", ")), Duration::from_secs(15 * 60))
-            .interval(Duration::from_secs(2), Duration::from_secs(15))
-            .progress(true)
-            .hint("run `builder gc` again later to delete their security groups")
-            .until(|| all_terminated(ec2, &doomed))
-            .await?;
+            .with_context(|| {
+                format!(
+                    "gc: terminating expired seed instances {}",
+                    doomed.join(", ")
+                )
+            })?;
+        Wait::new(
+            format!("instances {} to terminate", doomed.join(", ")),
+            Duration::from_secs(15 * 60),
+        )
+        .interval(Duration::from_secs(2), Duration::from_secs(15))
+        .progress(true)
+        .hint("run `builder gc` again later to delete their security groups")
+        .until(|| all_terminated(ec2, &doomed))
+        .await?;
     }
     report.instances_terminated = doomed;
     Ok(())
@@ -131,14 +172,27 @@ async fn all_terminated(ec2: &aws_sdk_ec2::Client, ids: &[String]) -> Result<Che
         .flat_map(|r| r.instances())
         .filter(|i| i.state().and_then(|s| s.name()) != Some(&InstanceStateName::Terminated))
         .map(|i| {
-            let state = i.state().and_then(|s| s.name()).map(|s| s.as_str()).unwrap_or("unknown");
+            let state = i
+                .state()
+                .and_then(|s| s.name())
+                .map(|s| s.as_str())
+                .unwrap_or("unknown");
             format!("{} {state}", i.instance_id().unwrap_or_default())
         })
         .collect();
-    Ok(if left.is_empty() { Check::Ready(()) } else { Check::Waiting(left.join(", ")) })
+    Ok(if left.is_empty() {
+        Check::Ready(())
+    } else {
+        Check::Waiting(left.join(", "))
+    })
 }
 
-async fn groups(ec2: &aws_sdk_ec2::Client, now: SystemTime, dry_run: bool, report: &mut GcReport) -> Result<()> {
+async fn groups(
+    ec2: &aws_sdk_ec2::Client,
+    now: SystemTime,
+    dry_run: bool,
+    report: &mut GcReport,
+) -> Result<()> {
     let groups = ec2
         .describe_security_groups()
         .filters(tag_filter(tags::TEMPORARY, "true"))
@@ -148,10 +202,16 @@ async fn groups(ec2: &aws_sdk_ec2::Client, now: SystemTime, dry_run: bool, repor
         .try_collect()
         .await
         .map_err(|e| aws_error(&e))
-        .context("gc: listing temporary security groups (the builder needs ec2:DescribeSecurityGroups)")?;
+        .context(
+            "gc: listing temporary security groups (the builder needs ec2:DescribeSecurityGroups)",
+        )?;
     for group in groups {
         let id = group.group_id().unwrap_or_default().to_string();
-        if tag_map(group.tags()).get(tags::TEMPORARY).map(String::as_str) != Some("true") {
+        if tag_map(group.tags())
+            .get(tags::TEMPORARY)
+            .map(String::as_str)
+            != Some("true")
+        {
             continue;
         }
         match expired(group.tags(), now) {
@@ -175,13 +235,18 @@ async fn groups(ec2: &aws_sdk_ec2::Client, now: SystemTime, dry_run: bool, repor
             Err(e) if error_code(&e) == Some("DependencyViolation") => {
                 report.skipped.push(format!("{id}: still in use (an instance or network interface); run `builder gc` again later"))
             }
-            Err(e) => report.skipped.push(format!("{id}: could not be deleted: {}", DisplayErrorContext(&e))),
+            Err(e) => report.skipped.push(format!("{id}: could not be deleted: {}", aws_error(&e))),
         }
     }
     Ok(())
 }
 
-async fn images(ec2: &aws_sdk_ec2::Client, now: SystemTime, dry_run: bool, report: &mut GcReport) -> Result<()> {
+async fn images(
+    ec2: &aws_sdk_ec2::Client,
+    now: SystemTime,
+    dry_run: bool,
+    report: &mut GcReport,
+) -> Result<()> {
     let images = ec2
         .describe_images()
         .owners("self")
@@ -208,7 +273,10 @@ async fn images(ec2: &aws_sdk_ec2::Client, now: SystemTime, dry_run: bool, repor
                 let started = t
                     .get(tags::BUILD_ID)
                     .and_then(|b| build_started(b))
-                    .or_else(|| img.creation_date().and_then(|c| humantime::parse_rfc3339_weak(c).ok()));
+                    .or_else(|| {
+                        img.creation_date()
+                            .and_then(|c| humantime::parse_rfc3339_weak(c).ok())
+                    });
                 match started {
                     Some(start) if start + BUILD_LIFETIME <= now => true,
                     Some(start) => {
@@ -220,7 +288,10 @@ async fn images(ec2: &aws_sdk_ec2::Client, now: SystemTime, dry_run: bool, repor
                         false
                     }
                     None => {
-                        report.skipped.push(format!("{id}: {} but its build time is unknown", state.as_str()));
+                        report.skipped.push(format!(
+                            "{id}: {} but its build time is unknown",
+                            state.as_str()
+                        ));
                         false
                     }
                 }
@@ -232,7 +303,9 @@ async fn images(ec2: &aws_sdk_ec2::Client, now: SystemTime, dry_run: bool, repor
             continue;
         }
         if !dry_run {
-            image::deregister(ec2, &id).await.with_context(|| format!("gc: removing the {} image {id}", state.as_str()))?;
+            image::deregister(ec2, &id)
+                .await
+                .with_context(|| format!("gc: removing the {} image {id}", state.as_str()))?;
         }
         report.images_deregistered.push(id);
     }

@@ -12,8 +12,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
-    BlockDeviceMapping, EbsBlockDevice, Filter, Image, ImageState, InstanceStateName, ResourceType, Tag,
-    TagSpecification, VolumeType,
+    BlockDeviceMapping, EbsBlockDevice, Filter, Image, ImageState, InstanceStateName, ResourceType,
+    Tag, TagSpecification, VolumeType,
 };
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -52,17 +52,22 @@ impl ImageWaits {
         Wait::new(what, self.timeout)
             .interval(self.interval, self.max_interval)
             .progress(self.progress)
-            .hint("the image may still become available: raise the image wait limit, or remove it with `builder gc`")
+            .hint("a slow but healthy image may still become available: raise the image wait limit")
     }
 }
 
-/// An SDK error as text with its whole chain (the service's code and message included).
+/// An SDK error as one line: the service's code and message when it answered, else the whole
+/// chain (a connection that failed, a timeout).
 pub(crate) fn aws_error<E, R>(e: &SdkError<E, R>) -> anyhow::Error
 where
-    E: std::error::Error + Send + Sync + 'static,
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
 {
-    anyhow!("{}", DisplayErrorContext(e))
+    match (e.code(), e.message()) {
+        (Some(code), Some(msg)) => anyhow!("{code}: {msg}"),
+        (Some(code), None) => anyhow!("{code}"),
+        _ => anyhow!("{}", DisplayErrorContext(e)),
+    }
 }
 
 /// The service's error code (`InvalidAMIID.NotFound`), if the service answered with one.
@@ -80,7 +85,12 @@ pub(crate) fn tag(key: &str, value: &str) -> Tag {
 
 pub(crate) fn tag_map(tags: &[Tag]) -> BTreeMap<String, String> {
     tags.iter()
-        .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or_default().to_string())))
+        .filter_map(|t| {
+            Some((
+                t.key()?.to_string(),
+                t.value().unwrap_or_default().to_string(),
+            ))
+        })
         .collect()
 }
 
@@ -98,7 +108,10 @@ pub fn image_tags(def: &ImageDef, build: &Build, name: &str) -> Vec<Tag> {
 }
 
 fn spec(kind: ResourceType, tags: &[Tag]) -> TagSpecification {
-    TagSpecification::builder().resource_type(kind).set_tags(Some(tags.to_vec())).build()
+    TagSpecification::builder()
+        .resource_type(kind)
+        .set_tags(Some(tags.to_vec()))
+        .build()
 }
 
 /// Snapshot ids of an image's EBS block devices.
@@ -112,16 +125,38 @@ pub(crate) fn snapshots_of(image: &Image) -> Vec<String> {
 
 /// Whether every EBS volume of an image is encrypted.
 pub(crate) fn is_encrypted(image: &Image) -> bool {
-    let ebs: Vec<_> = image.block_device_mappings().iter().filter_map(|m| m.ebs()).collect();
+    let ebs: Vec<_> = image
+        .block_device_mappings()
+        .iter()
+        .filter_map(|m| m.ebs())
+        .collect();
     !ebs.is_empty() && ebs.iter().all(|e| e.encrypted() == Some(true))
 }
 
 /// The image, or None when it does not exist (any more, or not yet: DescribeImages is
 /// eventually consistent right after CreateImage and CopyImage).
 pub(crate) async fn describe(ec2: &aws_sdk_ec2::Client, image_id: &str) -> Result<Option<Image>> {
-    match ec2.describe_images().image_ids(image_id).include_deprecated(true).include_disabled(true).send().await {
-        Ok(out) => Ok(out.images().iter().find(|i| i.image_id() == Some(image_id)).cloned()),
-        Err(e) if matches!(error_code(&e), Some("InvalidAMIID.NotFound" | "InvalidAMIID.Unavailable")) => Ok(None),
+    match ec2
+        .describe_images()
+        .image_ids(image_id)
+        .include_deprecated(true)
+        .include_disabled(true)
+        .send()
+        .await
+    {
+        Ok(out) => Ok(out
+            .images()
+            .iter()
+            .find(|i| i.image_id() == Some(image_id))
+            .cloned()),
+        Err(e)
+            if matches!(
+                error_code(&e),
+                Some("InvalidAMIID.NotFound" | "InvalidAMIID.Unavailable")
+            ) =>
+        {
+            Ok(None)
+        }
         Err(e) => Err(aws_error(&e).context(format!("describing image {image_id}"))),
     }
 }
@@ -138,26 +173,48 @@ pub(crate) async fn look(ec2: &aws_sdk_ec2::Client, image_id: &str) -> Result<Ch
         other => {
             let reason = image
                 .state_reason()
-                .map(|r| format!(": {} {}", r.code().unwrap_or_default(), r.message().unwrap_or_default()))
+                .map(|r| {
+                    format!(
+                        ": {} {}",
+                        r.code().unwrap_or_default(),
+                        r.message().unwrap_or_default()
+                    )
+                })
                 .unwrap_or_default();
-            Check::Failed(format!("image {image_id} is {}{}", other.as_str(), reason.trim_end()))
+            Check::Failed(format!(
+                "image {image_id} is {}{}",
+                other.as_str(),
+                reason.trim_end()
+            ))
         }
     })
 }
 
 /// Waits until an image is available (failing at once on `failed`, `error`, `invalid`).
-pub async fn wait_available(ec2: &aws_sdk_ec2::Client, image_id: &str, what: &str, waits: &ImageWaits) -> Result<Image> {
+pub async fn wait_available(
+    ec2: &aws_sdk_ec2::Client,
+    image_id: &str,
+    what: &str,
+    waits: &ImageWaits,
+) -> Result<Image> {
     waits.wait(what).until(|| look(ec2, image_id)).await
 }
 
 /// Tags resources (by id) with `tags`, where any of them lacks the build id tag or the name.
-pub(crate) async fn ensure_tagged(ec2: &aws_sdk_ec2::Client, ids: &[String], current: &BTreeMap<String, BTreeMap<String, String>>, tags: &[Tag]) -> Result<()> {
+pub(crate) async fn ensure_tagged(
+    ec2: &aws_sdk_ec2::Client,
+    ids: &[String],
+    current: &BTreeMap<String, BTreeMap<String, String>>,
+    tags: &[Tag],
+) -> Result<()> {
     let wanted = tag_map(tags);
     let missing: Vec<String> = ids
         .iter()
         .filter(|id| {
             let have = current.get(*id);
-            wanted.iter().any(|(k, v)| have.and_then(|h| h.get(k)) != Some(v))
+            wanted
+                .iter()
+                .any(|(k, v)| have.and_then(|h| h.get(k)) != Some(v))
         })
         .cloned()
         .collect();
@@ -175,7 +232,10 @@ pub(crate) async fn ensure_tagged(ec2: &aws_sdk_ec2::Client, ids: &[String], cur
 }
 
 /// The snapshots' current tags.
-pub(crate) async fn snapshot_tags(ec2: &aws_sdk_ec2::Client, ids: &[String]) -> Result<BTreeMap<String, BTreeMap<String, String>>> {
+pub(crate) async fn snapshot_tags(
+    ec2: &aws_sdk_ec2::Client,
+    ids: &[String],
+) -> Result<BTreeMap<String, BTreeMap<String, String>>> {
     if ids.is_empty() {
         return Ok(BTreeMap::new());
     }
@@ -195,7 +255,11 @@ pub(crate) async fn snapshot_tags(ec2: &aws_sdk_ec2::Client, ids: &[String]) -> 
 
 /// Tags an image and its snapshots where they are not tagged yet (CopyImage and some
 /// endpoints do not apply TagSpecifications to snapshots).
-pub(crate) async fn tag_image_and_snapshots(ec2: &aws_sdk_ec2::Client, image: &Image, tags: &[Tag]) -> Result<()> {
+pub(crate) async fn tag_image_and_snapshots(
+    ec2: &aws_sdk_ec2::Client,
+    image: &Image,
+    tags: &[Tag],
+) -> Result<()> {
     let id = image.image_id().unwrap_or_default().to_string();
     let mut current = BTreeMap::new();
     current.insert(id.clone(), tag_map(image.tags()));
@@ -218,13 +282,17 @@ async fn inspect_seed(ec2: &aws_sdk_ec2::Client, instance_id: &str) -> Result<Se
         .send()
         .await
         .map_err(|e| aws_error(&e))
-        .with_context(|| format!("describing the seed instance {instance_id} before creating the image"))?;
+        .with_context(|| {
+            format!("describing the seed instance {instance_id} before creating the image")
+        })?;
     let instance = out
         .reservations()
         .iter()
         .flat_map(|r| r.instances())
         .find(|i| i.instance_id() == Some(instance_id))
-        .ok_or_else(|| anyhow!("the seed instance {instance_id} does not exist; cannot create the image"))?;
+        .ok_or_else(|| {
+            anyhow!("the seed instance {instance_id} does not exist; cannot create the image")
+        })?;
     let state = instance.state().and_then(|s| s.name()).cloned();
     if state != Some(InstanceStateName::Stopped) {
         bail!(
@@ -232,7 +300,10 @@ async fn inspect_seed(ec2: &aws_sdk_ec2::Client, instance_id: &str) -> Result<Se
             state.map(|s| s.as_str().to_string()).unwrap_or_else(|| "in an unknown state".into())
         );
     }
-    let root_device = instance.root_device_name().unwrap_or("/dev/xvda").to_string();
+    let root_device = instance
+        .root_device_name()
+        .unwrap_or("/dev/xvda")
+        .to_string();
     let volumes: Vec<String> = instance
         .block_device_mappings()
         .iter()
@@ -247,10 +318,18 @@ async fn inspect_seed(ec2: &aws_sdk_ec2::Client, instance_id: &str) -> Result<Se
             .send()
             .await
             .map_err(|e| aws_error(&e))
-            .with_context(|| format!("describing the volumes of {instance_id} ({})", volumes.join(", ")))?;
+            .with_context(|| {
+                format!(
+                    "describing the volumes of {instance_id} ({})",
+                    volumes.join(", ")
+                )
+            })?;
         !out.volumes().is_empty() && out.volumes().iter().all(|v| v.encrypted() == Some(true))
     };
-    Ok(Seed { root_device, encrypted })
+    Ok(Seed {
+        root_device,
+        encrypted,
+    })
 }
 
 /// The name of the image CreateImage makes. When the definition wants an encrypted image and the
@@ -262,7 +341,12 @@ pub fn intermediate_name(name: &str) -> String {
 }
 
 /// CreateImage from the STOPPED seed instance and wait until it is available. See the module doc.
-pub async fn create_and_wait(ec2: &aws_sdk_ec2::Client, instance_id: &str, def: &ImageDef, build: &Build) -> Result<ImageInfo> {
+pub async fn create_and_wait(
+    ec2: &aws_sdk_ec2::Client,
+    instance_id: &str,
+    def: &ImageDef,
+    build: &Build,
+) -> Result<ImageInfo> {
     create_and_wait_with(ec2, instance_id, def, build, &ImageWaits::default()).await
 }
 
@@ -277,25 +361,45 @@ pub async fn create_and_wait_with(
 ) -> Result<ImageInfo> {
     let seed = inspect_seed(ec2, instance_id).await?;
     let final_name = def.image_name(&build.id, &build.timestamp);
-    let name = if def.encrypted && !seed.encrypted { intermediate_name(&final_name) } else { final_name };
+    let name = if def.encrypted && !seed.encrypted {
+        intermediate_name(&final_name)
+    } else {
+        final_name
+    };
     if name.len() > 128 {
-        bail!("image name `{name}` is {} characters; AWS allows 128: shorten the definition's `name`", name.len());
+        bail!(
+            "image name `{name}` is {} characters; AWS allows 128: shorten the definition's `name`",
+            name.len()
+        );
     }
     let tags = image_tags(def, build, &name);
     let image_id = create_image(ec2, instance_id, def, build, &seed, &name, &tags).await?;
-    tracing::info!("image {image_id} ({name}) created from {instance_id}; waiting until it is available");
+    tracing::info!(
+        "image {image_id} ({name}) created from {instance_id}; waiting until it is available"
+    );
 
     let finish = async {
-        let image = wait_available(ec2, &image_id, &format!("image {image_id} ({name}) to be available"), waits).await?;
-        tag_image_and_snapshots(ec2, &image, &tags).await.with_context(|| format!("tagging image {image_id} and its snapshots"))?;
-        Ok::<_, anyhow::Error>(ImageInfo { image_id: image_id.clone(), snapshot_ids: snapshots_of(&image) })
+        let image = wait_available(
+            ec2,
+            &image_id,
+            &format!("image {image_id} ({name}) to be available"),
+            waits,
+        )
+        .await?;
+        tag_image_and_snapshots(ec2, &image, &tags)
+            .await
+            .with_context(|| format!("tagging image {image_id} and its snapshots"))?;
+        Ok::<_, anyhow::Error>(ImageInfo {
+            image_id: image_id.clone(),
+            snapshot_ids: snapshots_of(&image),
+        })
     };
     match finish.await {
         Ok(info) => Ok(info),
         Err(e) => Err(e.context(match deregister(ec2, &image_id).await {
             Ok(()) => format!("creating image {name} from {instance_id} failed; the half-made image {image_id} was deregistered"),
             Err(d) => format!(
-                "creating image {name} from {instance_id} failed, and removing the half-made image {image_id} failed too ({d:#}): run `builder gc` or `aws ec2 deregister-image --image-id {image_id}`"
+                "creating image {name} from {instance_id} failed, and removing the half-made image {image_id} failed too ({d:#}): remove it with `aws ec2 deregister-image --image-id {image_id}` and delete its snapshots"
             ),
         })),
     }
@@ -329,9 +433,18 @@ async fn create_image(
             .tag_specifications(spec(ResourceType::Image, tags))
     };
     let context = || format!("creating image {name} from the seed instance {instance_id}");
-    let first = request().tag_specifications(spec(ResourceType::Snapshot, tags)).send().await;
+    let first = request()
+        .tag_specifications(spec(ResourceType::Snapshot, tags))
+        .send()
+        .await;
     let err = match first {
-        Ok(out) => return out.image_id().map(str::to_string).ok_or_else(|| anyhow!("CreateImage returned no image id")).with_context(context),
+        Ok(out) => {
+            return out
+                .image_id()
+                .map(str::to_string)
+                .ok_or_else(|| anyhow!("CreateImage returned no image id"))
+                .with_context(context)
+        }
         Err(e) => e,
     };
     if error_code(&err) == Some("InvalidAMIName.Duplicate") {
@@ -342,16 +455,33 @@ async fn create_image(
     // their ids are known. A repeated CreateImage cannot make a second image: names are unique,
     // and a duplicate is recognised by the build id below.
     let snapshot_refused = error_status(&err).is_some_and(|s| s >= 500)
-        || (matches!(error_code(&err), Some("UnsupportedOperation" | "InvalidParameterValue" | "InvalidParameterCombination"))
-            && err.message().is_some_and(|m| m.to_ascii_lowercase().contains("snapshot")));
+        || (matches!(
+            error_code(&err),
+            Some("UnsupportedOperation" | "InvalidParameterValue" | "InvalidParameterCombination")
+        ) && err
+            .message()
+            .is_some_and(|m| m.to_ascii_lowercase().contains("snapshot")));
     if !snapshot_refused {
         return Err(aws_error(&err)).with_context(context);
     }
-    tracing::warn!("CreateImage with snapshot tags failed ({}); retrying with image tags only", DisplayErrorContext(&err));
+    tracing::warn!(
+        "CreateImage with snapshot tags failed ({}); retrying with image tags only",
+        aws_error(&err)
+    );
     match request().send().await {
-        Ok(out) => out.image_id().map(str::to_string).ok_or_else(|| anyhow!("CreateImage returned no image id")).with_context(context),
-        Err(e) if error_code(&e) == Some("InvalidAMIName.Duplicate") => adopt_by_name(ec2, name, build).await.with_context(context),
-        Err(e) => Err(aws_error(&e).context(format!("(the first attempt failed with: {})", DisplayErrorContext(&err)))).with_context(context),
+        Ok(out) => out
+            .image_id()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("CreateImage returned no image id"))
+            .with_context(context),
+        Err(e) if error_code(&e) == Some("InvalidAMIName.Duplicate") => {
+            adopt_by_name(ec2, name, build).await.with_context(context)
+        }
+        Err(e) => Err(aws_error(&e).context(format!(
+            "(the first attempt failed with: {})",
+            aws_error(&err)
+        )))
+        .with_context(context),
     }
 }
 
@@ -366,7 +496,10 @@ async fn adopt_by_name(ec2: &aws_sdk_ec2::Client, name: &str, build: &Build) -> 
         .await
         .map_err(|e| aws_error(&e))
         .with_context(|| format!("looking up the existing image named {name}"))?;
-    let image = out.images().first().ok_or_else(|| anyhow!("AWS says an image named {name} exists, but none is visible"))?;
+    let image = out
+        .images()
+        .first()
+        .ok_or_else(|| anyhow!("AWS says an image named {name} exists, but none is visible"))?;
     let id = image.image_id().unwrap_or_default().to_string();
     let owner = tag_map(image.tags()).get(tags::BUILD_ID).cloned();
     if owner.as_deref() == Some(build.id.as_str()) {
@@ -385,15 +518,24 @@ pub async fn deregister(ec2: &aws_sdk_ec2::Client, image_id: &str) -> Result<()>
 }
 
 /// [`deregister`], returning the snapshots it deleted.
-pub async fn deregister_with_snapshots(ec2: &aws_sdk_ec2::Client, image_id: &str) -> Result<Vec<String>> {
+pub async fn deregister_with_snapshots(
+    ec2: &aws_sdk_ec2::Client,
+    image_id: &str,
+) -> Result<Vec<String>> {
     let snapshots = match describe(ec2, image_id).await? {
         Some(image) => snapshots_of(&image),
         None => return Ok(Vec::new()),
     };
     match ec2.deregister_image().image_id(image_id).send().await {
         Ok(_) => {}
-        Err(e) if matches!(error_code(&e), Some("InvalidAMIID.NotFound" | "InvalidAMIID.Unavailable")) => {}
-        Err(e) => return Err(aws_error(&e)).with_context(|| format!("deregistering image {image_id}")),
+        Err(e)
+            if matches!(
+                error_code(&e),
+                Some("InvalidAMIID.NotFound" | "InvalidAMIID.Unavailable")
+            ) => {}
+        Err(e) => {
+            return Err(aws_error(&e)).with_context(|| format!("deregistering image {image_id}"))
+        }
     }
     let mut deleted = Vec::new();
     let mut failed = Vec::new();
@@ -401,7 +543,7 @@ pub async fn deregister_with_snapshots(ec2: &aws_sdk_ec2::Client, image_id: &str
         match ec2.delete_snapshot().snapshot_id(snap).send().await {
             Ok(_) => deleted.push(snap.clone()),
             Err(e) if error_code(&e) == Some("InvalidSnapshot.NotFound") => {}
-            Err(e) => failed.push(format!("{snap}: {}", DisplayErrorContext(&e))),
+            Err(e) => failed.push(format!("{snap}: {}", aws_error(&e))),
         }
     }
     if !failed.is_empty() {
@@ -421,7 +563,12 @@ pub async fn deregister_build(ec2: &aws_sdk_ec2::Client, build_id: &str) -> Resu
         .owners("self")
         .include_deprecated(true)
         .include_disabled(true)
-        .filters(Filter::builder().name(format!("tag:{}", tags::BUILD_ID)).values(build_id).build())
+        .filters(
+            Filter::builder()
+                .name(format!("tag:{}", tags::BUILD_ID))
+                .values(build_id)
+                .build(),
+        )
         .send()
         .await
         .map_err(|e| aws_error(&e))

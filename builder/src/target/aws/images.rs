@@ -19,7 +19,11 @@ fn filter(name: &str, value: &str) -> Filter {
 }
 
 /// This account's images matching the filters, newest first.
-async fn owned_images(ec2: &aws_sdk_ec2::Client, filters: Vec<Filter>, what: &str) -> Result<Vec<Image>> {
+async fn owned_images(
+    ec2: &aws_sdk_ec2::Client,
+    filters: Vec<Filter>,
+    what: &str,
+) -> Result<Vec<Image>> {
     let mut images: Vec<Image> = ec2
         .describe_images()
         .owners("self")
@@ -34,8 +38,14 @@ async fn owned_images(ec2: &aws_sdk_ec2::Client, filters: Vec<Filter>, what: &st
         .map_err(|e| aws_error(&e))
         .with_context(|| format!("listing {what} (the builder needs ec2:DescribeImages)"))?;
     images.sort_by(|a, b| {
-        (b.creation_date().unwrap_or_default(), b.image_id().unwrap_or_default())
-            .cmp(&(a.creation_date().unwrap_or_default(), a.image_id().unwrap_or_default()))
+        (
+            b.creation_date().unwrap_or_default(),
+            b.image_id().unwrap_or_default(),
+        )
+            .cmp(&(
+                a.creation_date().unwrap_or_default(),
+                a.image_id().unwrap_or_default(),
+            ))
     });
     Ok(images)
 }
@@ -47,7 +57,11 @@ fn managed_filter() -> Filter {
 /// An available image of this definition (tag IMAGE = def.image) with tag INPUT_HASH =
 /// input_hash, owned by this account; newest wins. Its copies in other regions come from the
 /// copy tags `publish` put on it.
-pub async fn find_by_input_hash(ec2: &aws_sdk_ec2::Client, def: &ImageDef, input_hash: &str) -> Result<Option<Artifact>> {
+pub async fn find_by_input_hash(
+    ec2: &aws_sdk_ec2::Client,
+    def: &ImageDef,
+    input_hash: &str,
+) -> Result<Option<Artifact>> {
     let images = owned_images(
         ec2,
         vec![
@@ -90,7 +104,11 @@ pub async fn find_by_input_hash(ec2: &aws_sdk_ec2::Client, def: &ImageDef, input
     if let Some(c) = img.creation_date() {
         details.insert("created".into(), c.to_string());
     }
-    Ok(Some(Artifact { id, regions, details }))
+    Ok(Some(Artifact {
+        id,
+        regions,
+        details,
+    }))
 }
 
 /// One line of `builder images list`.
@@ -116,7 +134,10 @@ fn row(img: &Image) -> ImageRow {
         name: img.name().unwrap_or_default().to_string(),
         image: get(tags::IMAGE),
         created: img.creation_date().unwrap_or_default().to_string(),
-        state: img.state().map(|s| s.as_str().to_string()).unwrap_or_default(),
+        state: img
+            .state()
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_default(),
         build_id: get(tags::BUILD_ID),
         input_hash: get(tags::INPUT_HASH),
         published: false,
@@ -146,14 +167,23 @@ pub async fn list(
         .map(row)
         .filter(|r| image.is_none_or(|name| r.image == name))
         .collect();
-    let definitions: BTreeSet<String> = rows.iter().map(|r| r.image.clone()).filter(|i| !i.is_empty()).collect();
+    let definitions: BTreeSet<String> = rows
+        .iter()
+        .map(|r| r.image.clone())
+        .filter(|i| !i.is_empty())
+        .collect();
     for def in definitions {
-        let Some(parameter) = parameter_of(&def) else { continue };
+        let Some(parameter) = parameter_of(&def) else {
+            continue;
+        };
         let current = current_parameter(ssm, &parameter)
             .await
             .with_context(|| format!("finding which {def} image is published"))?;
         if let Some(current) = current {
-            for r in rows.iter_mut().filter(|r| r.image == def && r.image_id == current) {
+            for r in rows
+                .iter_mut()
+                .filter(|r| r.image == def && r.image_id == current)
+            {
                 r.published = true;
             }
         }
@@ -173,23 +203,38 @@ pub struct PruneReport {
 /// and, in addition, the one its SSM parameter points at; deregisters the rest and deletes their
 /// snapshots. Images that are not `available` (a bake in progress, a disabled image) are left
 /// alone and reported as kept; `builder gc` removes failed leftovers. This region only.
-pub async fn prune(ec2: &aws_sdk_ec2::Client, ssm: &aws_sdk_ssm::Client, def: &ImageDef, keep: usize, dry_run: bool) -> Result<PruneReport> {
+pub async fn prune(
+    ec2: &aws_sdk_ec2::Client,
+    ssm: &aws_sdk_ssm::Client,
+    def: &ImageDef,
+    keep: usize,
+    dry_run: bool,
+) -> Result<PruneReport> {
     // Which image is published must be known for sure before anything is removed.
     let published = match &def.ssm_parameter {
-        Some(p) => current_parameter(ssm, p)
-            .await
-            .with_context(|| format!("pruning {} images: cannot tell which one is published, so none is removed", def.image))?,
+        Some(p) => current_parameter(ssm, p).await.with_context(|| {
+            format!(
+                "pruning {} images: cannot tell which one is published, so none is removed",
+                def.image
+            )
+        })?,
         None => None,
     };
     let images = owned_images(
         ec2,
-        vec![managed_filter(), filter(&format!("tag:{}", tags::IMAGE), &def.image)],
+        vec![
+            managed_filter(),
+            filter(&format!("tag:{}", tags::IMAGE), &def.image),
+        ],
         &format!("the builder's {} images", def.image),
     )
     .await?;
     let mut report = PruneReport::default();
     let mut kept_available = 0;
-    for img in images.iter().filter(|i| tag_map(i.tags()).get(tags::IMAGE) == Some(&def.image)) {
+    for img in images
+        .iter()
+        .filter(|i| tag_map(i.tags()).get(tags::IMAGE) == Some(&def.image))
+    {
         let id = img.image_id().unwrap_or_default().to_string();
         let available = img.state() == Some(&ImageState::Available);
         if !available || published.as_deref() == Some(id.as_str()) {

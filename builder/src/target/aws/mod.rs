@@ -79,6 +79,8 @@ pub struct AwsTarget {
     opts: AwsOptions,
     source: Option<source::SourceImage>,
     created: Created,
+    /// When the seed's lease ends (its `EXPIRES_AT` tag).
+    lease_ends: Option<String>,
 }
 
 impl AwsTarget {
@@ -92,6 +94,7 @@ impl AwsTarget {
             opts,
             source: None,
             created: Created::default(),
+            lease_ends: None,
         }
     }
 
@@ -257,6 +260,7 @@ impl Target for AwsTarget {
             .await
             .context("starting the seed instance")?;
         let tags = temporary_tags(def, build, SystemTime::now());
+        self.lease_ends = tags.get(tags::EXPIRES_AT).cloned();
 
         let vpc = security_group::vpc_for(&self.ec2, def.subnet.as_deref())
             .await
@@ -333,12 +337,14 @@ impl Target for AwsTarget {
 
         if keep && !instances.is_empty() {
             let ids = instances.join(" ");
+            let lease = match &self.lease_ends {
+                Some(at) => format!("at {at}"),
+                None => format!("at the time in its {} tag", tags::EXPIRES_AT),
+            };
             notes.push(format!(
                 "kept seed instance {ids} of build {} in {region} for debugging; it powers itself off, and so terminates, when its \
-                 lease ends (tag {}). Connect with `aws ssm start-session --region {region} --target {}`. Remove it with:",
-                build.id,
-                tags::EXPIRES_AT,
-                instances[0]
+                 lease ends ({lease}). Connect with `aws ssm start-session --region {region} --target {}`. Remove it with:",
+                build.id, instances[0]
             ));
             notes.extend(self.removal_commands(&instances, &groups));
         } else {

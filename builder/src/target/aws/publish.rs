@@ -3,17 +3,18 @@
 //! accounts, deprecation, and the SSM parameter that names the current image.
 //!
 //! Either all of it happens or the copies it made are removed again: a failed publish leaves
-//! only the image it was given (which the bake's cleanup deregisters).
+//! only the image it was given (which the bake's cleanup deregisters). The one exception is
+//! deprecation: an image is complete without it, so a refused EnableImageDeprecation is a warning,
+//! recorded in the artifact's details as `deprecation_failed`.
 
 use super::image::{self, aws_error, error_code, image_tags, ImageInfo, ImageWaits};
 use super::waiter::Check;
 use crate::definition::ImageDef;
 use crate::target::{Artifact, Build};
 use anyhow::{anyhow, bail, Context, Result};
-use aws_sdk_ec2::error::DisplayErrorContext;
 use aws_sdk_ec2::types::{
-    Image, LaunchPermission, LaunchPermissionModifications, OperationType, ResourceType, SnapshotAttributeName, Tag,
-    TagSpecification,
+    Image, ImageState, LaunchPermission, LaunchPermissionModifications, OperationType,
+    ResourceType, SnapshotAttributeName, Tag, TagSpecification,
 };
 use aws_sdk_ssm::types::ParameterType;
 use std::collections::BTreeMap;
@@ -28,13 +29,20 @@ pub const COPY_OF: &str = "stackless:copy-of";
 pub const PARAMETER_DATA_TYPE: &str = "aws:ec2:image";
 
 /// See the module doc and [`publish_with`].
-pub async fn publish(config: &aws_config::SdkConfig, def: &ImageDef, build: &Build, image: &ImageInfo) -> Result<Artifact> {
+pub async fn publish(
+    config: &aws_config::SdkConfig,
+    def: &ImageDef,
+    build: &Build,
+    image: &ImageInfo,
+) -> Result<Artifact> {
     publish_with(config, def, build, image, &ImageWaits::default()).await
 }
 
 /// An EC2 client for a region, with everything else (endpoint, credentials) from `config`.
 pub fn ec2_for(config: &aws_config::SdkConfig, region: &str) -> aws_sdk_ec2::Client {
-    let conf = aws_sdk_ec2::config::Builder::from(config).region(aws_sdk_ec2::config::Region::new(region.to_string())).build();
+    let conf = aws_sdk_ec2::config::Builder::from(config)
+        .region(aws_sdk_ec2::config::Region::new(region.to_string()))
+        .build();
     aws_sdk_ec2::Client::from_conf(conf)
 }
 
@@ -51,7 +59,10 @@ pub fn kms_key_for(key: &str, home: &str, region: &str) -> Result<String> {
             return Ok(key.to_string());
         }
         if parts[4].starts_with("key/mrk-") || parts[4].starts_with("alias/") {
-            return Ok(format!("arn:{}:kms:{region}:{}:{}", parts[0], parts[3], parts[4]));
+            return Ok(format!(
+                "arn:{}:kms:{region}:{}:{}",
+                parts[0], parts[3], parts[4]
+            ));
         }
         bail!(
             "kms_key `{key}` is a single-region key in {}; it cannot encrypt the copy in {region}: use an alias that exists in every region (alias/NAME) or a multi-region key (mrk-...)",
@@ -104,15 +115,22 @@ pub async fn publish_with(
     image: &ImageInfo,
     waits: &ImageWaits,
 ) -> Result<Artifact> {
-    let home = config
-        .region()
-        .map(|r| r.to_string())
-        .ok_or_else(|| anyhow!("no AWS region to publish from: set AWS_REGION or a region in the AWS profile"))?;
+    let home = config.region().map(|r| r.to_string()).ok_or_else(|| {
+        anyhow!("no AWS region to publish from: set AWS_REGION or a region in the AWS profile")
+    })?;
     let keys = preflight(def, &home).context("publishing the image")?;
     let ec2 = ec2_for(config, &home);
     let ssm = aws_sdk_ssm::Client::new(config);
 
-    let mut run = Publish { def, build, home: home.clone(), keys, waits, created: Vec::new(), details: BTreeMap::new() };
+    let mut run = Publish {
+        def,
+        build,
+        home: home.clone(),
+        keys,
+        waits,
+        created: Vec::new(),
+        details: BTreeMap::new(),
+    };
     match run.steps(config, &ec2, &ssm, image).await {
         Ok(artifact) => {
             if artifact.id != image.image_id {
@@ -139,10 +157,16 @@ pub async fn publish_with(
             }
             let mut note = format!("publishing image {} failed", image.image_id);
             if !removed.is_empty() {
-                note.push_str(&format!("; the copies it made were deregistered: {}", removed.join(", ")));
+                note.push_str(&format!(
+                    "; the copies it made were deregistered: {}",
+                    removed.join(", ")
+                ));
             }
             if !left.is_empty() {
-                note.push_str(&format!("; these copies could not be removed, run `builder gc` in their regions: {}", left.join(", ")));
+                note.push_str(&format!(
+                    "; these copies could not be removed, run `builder gc` in their regions: {}",
+                    left.join(", ")
+                ));
             }
             Err(e.context(note))
         }
@@ -179,13 +203,35 @@ impl Publish<'_> {
         let home = self.home.clone();
         let original = image::describe(ec2, &given.image_id)
             .await?
-            .ok_or_else(|| anyhow!("image {} does not exist in {home}; nothing to publish", given.image_id))?;
+            .ok_or_else(|| {
+                anyhow!(
+                    "image {} does not exist in {home}; nothing to publish",
+                    given.image_id
+                )
+            })?;
+        if original.state() != Some(&ImageState::Available) {
+            bail!(
+                "image {} is {} in {home}; only an available image can be published",
+                given.image_id,
+                original
+                    .state()
+                    .map(|s| s.as_str())
+                    .unwrap_or("in an unknown state")
+            );
+        }
 
         // 1. Encryption in the home region.
         let published = if self.def.encrypted && !image::is_encrypted(&original) {
-            let copy = self.copy(config, &home, &given.image_id, "encrypted copy").await?;
-            let copy = self.wait_copies(config, vec![(home.clone(), copy)]).await?.remove(0).1;
-            self.details.insert("encrypted_from".into(), given.image_id.clone());
+            let copy = self
+                .copy(config, &home, &given.image_id, "encrypted copy")
+                .await?;
+            let copy = self
+                .wait_copies(config, vec![(home.clone(), copy)])
+                .await?
+                .remove(0)
+                .1;
+            self.details
+                .insert("encrypted_from".into(), given.image_id.clone());
             copy
         } else {
             original
@@ -215,11 +261,14 @@ impl Publish<'_> {
                         }
                         None => failures.push(format!("{region}: CopyImage returned no image id")),
                     },
-                    Err(e) => failures.push(format!("{region}: {}", DisplayErrorContext(&e))),
+                    Err(e) => failures.push(format!("{region}: {}", aws_error(&e))),
                 }
             }
             if !failures.is_empty() {
-                bail!("copying image {home_id} from {home} failed: {}", failures.join("; "));
+                bail!(
+                    "copying image {home_id} from {home} failed: {}",
+                    failures.join("; ")
+                );
             }
             started.sort();
             images.extend(self.wait_copies(config, started).await?);
@@ -231,17 +280,31 @@ impl Publish<'_> {
             let mut tags = self.tags();
             if img.image_id() != Some(given.image_id.as_str()) {
                 // A copy: of the given image (the encrypted copy) or of the home image.
-                let source = if region == &home { &given.image_id } else { &home_id };
+                let source = if region == &home {
+                    &given.image_id
+                } else {
+                    &home_id
+                };
                 tags.push(image::tag(COPY_OF, &format!("{home}/{source}")));
             }
             image::tag_image_and_snapshots(&ec2_for(config, region), img, &tags)
                 .await
-                .with_context(|| format!("tagging image {} in {region}", img.image_id().unwrap_or_default()))?;
+                .with_context(|| {
+                    format!(
+                        "tagging image {} in {region}",
+                        img.image_id().unwrap_or_default()
+                    )
+                })?;
         }
         let copy_tags: Vec<Tag> = images
             .iter()
             .filter(|(r, _)| r != &home)
-            .map(|(r, i)| image::tag(&format!("{COPY_TAG_PREFIX}{r}"), i.image_id().unwrap_or_default()))
+            .map(|(r, i)| {
+                image::tag(
+                    &format!("{COPY_TAG_PREFIX}{r}"),
+                    i.image_id().unwrap_or_default(),
+                )
+            })
             .collect();
         if !copy_tags.is_empty() {
             ec2.create_tags()
@@ -258,7 +321,8 @@ impl Publish<'_> {
             for (region, img) in &images {
                 self.share(&ec2_for(config, region), region, img).await?;
             }
-            self.details.insert("shared_with".into(), self.def.accounts.join(","));
+            self.details
+                .insert("shared_with".into(), self.def.accounts.join(","));
         }
 
         // 5. Deprecation, in every region.
@@ -280,13 +344,17 @@ impl Publish<'_> {
                     // the manifest, and go on.
                     tracing::warn!(
                         "could not set deprecation of {id} in {region} ({}); set it with `aws ec2 enable-image-deprecation --region {region} --image-id {id} --deprecate-at {stamp}`",
-                        DisplayErrorContext(&e)
+                        aws_error(&e)
                     );
-                    failed.push(format!("{region}/{id}: {}", error_code(&e).unwrap_or("error")));
+                    failed.push(format!(
+                        "{region}/{id}: {}",
+                        error_code(&e).unwrap_or("error")
+                    ));
                 }
             }
             if !failed.is_empty() {
-                self.details.insert("deprecation_failed".into(), failed.join(","));
+                self.details
+                    .insert("deprecation_failed".into(), failed.join(","));
             }
         }
 
@@ -303,12 +371,14 @@ impl Publish<'_> {
                 .description(format!("stackless {} image (build {})", self.def.image, self.build.id))
                 .send()
                 .await
-                .map_err(|e| anyhow!("{}", DisplayErrorContext(&e)))
+                .map_err(|e| aws_error(&e))
                 .with_context(|| {
                     format!("publishing {home_id} to the SSM parameter {parameter} (the builder needs ssm:PutParameter on it)")
                 })?;
-            self.details.insert("ssm_parameter".into(), parameter.clone());
-            self.details.insert("ssm_parameter_version".into(), out.version().to_string());
+            self.details
+                .insert("ssm_parameter".into(), parameter.clone());
+            self.details
+                .insert("ssm_parameter_version".into(), out.version().to_string());
             if let Some(prev) = previous {
                 self.details.insert("ssm_parameter_previous".into(), prev);
             }
@@ -326,8 +396,13 @@ impl Publish<'_> {
             regions.insert(region.clone(), id);
         }
         self.details.insert("name".into(), self.name());
-        self.details.insert("encrypted".into(), self.def.encrypted.to_string());
-        Ok(Artifact { id: home_id, regions, details: std::mem::take(&mut self.details) })
+        self.details
+            .insert("encrypted".into(), self.def.encrypted.to_string());
+        Ok(Artifact {
+            id: home_id,
+            regions,
+            details: std::mem::take(&mut self.details),
+        })
     }
 
     fn copy_request(
@@ -347,16 +422,34 @@ impl Publish<'_> {
             .description(&self.def.description)
             // Idempotent: a retried request does not make a second copy.
             .client_token(format!("{}-{region}", self.build.id))
-            .tag_specifications(TagSpecification::builder().resource_type(ResourceType::Image).set_tags(Some(tags.clone())).build())
-            .tag_specifications(TagSpecification::builder().resource_type(ResourceType::Snapshot).set_tags(Some(tags)).build());
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Image)
+                    .set_tags(Some(tags.clone()))
+                    .build(),
+            )
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Snapshot)
+                    .set_tags(Some(tags))
+                    .build(),
+            );
         if self.def.encrypted {
-            request = request.encrypted(true).set_kms_key_id(self.keys.get(region).cloned().flatten());
+            request = request
+                .encrypted(true)
+                .set_kms_key_id(self.keys.get(region).cloned().flatten());
         }
         request
     }
 
     /// Starts one copy (the encrypted copy in the home region) and records it for rollback.
-    async fn copy(&mut self, config: &aws_config::SdkConfig, region: &str, source: &str, what: &str) -> Result<String> {
+    async fn copy(
+        &mut self,
+        config: &aws_config::SdkConfig,
+        region: &str,
+        source: &str,
+        what: &str,
+    ) -> Result<String> {
         let client = ec2_for(config, region);
         let out = self
             .copy_request(&client, region, source)
@@ -364,19 +457,32 @@ impl Publish<'_> {
             .await
             .map_err(|e| aws_error(&e))
             .with_context(|| format!("making the {what} of {source} in {region}"))?;
-        let id = out.image_id().ok_or_else(|| anyhow!("CopyImage returned no image id"))?.to_string();
+        let id = out
+            .image_id()
+            .ok_or_else(|| anyhow!("CopyImage returned no image id"))?
+            .to_string();
         self.created.push((region.to_string(), id.clone()));
         Ok(id)
     }
 
     /// Waits until every copy is available: one wait (one spinner) over all of them, failing at
     /// once when any one fails.
-    async fn wait_copies(&self, config: &aws_config::SdkConfig, copies: Vec<(String, String)>) -> Result<Vec<(String, Image)>> {
-        let clients: Vec<(String, String, aws_sdk_ec2::Client)> =
-            copies.iter().map(|(r, id)| (r.clone(), id.clone(), ec2_for(config, r))).collect();
+    async fn wait_copies(
+        &self,
+        config: &aws_config::SdkConfig,
+        copies: Vec<(String, String)>,
+    ) -> Result<Vec<(String, Image)>> {
+        let clients: Vec<(String, String, aws_sdk_ec2::Client)> = copies
+            .iter()
+            .map(|(r, id)| (r.clone(), id.clone(), ec2_for(config, r)))
+            .collect();
         let what = format!(
             "the copies of the image to be available ({})",
-            copies.iter().map(|(r, id)| format!("{r}: {id}")).collect::<Vec<_>>().join(", ")
+            copies
+                .iter()
+                .map(|(r, id)| format!("{r}: {id}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         self.waits
             .wait(what)
@@ -384,13 +490,22 @@ impl Publish<'_> {
                 let mut ready = Vec::new();
                 let mut waiting = Vec::new();
                 for (region, id, client) in &clients {
-                    match image::look(client, id).await.with_context(|| format!("checking the copy {id} in {region}"))? {
+                    match image::look(client, id)
+                        .await
+                        .with_context(|| format!("checking the copy {id} in {region}"))?
+                    {
                         Check::Ready(img) => ready.push((region.clone(), img)),
                         Check::Waiting(state) => waiting.push(format!("{region} {state}")),
-                        Check::Failed(why) => return Ok(Check::Failed(format!("the copy in {region} failed: {why}"))),
+                        Check::Failed(why) => {
+                            return Ok(Check::Failed(format!("the copy in {region} failed: {why}")))
+                        }
                     }
                 }
-                Ok(if waiting.is_empty() { Check::Ready(ready) } else { Check::Waiting(waiting.join(", ")) })
+                Ok(if waiting.is_empty() {
+                    Check::Ready(ready)
+                } else {
+                    Check::Waiting(waiting.join(", "))
+                })
             })
             .await
     }
@@ -407,7 +522,12 @@ impl Publish<'_> {
             .send()
             .await
             .map_err(|e| aws_error(&e))
-            .with_context(|| format!("sharing image {id} in {region} with {}", self.def.accounts.join(", ")))?;
+            .with_context(|| {
+                format!(
+                    "sharing image {id} in {region} with {}",
+                    self.def.accounts.join(", ")
+                )
+            })?;
         for snap in image::snapshots_of(img) {
             let mut request = ec2
                 .modify_snapshot_attribute()
@@ -421,7 +541,12 @@ impl Publish<'_> {
                 .send()
                 .await
                 .map_err(|e| aws_error(&e))
-                .with_context(|| format!("sharing snapshot {snap} of {id} in {region} with {}", self.def.accounts.join(", ")))?;
+                .with_context(|| {
+                    format!(
+                        "sharing snapshot {snap} of {id} in {region} with {}",
+                        self.def.accounts.join(", ")
+                    )
+                })?;
         }
         Ok(())
     }
@@ -431,8 +556,13 @@ impl Publish<'_> {
 pub async fn current_parameter(ssm: &aws_sdk_ssm::Client, name: &str) -> Result<Option<String>> {
     match ssm.get_parameter().name(name).send().await {
         Ok(out) => Ok(out.parameter().and_then(|p| p.value()).map(str::to_string)),
-        Err(e) if e.as_service_error().is_some_and(|s| s.is_parameter_not_found()) => Ok(None),
-        Err(e) => Err(anyhow!("{}", DisplayErrorContext(&e))).with_context(|| format!("reading the SSM parameter {name}")),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|s| s.is_parameter_not_found()) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(aws_error(&e)).with_context(|| format!("reading the SSM parameter {name}")),
     }
 }
 

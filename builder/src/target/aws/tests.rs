@@ -519,14 +519,69 @@ async fn an_instance_that_never_reaches_ssm_fails_clearly_and_is_cleaned_up() {
 }
 
 #[tokio::test]
+async fn a_parameter_source_resolves_through_the_shim_which_forwards_to_moto() {
+    let env = env(ShimOptions::default()).await;
+    let mut target = env.target(opts());
+    let ami = target.resolve_source(&env.def).await.unwrap();
+    let ssm = env.shim.client(&env.config);
+    ssm.put_parameter()
+        .name("/test/seed")
+        .value(&ami)
+        .r#type(aws_sdk_ssm::types::ParameterType::String)
+        .send()
+        .await
+        .unwrap();
+    let def = ImageDef {
+        source: definition::Source::Parameter("/test/seed".into()),
+        ..env.def.clone()
+    };
+    assert_eq!(target.resolve_source(&def).await.unwrap(), ami);
+    assert_eq!(env.shim.ops(), vec!["PutParameter", "GetParameter"]);
+}
+
+#[tokio::test]
+async fn a_refused_launch_says_what_to_check_and_leaves_nothing() {
+    let env = env(ShimOptions::default()).await;
+    let mut target = env.target(opts());
+    let def = ImageDef {
+        instance_profile: Some("no-such-profile".into()),
+        ..env.def.clone()
+    };
+    let build = env.build(&mut target, "b-20240102030405-dead00").await;
+    let e = format!("{:#}", target.start(&def, &build).await.err().unwrap());
+    assert!(
+        e.contains("launching the seed instance (t3.micro from ami-"),
+        "{e}"
+    );
+    assert!(
+        e.contains("instance profile no-such-profile") && e.contains("iam:PassRole"),
+        "{e}"
+    );
+    assert!(target.created().instance.is_none());
+    let group = target.created().security_group.clone().unwrap();
+    let notes = target.cleanup(&build, true, false).await.unwrap();
+    assert_eq!(notes, vec![format!("deleted security group {group}")]);
+    assert!(!env.group_exists(&group).await);
+}
+
+#[tokio::test]
 async fn a_start_cancelled_half_way_is_cleaned_up() {
     // Ctrl-C while waiting for SSM: the pipeline drops the start future, then cleans up.
-    let env = env(ShimOptions { online_after: None, ..Default::default() }).await;
+    let env = env(ShimOptions {
+        online_after: None,
+        ..Default::default()
+    })
+    .await;
     let mut target = env.target(opts());
     let build = env.build(&mut target, "b-20240102030405-abcabc").await;
-    let cancelled = tokio::time::timeout(Duration::from_secs(2), target.start(&env.def, &build)).await;
+    let cancelled =
+        tokio::time::timeout(Duration::from_secs(2), target.start(&env.def, &build)).await;
     assert!(cancelled.is_err(), "still waiting for SSM when cancelled");
-    let id = target.created().instance.clone().expect("the launch was recorded");
+    let id = target
+        .created()
+        .instance
+        .clone()
+        .expect("the launch was recorded");
     let group = target.created().security_group.clone().unwrap();
     target.cleanup(&build, true, false).await.unwrap();
     assert_eq!(env.state(&id).await, "terminated");
@@ -650,6 +705,7 @@ async fn keep_leaves_the_seed_and_says_how_to_remove_it() {
         )),
         "{notes:?}"
     );
+    assert!(notes[0].contains("when its lease ends (at 20"), "{notes:?}");
     assert_eq!(
         notes[1..],
         [

@@ -7,7 +7,10 @@ use aws_sdk_ec2::types::{ResourceType, TagSpecification};
 const HOUR: Duration = Duration::from_secs(3600);
 
 fn temp_tags(expires: Option<&str>) -> Vec<Tag> {
-    let mut t = vec![image::tag(tags::TEMPORARY, "true"), image::tag(tags::MANAGED_BY, tags::MANAGED_BY_VALUE)];
+    let mut t = vec![
+        image::tag(tags::TEMPORARY, "true"),
+        image::tag(tags::MANAGED_BY, tags::MANAGED_BY_VALUE),
+    ];
     if let Some(e) = expires {
         t.push(image::tag(tags::EXPIRES_AT, e));
     }
@@ -15,9 +18,17 @@ fn temp_tags(expires: Option<&str>) -> Vec<Tag> {
 }
 
 async fn group(ec2: &aws_sdk_ec2::Client, name: &str, tags: Vec<Tag>) -> String {
-    let mut req = ec2.create_security_group().group_name(name).description("test");
+    let mut req = ec2
+        .create_security_group()
+        .group_name(name)
+        .description("test");
     if !tags.is_empty() {
-        req = req.tag_specifications(TagSpecification::builder().resource_type(ResourceType::SecurityGroup).set_tags(Some(tags)).build());
+        req = req.tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::SecurityGroup)
+                .set_tags(Some(tags))
+                .build(),
+        );
     }
     req.send().await.unwrap().group_id().unwrap().to_string()
 }
@@ -25,21 +36,47 @@ async fn group(ec2: &aws_sdk_ec2::Client, name: &str, tags: Vec<Tag>) -> String 
 async fn instance(ec2: &aws_sdk_ec2::Client, group: &str, tags: Vec<Tag>) -> String {
     let images = ec2.describe_images().owners("amazon").send().await.unwrap();
     let ami = images.images()[0].image_id().unwrap().to_string();
-    let mut req = ec2.run_instances().image_id(ami).min_count(1).max_count(1).security_group_ids(group);
+    let mut req = ec2
+        .run_instances()
+        .image_id(ami)
+        .min_count(1)
+        .max_count(1)
+        .security_group_ids(group);
     if !tags.is_empty() {
-        req = req.tag_specifications(TagSpecification::builder().resource_type(ResourceType::Instance).set_tags(Some(tags)).build());
+        req = req.tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Instance)
+                .set_tags(Some(tags))
+                .build(),
+        );
     }
-    req.send().await.unwrap().instances()[0].instance_id().unwrap().to_string()
+    req.send().await.unwrap().instances()[0]
+        .instance_id()
+        .unwrap()
+        .to_string()
 }
 
 async fn state(ec2: &aws_sdk_ec2::Client, id: &str) -> String {
-    let out = ec2.describe_instances().instance_ids(id).send().await.unwrap();
-    out.reservations()[0].instances()[0].state().unwrap().name().unwrap().as_str().to_string()
+    let out = ec2
+        .describe_instances()
+        .instance_ids(id)
+        .send()
+        .await
+        .unwrap();
+    out.reservations()[0].instances()[0]
+        .state()
+        .unwrap()
+        .name()
+        .unwrap()
+        .as_str()
+        .to_string()
 }
 
 async fn group_exists(ec2: &aws_sdk_ec2::Client, id: &str) -> bool {
     let out = ec2.describe_security_groups().send().await.unwrap();
-    out.security_groups().iter().any(|g| g.group_id() == Some(id))
+    out.security_groups()
+        .iter()
+        .any(|g| g.group_id() == Some(id))
 }
 
 #[tokio::test]
@@ -59,7 +96,11 @@ async fn removes_expired_temporary_instances_and_groups_and_nothing_else() {
     let unreadable = instance(&ec2, &plain_group, temp_tags(Some("next tuesday"))).await;
     let no_expiry = instance(&ec2, &plain_group, temp_tags(None)).await;
     let stopped_expired = instance(&ec2, &expired_group, temp_tags(Some(&past))).await;
-    ec2.stop_instances().instance_ids(&stopped_expired).send().await.unwrap();
+    ec2.stop_instances()
+        .instance_ids(&stopped_expired)
+        .send()
+        .await
+        .unwrap();
 
     let dry = gc(&ec2, now, true).await.unwrap();
     let mut terminated = dry.instances_terminated.clone();
@@ -67,9 +108,13 @@ async fn removes_expired_temporary_instances_and_groups_and_nothing_else() {
     let mut want = vec![expired_seed.clone(), stopped_expired.clone()];
     want.sort();
     assert_eq!(terminated, want);
-    assert_eq!(dry.groups_deleted, [expired_group.clone()]);
+    assert_eq!(dry.groups_deleted, std::slice::from_ref(&expired_group));
     assert!(dry.images_deregistered.is_empty());
-    assert_eq!(state(&ec2, &expired_seed).await, "running", "a dry run changes nothing");
+    assert_eq!(
+        state(&ec2, &expired_seed).await,
+        "running",
+        "a dry run changes nothing"
+    );
     assert!(group_exists(&ec2, &expired_group).await);
     for (id, why) in [
         (&live_seed, "not expired"),
@@ -77,13 +122,24 @@ async fn removes_expired_temporary_instances_and_groups_and_nothing_else() {
         (&unreadable, "unreadable"),
         (&no_expiry, "no stackless:expires-at"),
     ] {
-        assert!(dry.skipped.iter().any(|s| s.starts_with(id.as_str()) && s.contains(why)), "{id} skipped for {why}: {:?}", dry.skipped);
+        assert!(
+            dry.skipped
+                .iter()
+                .any(|s| s.starts_with(id.as_str()) && s.contains(why)),
+            "{id} skipped for {why}: {:?}",
+            dry.skipped
+        );
     }
-    assert!(!dry.skipped.iter().any(|s| s.starts_with(&plain) || s.starts_with(&plain_group)), "untagged resources are not even mentioned");
+    assert!(
+        !dry.skipped
+            .iter()
+            .any(|s| s.starts_with(&plain) || s.starts_with(&plain_group)),
+        "untagged resources are not even mentioned"
+    );
 
     let done = gc(&ec2, now, false).await.unwrap();
     assert_eq!(done.instances_terminated.len(), 2);
-    assert_eq!(done.groups_deleted, [expired_group.clone()]);
+    assert_eq!(done.groups_deleted, std::slice::from_ref(&expired_group));
     assert_eq!(state(&ec2, &expired_seed).await, "terminated");
     assert_eq!(state(&ec2, &stopped_expired).await, "terminated");
     assert!(!group_exists(&ec2, &expired_group).await);
@@ -94,8 +150,8 @@ async fn removes_expired_temporary_instances_and_groups_and_nothing_else() {
 
     // Later, the rest expires too.
     let later = gc(&ec2, now + 2 * HOUR, false).await.unwrap();
-    assert_eq!(later.instances_terminated, [live_seed.clone()]);
-    assert_eq!(later.groups_deleted, [live_group.clone()]);
+    assert_eq!(later.instances_terminated, std::slice::from_ref(&live_seed));
+    assert_eq!(later.groups_deleted, std::slice::from_ref(&live_group));
     assert_eq!(state(&ec2, &plain).await, "running");
 }
 
@@ -107,11 +163,24 @@ async fn a_group_still_in_use_is_skipped_with_the_reason() {
     let past = humantime::format_rfc3339_seconds(SystemTime::now() - HOUR).to_string();
     let g = group(&ec2, "busy", temp_tags(Some(&past))).await;
     shim.answer(|seen| {
-        (seen.action == "DeleteSecurityGroup").then(|| ec2_error(400, "DependencyViolation", "resource has a dependent object"))
+        (seen.action == "DeleteSecurityGroup").then(|| {
+            ec2_error(
+                400,
+                "DependencyViolation",
+                "resource has a dependent object",
+            )
+        })
     });
     let report = gc(&ec2, SystemTime::now(), false).await.unwrap();
     assert!(report.groups_deleted.is_empty());
-    assert!(report.skipped.iter().any(|s| s.starts_with(&g) && s.contains("still in use")), "{:?}", report.skipped);
+    assert!(
+        report
+            .skipped
+            .iter()
+            .any(|s| s.starts_with(&g) && s.contains("still in use")),
+        "{:?}",
+        report.skipped
+    );
 }
 
 #[tokio::test]
@@ -126,8 +195,15 @@ async fn deregisters_images_that_never_became_available() {
         let (ec2, bare, waits) = (ec2.clone(), bare.clone(), waits.clone());
         async move {
             let seed = stopped_instance(&ec2).await;
-            let b = if ts.is_empty() { build(n, "h") } else { build_at(n, ts, "h") };
-            create_and_wait_with(&ec2, &seed, &bare, &b, &waits).await.unwrap().image_id
+            let b = if ts.is_empty() {
+                build(n, "h")
+            } else {
+                build_at(n, ts, "h")
+            };
+            create_and_wait_with(&ec2, &seed, &bare, &b, &waits)
+                .await
+                .unwrap()
+                .image_id
         }
     };
     let failed = bake(1, "").await;
@@ -136,10 +212,31 @@ async fn deregisters_images_that_never_became_available() {
     let available_old = bake(4, "20200101000000").await;
     let disabled_old = bake(5, "20200101000000").await;
     let seed = stopped_instance(&ec2).await;
-    let by_hand = ec2.create_image().instance_id(&seed).name("by-hand").send().await.unwrap().image_id().unwrap().to_string();
-    for (id, st) in [(&failed, "failed"), (&pending_new, "pending"), (&pending_old, "pending"), (&disabled_old, "disabled"), (&by_hand, "failed")] {
+    let by_hand = ec2
+        .create_image()
+        .instance_id(&seed)
+        .name("by-hand")
+        .send()
+        .await
+        .unwrap()
+        .image_id()
+        .unwrap()
+        .to_string();
+    for (id, st) in [
+        (&failed, "failed"),
+        (&pending_new, "pending"),
+        (&pending_old, "pending"),
+        (&disabled_old, "disabled"),
+        (&by_hand, "failed"),
+    ] {
         let (id, st) = (id.clone(), st.to_string());
-        shim.rewrite(move |seen, body| if seen.action == "DescribeImages" { set_image_state(&body, &id, &st, "") } else { body });
+        shim.rewrite(move |seen, body| {
+            if seen.action == "DescribeImages" {
+                set_image_state(&body, &id, &st, "")
+            } else {
+                body
+            }
+        });
     }
 
     let dry = gc(&ec2, now, true).await.unwrap();
@@ -148,14 +245,24 @@ async fn deregisters_images_that_never_became_available() {
     let mut want = vec![failed.clone(), pending_old.clone()];
     want.sort();
     assert_eq!(gone, want);
-    assert!(dry.skipped.iter().any(|s| s.starts_with(&pending_new) && s.contains("may still be running")), "{:?}", dry.skipped);
+    assert!(
+        dry.skipped
+            .iter()
+            .any(|s| s.starts_with(&pending_new) && s.contains("may still be running")),
+        "{:?}",
+        dry.skipped
+    );
     assert_eq!(own_images(&ec2).await.len(), 6);
 
     let done = gc(&ec2, now, false).await.unwrap();
     let mut gone = done.images_deregistered.clone();
     gone.sort();
     assert_eq!(gone, want);
-    let mut left: Vec<String> = own_images(&ec2).await.iter().filter_map(|i| i.image_id().map(str::to_string)).collect();
+    let mut left: Vec<String> = own_images(&ec2)
+        .await
+        .iter()
+        .filter_map(|i| i.image_id().map(str::to_string))
+        .collect();
     left.sort();
     let mut want_left = vec![pending_new, available_old, disabled_old, by_hand];
     want_left.sort();
@@ -165,7 +272,10 @@ async fn deregisters_images_that_never_became_available() {
 #[test]
 fn build_start_comes_from_the_build_id() {
     let t = build_started("b-20240102030405-abcdef").unwrap();
-    assert_eq!(humantime::format_rfc3339_seconds(t).to_string(), "2024-01-02T03:04:05Z");
+    assert_eq!(
+        humantime::format_rfc3339_seconds(t).to_string(),
+        "2024-01-02T03:04:05Z"
+    );
     assert!(build_started("b-2024").is_none());
     assert!(build_started("x-20240102030405-abcdef").is_none());
 }
@@ -173,9 +283,18 @@ fn build_start_comes_from_the_build_id() {
 #[test]
 fn expiry_is_read_from_the_tag() {
     let now = SystemTime::now();
-    let at = |d: SystemTime| vec![image::tag(tags::EXPIRES_AT, &humantime::format_rfc3339_seconds(d).to_string())];
+    let at = |d: SystemTime| {
+        vec![image::tag(
+            tags::EXPIRES_AT,
+            &humantime::format_rfc3339_seconds(d).to_string(),
+        )]
+    };
     assert_eq!(expired(&at(now - HOUR), now), Ok(true));
     assert_eq!(expired(&at(now + HOUR), now), Ok(false));
-    assert!(expired(&[], now).unwrap_err().contains("no stackless:expires-at"));
-    assert!(expired(&[image::tag(tags::EXPIRES_AT, "soon")], now).unwrap_err().contains("unreadable"));
+    assert!(expired(&[], now)
+        .unwrap_err()
+        .contains("no stackless:expires-at"));
+    assert!(expired(&[image::tag(tags::EXPIRES_AT, "soon")], now)
+        .unwrap_err()
+        .contains("unreadable"));
 }

@@ -7,7 +7,7 @@
 use crate::definition::{self, ImageDef};
 use crate::target::aws::image::ImageWaits;
 use crate::target::Build;
-use crate::testing::{repo_root, Moto};
+use crate::testing::Moto;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,7 +26,10 @@ pub struct Seen {
 
 impl Seen {
     pub fn param(&self, key: &str) -> Option<&str> {
-        self.params.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.params
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -56,15 +59,13 @@ fn decode(s: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
+            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                Ok(b) => {
+                    out.push(b);
+                    i += 2;
                 }
-            }
+                Err(_) => out.push(b'%'),
+            },
             b => out.push(b),
         }
         i += 1;
@@ -93,12 +94,21 @@ impl Shim {
                 serve(request, &r, &upstream);
             }
         });
-        Shim { endpoint: format!("http://127.0.0.1:{port}"), rules, server, thread: Some(thread) }
+        Shim {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            rules,
+            server,
+            thread: Some(thread),
+        }
     }
 
     /// An SDK configuration like moto's, pointed at the shim.
     pub async fn sdk_config(&self, moto: &Moto) -> aws_config::SdkConfig {
-        moto.sdk_config().await.to_builder().endpoint_url(&self.endpoint).build()
+        moto.sdk_config()
+            .await
+            .to_builder()
+            .endpoint_url(&self.endpoint)
+            .build()
     }
 
     /// Answers the requests `f` takes instead of moto.
@@ -116,7 +126,10 @@ impl Shim {
     }
 
     pub fn seen_action(&self, action: &str) -> Vec<Seen> {
-        self.seen().into_iter().filter(|s| s.action == action).collect()
+        self.seen()
+            .into_iter()
+            .filter(|s| s.action == action)
+            .collect()
     }
 
     /// Makes DescribeImages show `image_id` (in `region`) in `state`, with a state reason.
@@ -135,11 +148,20 @@ impl Shim {
 /// In a DescribeImages answer: the state of one image (the `imageState` that follows its id).
 pub fn set_image_state(xml: &str, image_id: &str, state: &str, extra: &str) -> String {
     let marker = format!("<imageId>{image_id}</imageId>");
-    let Some(at) = xml.find(&marker) else { return xml.to_string() };
+    let Some(at) = xml.find(&marker) else {
+        return xml.to_string();
+    };
     let rest = &xml[at..];
-    let (Some(s), Some(e)) = (rest.find("<imageState>"), rest.find("</imageState>")) else { return xml.to_string() };
+    let (Some(s), Some(e)) = (rest.find("<imageState>"), rest.find("</imageState>")) else {
+        return xml.to_string();
+    };
     let end = e + "</imageState>".len();
-    format!("{}{}<imageState>{state}</imageState>{extra}{}", &xml[..at], &rest[..s], &rest[end..])
+    format!(
+        "{}{}<imageState>{state}</imageState>{extra}{}",
+        &xml[..at],
+        &rest[..s],
+        &rest[end..]
+    )
 }
 
 /// An EC2 error answer.
@@ -166,7 +188,11 @@ pub fn ec2_ok(action: &str) -> Reply {
 
 /// An SSM (awsJson1.1) error answer.
 pub fn json_error(status: u16, kind: &str, message: &str) -> Reply {
-    (status, "application/x-amz-json-1.1".into(), serde_json::json!({"__type": kind, "message": message}).to_string())
+    (
+        status,
+        "application/x-amz-json-1.1".into(),
+        serde_json::json!({"__type": kind, "message": message}).to_string(),
+    )
 }
 
 fn serve(mut request: tiny_http::Request, rules: &Mutex<Rules>, upstream: &str) {
@@ -174,7 +200,12 @@ fn serve(mut request: tiny_http::Request, rules: &Mutex<Rules>, upstream: &str) 
     let _ = request.as_reader().read_to_end(&mut body);
     let text = String::from_utf8_lossy(&body).into_owned();
     let header = |name: &'static str| {
-        request.headers().iter().find(|h| h.field.equiv(name)).map(|h| h.value.as_str().to_string()).unwrap_or_default()
+        request
+            .headers()
+            .iter()
+            .find(|h| h.field.equiv(name))
+            .map(|h| h.value.as_str().to_string())
+            .unwrap_or_default()
     };
     let auth = header("Authorization");
     let region = auth
@@ -184,12 +215,25 @@ fn serve(mut request: tiny_http::Request, rules: &Mutex<Rules>, upstream: &str) 
         .unwrap_or_default()
         .to_string();
     let target = header("X-Amz-Target");
-    let params = if target.is_empty() { form(&text) } else { Vec::new() };
+    let params = if target.is_empty() {
+        form(&text)
+    } else {
+        Vec::new()
+    };
     let action = match target.rsplit_once('.') {
         Some((_, op)) => op.to_string(),
-        None => params.iter().find(|(k, _)| k == "Action").map(|(_, v)| v.clone()).unwrap_or_default(),
+        None => params
+            .iter()
+            .find(|(k, _)| k == "Action")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default(),
     };
-    let seen = Seen { action, region, params, body: text };
+    let seen = Seen {
+        action,
+        region,
+        params,
+        body: text,
+    };
     let answered = {
         let mut r = rules.lock().unwrap();
         r.seen.push(seen.clone());
@@ -208,15 +252,29 @@ fn serve(mut request: tiny_http::Request, rules: &Mutex<Rules>, upstream: &str) 
     }
     let response = tiny_http::Response::from_string(reply)
         .with_status_code(status)
-        .with_header(tiny_http::Header::from_bytes("Content-Type", content_type.as_bytes()).expect("a header"));
+        .with_header(
+            tiny_http::Header::from_bytes("Content-Type", content_type.as_bytes())
+                .expect("a header"),
+        );
     let _ = request.respond(response);
 }
 
 fn forward(request: &tiny_http::Request, body: &[u8], upstream: &str) -> Reply {
-    let mut out = ureq::request(request.method().as_str(), &format!("{upstream}{}", request.url()));
+    let mut out = ureq::request(
+        request.method().as_str(),
+        &format!("{upstream}{}", request.url()),
+    );
     for h in request.headers() {
         let name = h.field.as_str().as_str();
-        if ["host", "content-length", "connection", "transfer-encoding", "expect"].contains(&name.to_ascii_lowercase().as_str()) {
+        if [
+            "host",
+            "content-length",
+            "connection",
+            "transfer-encoding",
+            "expect",
+        ]
+        .contains(&name.to_ascii_lowercase().as_str())
+        {
             continue;
         }
         out = out.set(name, h.value.as_str());
@@ -224,11 +282,24 @@ fn forward(request: &tiny_http::Request, body: &[u8], upstream: &str) -> Reply {
     let response = match out.send_bytes(body) {
         Ok(r) => r,
         Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => return (502, "text/plain".into(), format!("shim: moto unreachable: {e}")),
+        Err(e) => {
+            return (
+                502,
+                "text/plain".into(),
+                format!("shim: moto unreachable: {e}"),
+            )
+        }
     };
     let status = response.status();
-    let content_type = response.header("Content-Type").unwrap_or("text/xml").to_string();
-    (status, content_type, response.into_string().unwrap_or_default())
+    let content_type = response
+        .header("Content-Type")
+        .unwrap_or("text/xml")
+        .to_string();
+    (
+        status,
+        content_type,
+        response.into_string().unwrap_or_default(),
+    )
 }
 
 impl Drop for Shim {
@@ -240,18 +311,26 @@ impl Drop for Shim {
     }
 }
 
-/// The `bare` definition with nothing to publish, as a base for tests.
+/// A small definition named `image`, with nothing to publish, as a base for tests (made here,
+/// so the tests do not depend on the shipped definitions).
 pub fn def(image: &str) -> ImageDef {
-    let mut def = definition::load(&repo_root().join("images"), "bare").expect("images/bare.toml loads");
-    def.image = image.to_string();
-    def.name_template = "stackless-{image}-{build_id}".into();
-    def.regions = Vec::new();
-    def.accounts = Vec::new();
-    def.encrypted = false;
-    def.kms_key = None;
-    def.deprecate_after = None;
-    def.ssm_parameter = None;
-    def.tags = BTreeMap::from([("team".to_string(), "platform".to_string()), (super::tags::IMAGE.to_string(), "wrong".to_string())]);
+    let dir = tempfile::tempdir().expect("a scratch folder");
+    let text = format!(
+        "name = \"stackless-{{image}}-{{build_id}}\"\n\
+         description = \"stackless {image} test image\"\n\
+         [source]\nami = \"ami-12345678\"\n\
+         [instance]\nvolume_type = \"gp3\"\n\
+         [tags]\nteam = \"platform\"\n\"{}\" = \"wrong\"\n",
+        super::tags::IMAGE
+    );
+    std::fs::write(dir.path().join(format!("{image}.toml")), text).expect("writing the definition");
+    let def = definition::load(dir.path(), image).expect("the test definition loads");
+    assert!(
+        def.regions.is_empty()
+            && def.accounts.is_empty()
+            && !def.encrypted
+            && def.ssm_parameter.is_none()
+    );
     def
 }
 
@@ -269,25 +348,48 @@ pub fn build_at(n: u32, timestamp: &str, input_hash: &str) -> Build {
 /// A build of now.
 pub fn build(n: u32, input_hash: &str) -> Build {
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-    let ts: String = now.chars().filter(|c| c.is_ascii_digit()).take(14).collect();
+    let ts: String = now
+        .chars()
+        .filter(|c| c.is_ascii_digit())
+        .take(14)
+        .collect();
     build_at(n, &ts, input_hash)
 }
 
 /// Quick waits for tests.
 pub fn quick(timeout: Duration) -> ImageWaits {
-    ImageWaits { timeout, interval: Duration::from_millis(20), max_interval: Duration::from_millis(100), progress: false }
+    ImageWaits {
+        timeout,
+        interval: Duration::from_millis(20),
+        max_interval: Duration::from_millis(100),
+        progress: false,
+    }
 }
 
 /// A seed instance in moto, stopped, from the first of moto's Amazon images.
 pub async fn stopped_instance(ec2: &aws_sdk_ec2::Client) -> String {
     let id = running_instance(ec2).await;
-    ec2.stop_instances().instance_ids(&id).send().await.expect("stopping the seed");
+    ec2.stop_instances()
+        .instance_ids(&id)
+        .send()
+        .await
+        .expect("stopping the seed");
     id
 }
 
 pub async fn running_instance(ec2: &aws_sdk_ec2::Client) -> String {
-    let images = ec2.describe_images().owners("amazon").send().await.expect("moto's images");
-    let ami = images.images().first().and_then(|i| i.image_id()).expect("moto has images").to_string();
+    let images = ec2
+        .describe_images()
+        .owners("amazon")
+        .send()
+        .await
+        .expect("moto's images");
+    let ami = images
+        .images()
+        .first()
+        .and_then(|i| i.image_id())
+        .expect("moto has images")
+        .to_string();
     let out = ec2
         .run_instances()
         .image_id(ami)
@@ -304,14 +406,33 @@ pub async fn running_instance(ec2: &aws_sdk_ec2::Client) -> String {
 pub async fn tags_of(ec2: &aws_sdk_ec2::Client, id: &str) -> BTreeMap<String, String> {
     let out = ec2
         .describe_tags()
-        .filters(aws_sdk_ec2::types::Filter::builder().name("resource-id").values(id).build())
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("resource-id")
+                .values(id)
+                .build(),
+        )
         .send()
         .await
         .expect("describing tags");
-    out.tags().iter().map(|t| (t.key().unwrap_or_default().to_string(), t.value().unwrap_or_default().to_string())).collect()
+    out.tags()
+        .iter()
+        .map(|t| {
+            (
+                t.key().unwrap_or_default().to_string(),
+                t.value().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
 }
 
 /// This account's images in the client's region.
 pub async fn own_images(ec2: &aws_sdk_ec2::Client) -> Vec<aws_sdk_ec2::types::Image> {
-    ec2.describe_images().owners("self").send().await.expect("describing images").images().to_vec()
+    ec2.describe_images()
+        .owners("self")
+        .send()
+        .await
+        .expect("describing images")
+        .images()
+        .to_vec()
 }

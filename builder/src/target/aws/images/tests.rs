@@ -12,7 +12,9 @@ use std::time::Duration;
 async fn bake(ec2: &aws_sdk_ec2::Client, def: &ImageDef, build: &Build) -> ImageInfo {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let seed = stopped_instance(ec2).await;
-    create_and_wait_with(ec2, &seed, def, build, &quick(Duration::from_secs(30))).await.unwrap()
+    create_and_wait_with(ec2, &seed, def, build, &quick(Duration::from_secs(30)))
+        .await
+        .unwrap()
 }
 
 async fn point(ssm: &aws_sdk_ssm::Client, parameter: &str, id: &str) {
@@ -34,23 +36,39 @@ async fn finds_the_newest_available_image_with_the_input_hash() {
     let bare = def("bare");
     let other = def("preseeded");
     let _old = bake(&ec2, &bare, &build(1, "same")).await;
-    let new = bake(&ec2, &bare, &build(2, "same")).await;
+    let new_build = build(2, "same");
+    let new = bake(&ec2, &bare, &new_build).await;
     let _different = bake(&ec2, &bare, &build(3, "different")).await;
     let _other_def = bake(&ec2, &other, &build(4, "same")).await;
-    ec2.create_tags().resources(&new.image_id).tags(image::tag("stackless:copy:us-east-2", "ami-0copy")).send().await.unwrap();
+    ec2.create_tags()
+        .resources(&new.image_id)
+        .tags(image::tag("stackless:copy:us-east-2", "ami-0copy"))
+        .send()
+        .await
+        .unwrap();
 
-    let found = find_by_input_hash(&ec2, &bare, "same").await.unwrap().expect("an image with that hash");
+    let found = find_by_input_hash(&ec2, &bare, "same")
+        .await
+        .unwrap()
+        .expect("an image with that hash");
     assert_eq!(found.id, new.image_id);
     assert_eq!(found.regions.get("eu-west-1"), Some(&new.image_id));
-    assert_eq!(found.regions.get("us-east-2").map(String::as_str), Some("ami-0copy"));
+    assert_eq!(
+        found.regions.get("us-east-2").map(String::as_str),
+        Some("ami-0copy")
+    );
     assert_eq!(found.details["reused"], "true");
-    assert_eq!(found.details["build_id"], build(2, "same").id);
+    assert_eq!(found.details["build_id"], new_build.id);
     assert_eq!(found.details["snapshots"], new.snapshot_ids.join(","));
 
-    assert!(find_by_input_hash(&ec2, &bare, "nothing-like-it").await.unwrap().is_none());
-    let mut unknown = def("unknown");
-    unknown.image = "unknown".into();
-    assert!(find_by_input_hash(&ec2, &unknown, "same").await.unwrap().is_none());
+    assert!(find_by_input_hash(&ec2, &bare, "nothing-like-it")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(find_by_input_hash(&ec2, &def("unknown"), "same")
+        .await
+        .unwrap()
+        .is_none());
 }
 
 #[tokio::test]
@@ -63,8 +81,17 @@ async fn an_image_that_is_not_available_is_not_reused() {
     // Moto lists it under the state=available filter; the answer says pending, and the builder
     // checks the state itself rather than trust every endpoint's filters.
     let id = img.image_id.clone();
-    shim.rewrite(move |seen, body| if seen.action == "DescribeImages" { set_image_state(&body, &id, "pending", "") } else { body });
-    assert!(find_by_input_hash(&ec2, &bare, "h").await.unwrap().is_none());
+    shim.rewrite(move |seen, body| {
+        if seen.action == "DescribeImages" {
+            set_image_state(&body, &id, "pending", "")
+        } else {
+            body
+        }
+    });
+    assert!(find_by_input_hash(&ec2, &bare, "h")
+        .await
+        .unwrap()
+        .is_none());
 }
 
 #[tokio::test]
@@ -75,10 +102,16 @@ async fn lists_the_builders_images_newest_first_marking_the_published_ones() {
     let ssm = aws_sdk_ssm::Client::new(&config);
     let a1 = bake(&ec2, &def("bare"), &build(1, "h1")).await;
     let b1 = bake(&ec2, &def("preseeded"), &build(2, "h2")).await;
-    let a2 = bake(&ec2, &def("bare"), &build(3, "h3")).await;
+    let a2_build = build(3, "h3");
+    let a2 = bake(&ec2, &def("bare"), &a2_build).await;
     // Not the builder's: an image made by hand from the same seed.
     let seed = stopped_instance(&ec2).await;
-    ec2.create_image().instance_id(&seed).name("by-hand").send().await.unwrap();
+    ec2.create_image()
+        .instance_id(&seed)
+        .name("by-hand")
+        .send()
+        .await
+        .unwrap();
     point(&ssm, "/p/bare", &a1.image_id).await;
 
     let parameter_of = |image: &str| match image {
@@ -88,15 +121,34 @@ async fn lists_the_builders_images_newest_first_marking_the_published_ones() {
     };
     let rows = list(&ec2, &ssm, None, &parameter_of).await.unwrap();
     let ids: Vec<_> = rows.iter().map(|r| r.image_id.as_str()).collect();
-    assert_eq!(ids, [a2.image_id.as_str(), b1.image_id.as_str(), a1.image_id.as_str()]);
-    let published: Vec<_> = rows.iter().filter(|r| r.published).map(|r| r.image_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            a2.image_id.as_str(),
+            b1.image_id.as_str(),
+            a1.image_id.as_str()
+        ]
+    );
+    let published: Vec<_> = rows
+        .iter()
+        .filter(|r| r.published)
+        .map(|r| r.image_id.as_str())
+        .collect();
     assert_eq!(published, [a1.image_id.as_str()]);
     let r = &rows[0];
-    assert_eq!((r.image.as_str(), r.state.as_str(), r.input_hash.as_str()), ("bare", "available", "h3"));
-    assert_eq!(r.build_id, build(3, "h3").id);
+    assert_eq!(
+        (r.image.as_str(), r.state.as_str(), r.input_hash.as_str()),
+        ("bare", "available", "h3")
+    );
+    assert_eq!(r.build_id, a2_build.id);
     assert!(r.name.starts_with("stackless-bare-") && !r.created.is_empty());
 
-    let only: Vec<_> = list(&ec2, &ssm, Some("preseeded"), &parameter_of).await.unwrap().into_iter().map(|r| r.image_id).collect();
+    let only: Vec<_> = list(&ec2, &ssm, Some("preseeded"), &parameter_of)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.image_id)
+        .collect();
     assert_eq!(only, [b1.image_id]);
 }
 
@@ -117,28 +169,64 @@ async fn prune_keeps_the_newest_n_and_the_published_one() {
     point(&ssm, "/p/bare", &made[0].image_id).await;
 
     let dry = prune(&ec2, &ssm, &bare, 2, true).await.unwrap();
-    assert_eq!(dry.kept, [made[4].image_id.clone(), made[3].image_id.clone(), made[0].image_id.clone()]);
-    assert_eq!(dry.deregistered, [made[2].image_id.clone(), made[1].image_id.clone()]);
-    let mut doomed_snaps: Vec<String> = made[2].snapshot_ids.iter().chain(&made[1].snapshot_ids).cloned().collect();
+    assert_eq!(
+        dry.kept,
+        [
+            made[4].image_id.clone(),
+            made[3].image_id.clone(),
+            made[0].image_id.clone()
+        ]
+    );
+    assert_eq!(
+        dry.deregistered,
+        [made[2].image_id.clone(), made[1].image_id.clone()]
+    );
+    let mut doomed_snaps: Vec<String> = made[2]
+        .snapshot_ids
+        .iter()
+        .chain(&made[1].snapshot_ids)
+        .cloned()
+        .collect();
     assert_eq!(dry.snapshots_deleted, doomed_snaps);
     assert_eq!(own_images(&ec2).await.len(), 6, "a dry run removes nothing");
 
     let done = prune(&ec2, &ssm, &bare, 2, false).await.unwrap();
     assert_eq!(done, dry);
-    let mut left: Vec<String> = own_images(&ec2).await.iter().filter_map(|i| i.image_id().map(str::to_string)).collect();
+    let mut left: Vec<String> = own_images(&ec2)
+        .await
+        .iter()
+        .filter_map(|i| i.image_id().map(str::to_string))
+        .collect();
     left.sort();
-    let mut expected = vec![made[0].image_id.clone(), made[3].image_id.clone(), made[4].image_id.clone(), other.image_id.clone()];
+    let mut expected = vec![
+        made[0].image_id.clone(),
+        made[3].image_id.clone(),
+        made[4].image_id.clone(),
+        other.image_id.clone(),
+    ];
     expected.sort();
     assert_eq!(left, expected);
-    let snaps = ec2.describe_snapshots().owner_ids("self").send().await.unwrap();
-    let have: Vec<_> = snaps.snapshots().iter().filter_map(|s| s.snapshot_id()).collect();
+    let snaps = ec2
+        .describe_snapshots()
+        .owner_ids("self")
+        .send()
+        .await
+        .unwrap();
+    let have: Vec<_> = snaps
+        .snapshots()
+        .iter()
+        .filter_map(|s| s.snapshot_id())
+        .collect();
     doomed_snaps.retain(|s| have.contains(&s.as_str()));
     assert!(doomed_snaps.is_empty(), "snapshots left: {doomed_snaps:?}");
 
     // --keep 0 still keeps the published image.
     let zero = prune(&ec2, &ssm, &bare, 0, false).await.unwrap();
     assert_eq!(zero.kept, [made[0].image_id.clone()]);
-    assert_eq!(zero.deregistered, [made[4].image_id.clone(), made[3].image_id.clone()]);
+    assert_eq!(
+        zero.deregistered,
+        [made[4].image_id.clone(), made[3].image_id.clone()]
+    );
 }
 
 #[tokio::test]
@@ -152,7 +240,13 @@ async fn prune_leaves_images_that_are_not_available() {
     let old = bake(&ec2, &bare, &build(1, "h")).await;
     let baking = bake(&ec2, &bare, &build(2, "h")).await;
     let id = baking.image_id.clone();
-    shim.rewrite(move |seen, body| if seen.action == "DescribeImages" { set_image_state(&body, &id, "pending", "") } else { body });
+    shim.rewrite(move |seen, body| {
+        if seen.action == "DescribeImages" {
+            set_image_state(&body, &id, "pending", "")
+        } else {
+            body
+        }
+    });
     let report = prune(&ec2, &ssm, &bare, 0, false).await.unwrap();
     assert_eq!(report.kept, [baking.image_id]);
     assert_eq!(report.deregistered, [old.image_id]);
@@ -170,10 +264,19 @@ async fn prune_removes_nothing_when_it_cannot_tell_which_image_is_published() {
     bake(&ec2, &bare, &build(1, "h")).await;
     bake(&ec2, &bare, &build(2, "h")).await;
     shim.answer(|seen| {
-        (seen.action == "GetParameter").then(|| json_error(400, "AccessDeniedException", "not authorized to perform: ssm:GetParameter"))
+        (seen.action == "GetParameter").then(|| {
+            json_error(
+                400,
+                "AccessDeniedException",
+                "not authorized to perform: ssm:GetParameter",
+            )
+        })
     });
     let e = prune(&ec2, &ssm, &bare, 0, false).await.unwrap_err();
     let msg = format!("{e:#}");
-    assert!(msg.contains("none is removed") && msg.contains("AccessDenied") && msg.contains("/p/bare"), "{msg}");
+    assert!(
+        msg.contains("none is removed") && msg.contains("AccessDenied") && msg.contains("/p/bare"),
+        "{msg}"
+    );
     assert_eq!(own_images(&ec2).await.len(), 2);
 }
