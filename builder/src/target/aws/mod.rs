@@ -81,6 +81,8 @@ pub struct AwsTarget {
     created: Created,
     /// When the seed's lease ends (its `EXPIRES_AT` tag).
     lease_ends: Option<String>,
+    /// Regions the definition copies to: an interrupted publish may have left copies there.
+    copy_regions: Vec<String>,
 }
 
 impl AwsTarget {
@@ -95,6 +97,7 @@ impl AwsTarget {
             source: None,
             created: Created::default(),
             lease_ends: None,
+            copy_regions: Vec::new(),
         }
     }
 
@@ -255,6 +258,7 @@ impl Target for AwsTarget {
 
     async fn start(&mut self, def: &ImageDef, build: &Build) -> Result<Arc<dyn Communicator>> {
         let region = self.region();
+        self.copy_regions = def.regions.clone();
         let source = self
             .source_for(build)
             .await
@@ -396,6 +400,16 @@ impl Target for AwsTarget {
             match images_by_build(&self.ec2, &build.id).await {
                 Ok(found) => images.extend(found),
                 Err(e) => errors.push(format!("{e:#}")),
+            }
+            // Copies an interrupted publish made in other regions.
+            for r in self.copy_regions.clone().iter().filter(|r| **r != region) {
+                match image::deregister_build(&publish::ec2_for(&self.config, r), &build.id).await {
+                    Ok(gone) if !gone.is_empty() => {
+                        notes.push(format!("deregistered the copies {} in {r}", gone.join(" ")))
+                    }
+                    Ok(_) => {}
+                    Err(e) => errors.push(format!("{r}: {e:#}")),
+                }
             }
             for img in images {
                 match image::deregister(&self.ec2, &img).await {
