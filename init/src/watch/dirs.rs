@@ -1,9 +1,11 @@
 //! Which folders to watch for a set of patterns, and which files the patterns match now.
 //!
-//! Every folder on the way from `/` to the files is watched for entry changes (create, delete,
-//! rename) of the names the next pattern component can take: that catches a missing folder that
-//! appears (the nearest existing ancestor is watched), a new folder matching a glob, and a
-//! symlink like `current` replaced by a rename. The folders holding the files are watched for
+//! Every folder on the way from `/` to the files is watched for its own move or deletion, and
+//! where the path can change under us, for entry changes (create, delete, rename) of the names
+//! the next pattern component can take: that catches a missing folder that appears (the nearest
+//! existing ancestor is watched), a new folder matching a glob, and a symlink like `current`
+//! replaced by a rename. Real folders on the way get no entry watch, so the comings and goings
+//! of other files in busy folders like /tmp or /etc never wake the agent. The folders holding the files are watched for
 //! content changes too. Paths stay lexical (never canonicalised): a watch through a symlink
 //! lands on the inode it points at now, and the next entry event on the way re-plans.
 
@@ -82,7 +84,21 @@ impl Plan {
         for (ci, comp) in dir_comps.iter().enumerate() {
             let mut next = BTreeMap::new();
             for (dir, id) in &cur {
-                self.slot(dir, *id).entries.insert((pi, ci));
+                // A real (non-symlink) folder on the way needs no entry watch on its parent:
+                // the self events every watch carries (moved, deleted) re-plan if it goes.
+                // Entry watches stay where the path can change under us: a missing name, a
+                // symlink (the `current` flip), a glob. Busy ancestors such as /tmp or /etc then
+                // never wake an idle agent.
+                let stable = match comp {
+                    Comp::Literal(name) => {
+                        fs::symlink_metadata(dir.join(name)).is_ok_and(|m| m.is_dir())
+                    }
+                    _ => false,
+                };
+                let slot = self.slot(dir, *id);
+                if !stable {
+                    slot.entries.insert((pi, ci));
+                }
                 match comp {
                     Comp::Literal(name) => {
                         let child = dir.join(name);
@@ -206,10 +222,27 @@ mod tests {
         let files: Vec<_> = plan.file_dirs[0].iter().map(|(p, _)| p.clone()).collect();
         assert_eq!(files, vec![root.join("a/x/conf"), root.join("a/y/conf")]);
         assert!(plan.file_dirs[1].is_empty());
-        // Every ancestor is watched for entries, up to `/`.
+        // Every ancestor is watched, up to `/`; for entries only where the path can change
+        // under us: before a glob (`a`), or a missing name (`root`, for pattern 1).
         for d in [Path::new("/"), root, &root.join("a"), &root.join("a/x")] {
-            assert!(!plan.dirs[d].entries.is_empty(), "{}", d.display());
+            assert!(plan.dirs.contains_key(d), "{}", d.display());
         }
+        assert!(
+            plan.dirs[Path::new("/")].entries.is_empty(),
+            "/ is a stable ancestor"
+        );
+        assert!(
+            plan.dirs[&root.join("a/x")].entries.is_empty(),
+            "a/x/conf exists: stable"
+        );
+        assert!(
+            !plan.dirs[&root.join("a")].entries.is_empty(),
+            "a/* is a glob"
+        );
+        assert!(
+            !plan.dirs[root].entries.iter().any(|&(pi, _)| pi == 0),
+            "a exists: stable"
+        );
         // The missing folder's nearest existing ancestor is watched.
         assert!(plan.dirs[root]
             .entries
@@ -236,5 +269,24 @@ mod tests {
             files,
             vec![root.join("a"), root.join("a/b"), root.join("a/b/c")]
         );
+    }
+
+    #[test]
+    fn symlinks_on_the_way_keep_their_parent_watched_for_entries() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        fs::create_dir_all(root.join("releases/r1/app")).unwrap();
+        std::os::unix::fs::symlink("releases/r1", root.join("current")).unwrap();
+        let pats = vec![Pattern::parse(&format!("{}/current/app/*.conf", root.display())).unwrap()];
+        let plan = Plan::build(&pats);
+        assert!(
+            !plan.dirs[root].entries.is_empty(),
+            "the folder holding `current` sees its flip"
+        );
+        assert!(
+            plan.dirs[&root.join("current")].entries.is_empty(),
+            "app is a real folder"
+        );
+        assert!(plan.dirs[&root.join("current/app")].files);
     }
 }
