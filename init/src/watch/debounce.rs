@@ -1,5 +1,10 @@
 //! Pending changes per target: a quiet window restarted by every event, bounded by a maximum
 //! delay from the first event. Pure bookkeeping; no clock of its own (callers pass `now`).
+//!
+//! A lone change (one write: a modify and a close; one rename; one delete) only waits a settle
+//! window, a quarter of the quiet window, so a single edit restarts its program quickly. As soon
+//! as more events arrive the change is a burst and the full quiet window applies, so a burst
+//! still gives one action.
 
 use super::Timing;
 use std::collections::BTreeMap;
@@ -11,10 +16,15 @@ use std::time::Instant;
 pub struct Pending {
     first: Instant,
     last: Instant,
+    /// Events seen; more than [`LONE_CHANGE_EVENTS`] make a burst.
+    events: u32,
     /// Path → "already known to have changed": set when another target's take recorded a new
     /// hash for this path, so this target still sees the change.
     pub paths: BTreeMap<PathBuf, bool>,
 }
+
+/// The events one change of one file gives at most: create, modify, close-write.
+const LONE_CHANGE_EVENTS: u32 = 3;
 
 #[derive(Debug, Default)]
 pub struct Debouncer {
@@ -29,9 +39,11 @@ impl Debouncer {
             None => self.targets.entry(target.to_owned()).or_insert(Pending {
                 first: now,
                 last: now,
+                events: 0,
                 paths: BTreeMap::new(),
             }),
         };
+        pending.events = pending.events.saturating_add(1);
         if now > pending.last {
             pending.last = now;
         }
@@ -42,8 +54,13 @@ impl Debouncer {
 
     fn deadline(p: &Pending, timing: &Timing) -> Instant {
         // Absurd durations must not panic: an overflowing bound is ignored.
+        let window = if p.events <= LONE_CHANGE_EVENTS && p.paths.len() <= 1 {
+            timing.quiet / 4
+        } else {
+            timing.quiet
+        };
         match (
-            p.last.checked_add(timing.quiet),
+            p.last.checked_add(window),
             p.first.checked_add(timing.max_delay),
         ) {
             (Some(a), Some(b)) => a.min(b),
@@ -108,7 +125,24 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(d.next_deadline(&t), None);
         d.add("a", Path::new("/x"), t0);
-        assert_eq!(d.next_deadline(&t), Some(t0 + t.quiet));
+        assert_eq!(
+            d.next_deadline(&t),
+            Some(t0 + t.quiet / 4),
+            "a lone change settles fast"
+        );
+        d.add("a", Path::new("/x"), t0);
+        d.add("a", Path::new("/x"), t0);
+        assert_eq!(
+            d.next_deadline(&t),
+            Some(t0 + t.quiet / 4),
+            "one write is up to three events"
+        );
+        d.add("a", Path::new("/x"), t0);
+        assert_eq!(
+            d.next_deadline(&t),
+            Some(t0 + t.quiet),
+            "more is a burst: the quiet window"
+        );
         // A stream of events every 50ms keeps pushing the quiet window...
         let mut now = t0;
         let mut taken = Vec::new();
@@ -130,7 +164,7 @@ mod tests {
         let mut d = Debouncer::default();
         let t0 = Instant::now();
         d.add("a", Path::new("/x"), t0);
-        d.add("b", Path::new("/x"), t0 + Duration::from_millis(50));
+        d.add("b", Path::new("/x"), t0 + Duration::from_millis(90));
         let ready = d.take_ready(t0 + t.quiet, &t);
         assert_eq!(ready.len(), 1);
         d.confirm(Path::new("/x"));

@@ -450,7 +450,7 @@ fn a_target_taken_early_does_not_hide_a_shared_change_from_another() {
     env.write("c/other.conf", "1");
     w.read_events(t0).unwrap();
     env.write("c/shared.conf", "2");
-    w.read_events(t0 + Duration::from_millis(1950)).unwrap();
+    w.read_events(t0 + Duration::from_millis(1990)).unwrap();
     // `a` hits max_delay first and records the new hash of shared.conf...
     let first = w.take_due(t0 + Duration::from_secs(2));
     assert_eq!(
