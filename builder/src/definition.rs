@@ -496,10 +496,39 @@ fn resolve(image: &str, chain: &[Parsed]) -> Result<ImageDef, DefinitionError> {
                 format!("program `{name}` has an empty command"),
             ));
         }
+        let one_line = |s: &str| !s.contains('\n') && !s.contains('\r');
+        let fields = [
+            Some(&prog.command),
+            prog.user.as_ref(),
+            prog.directory.as_ref(),
+        ];
+        if !fields.iter().flatten().all(|s| one_line(s))
+            || !prog
+                .environment
+                .iter()
+                .all(|(k, v)| one_line(k) && one_line(v) && !v.contains('"') && !k.contains('='))
+        {
+            return Err(DefinitionError::whole(
+                leaf,
+                format!("program `{name}`: values must be one line, and environment values may not hold `\"`"),
+            ));
+        }
     }
 
     let parse_d =
         |v: Option<Spanned<String>>| v.and_then(|s| humantime::parse_duration(s.get_ref()).ok());
+    let salt_version = pick!(provision.as_ref()?.salt_version)
+        .unwrap_or_else(|| stackless_init::salt::install::DEFAULT_SALT_VERSION.to_string());
+    if salt_version.is_empty()
+        || !salt_version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".+-".contains(c))
+    {
+        return Err(DefinitionError::whole(
+            leaf,
+            format!("salt_version `{salt_version}` is not a version (like 3008.4)"),
+        ));
+    }
     let salt = match pick!(provision.as_ref()?.salt)
         .map(|s| s.into_inner())
         .as_deref()
@@ -531,8 +560,7 @@ fn resolve(image: &str, chain: &[Parsed]) -> Result<ImageDef, DefinitionError> {
         ssm_wait: parse_d(pick!(instance.as_ref()?.ssm_timeout)),
         packages: pick!(provision.as_ref()?.packages).unwrap_or_default(),
         salt,
-        salt_version: pick!(provision.as_ref()?.salt_version)
-            .unwrap_or_else(|| stackless_init::salt::install::DEFAULT_SALT_VERSION.to_string()),
+        salt_version,
         supervisor: pick!(provision.as_ref()?.supervisor).unwrap_or(true),
         provision_timeout: parse_d(pick!(provision.as_ref()?.timeout))
             .unwrap_or(std::time::Duration::from_secs(30 * 60)),

@@ -245,7 +245,10 @@ async fn run(cli: Cli) -> Result<()> {
                 }
                 println!("{}", m.artifact);
             }
-            Ok(())
+            match &m.cleanup_error {
+                Some(e) => bail!("{e}"),
+                None => Ok(()),
+            }
         }
         Command::Gc { dry_run } => {
             let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;

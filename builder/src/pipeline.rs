@@ -47,6 +47,10 @@ pub struct Manifest {
     /// Milliseconds per phase, in order.
     pub phases: Vec<(String, u64)>,
     pub details: BTreeMap<String, String>,
+    /// The image is made and published, but removing the build's temporary resources failed:
+    /// callers print the id and still fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleanup_error: Option<String>,
 }
 
 /// Times phases for the manifest and the log.
@@ -214,10 +218,15 @@ pub async fn bake_until(
             write_manifest(&opts.manifest, &m)?;
             Ok(m)
         }
-        (Ok(artifact), Err(e)) => Err(e.context(format!(
-            "the image {} was made, but cleaning up the build failed: run `builder gc` to remove what is left",
-            artifact.id
-        ))),
+        (Ok(artifact), Err(e)) => {
+            let mut m = manifest(def, target.kind(), &build, &artifact, false, phases.0);
+            m.cleanup_error = Some(format!(
+                "the image {} was made and published, but cleaning up the build failed: {e:#}; run `builder gc` to remove what is left",
+                artifact.id
+            ));
+            write_manifest(&opts.manifest, &m)?;
+            Ok(m)
+        }
         (Err(e), Ok(notes)) => {
             let mut e = e;
             for n in notes {
@@ -313,6 +322,7 @@ fn manifest(
         created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         phases,
         details: a.details.clone(),
+        cleanup_error: None,
     }
 }
 

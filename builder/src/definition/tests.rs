@@ -157,3 +157,31 @@ fn image_names_fill_placeholders() {
         "stackless-bare-20261126050000"
     );
 }
+
+#[test]
+fn values_that_reach_shell_or_supervisord_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "v",
+        "[source]\nami = \"ami-1\"\n[provision]\nsalt_version = \"3008.4; rm -rf /\"\n",
+    );
+    assert!(load(dir.path(), "v")
+        .unwrap_err()
+        .message
+        .contains("not a version"));
+    write(dir.path(), "p", "[source]\nami = \"ami-1\"\n[programs.web]\ncommand = \"web\"\nenvironment = { A = \"x\\\"y\" }\n");
+    assert!(load(dir.path(), "p")
+        .unwrap_err()
+        .message
+        .contains("may not hold"));
+    write(
+        dir.path(),
+        "n",
+        "[source]\nami = \"ami-1\"\n[programs.web]\ncommand = \"web\\n[program:evil]\"\n",
+    );
+    assert!(load(dir.path(), "n")
+        .unwrap_err()
+        .message
+        .contains("one line"));
+}

@@ -85,7 +85,7 @@ fn programs_become_supervisord_configs() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("web.toml"),
-        "[source]\nami = \"ami-1\"\n[programs.web]\ncommand = \"/usr/bin/web --port 80\"\nuser = \"www-data\"\nenvironment = { MODE = \"prod\" }\n",
+        "[source]\nami = \"ami-1\"\n[programs.web]\ncommand = \"/usr/bin/web --port 80 --fill 100%\"\nuser = \"www-data\"\nenvironment = { MODE = \"prod\" }\n",
     )
     .unwrap();
     let d = definition::load(dir.path(), "web").unwrap();
@@ -97,7 +97,9 @@ fn programs_become_supervisord_configs() {
         .unwrap();
     let text = String::from_utf8_lossy(&conf.content);
     assert!(
-        text.contains("[program:web]\ncommand=/usr/bin/web --port 80\nuser=www-data\n"),
+        text.contains(
+            "[program:web]\ncommand=/usr/bin/web --port 80 --fill 100%%\nuser=www-data\n"
+        ),
         "{text}"
     );
     assert!(text.contains("environment=MODE=\"prod\""), "{text}");

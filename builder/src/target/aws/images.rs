@@ -77,6 +77,7 @@ pub async fn find_by_input_hash(
     let found = images.into_iter().find(|i| {
         let t = tag_map(i.tags());
         i.state() == Some(&ImageState::Available)
+            && t.get(tags::PUBLISHED).map(String::as_str) == Some("true")
             && t.get(tags::IMAGE) == Some(&def.image)
             && t.get(tags::INPUT_HASH).map(String::as_str) == Some(input_hash)
     });

@@ -83,6 +83,9 @@ pub struct AwsTarget {
     lease_ends: Option<String>,
     /// Regions the definition copies to: an interrupted publish may have left copies there.
     copy_regions: Vec<String>,
+    /// The parameter the definition publishes to: if it already names this build's image, the
+    /// publish finished and nothing of it may be removed.
+    ssm_parameter: Option<String>,
 }
 
 impl AwsTarget {
@@ -98,6 +101,7 @@ impl AwsTarget {
             created: Created::default(),
             lease_ends: None,
             copy_regions: Vec::new(),
+            ssm_parameter: None,
         }
     }
 
@@ -259,6 +263,7 @@ impl Target for AwsTarget {
     async fn start(&mut self, def: &ImageDef, build: &Build) -> Result<Arc<dyn Communicator>> {
         let region = self.region();
         self.copy_regions = def.regions.clone();
+        self.ssm_parameter = def.ssm_parameter.clone();
         let source = self
             .source_for(build)
             .await
@@ -400,6 +405,19 @@ impl Target for AwsTarget {
             match images_by_build(&self.ec2, &build.id).await {
                 Ok(found) => images.extend(found),
                 Err(e) => errors.push(format!("{e:#}")),
+            }
+            // Interrupted after the parameter was written: the image is live; keep everything.
+            if let Some(param) = self.ssm_parameter.clone() {
+                if let Ok(Some(live)) = publish::current_parameter(&self.ssm, &param).await {
+                    if images.contains(&live) {
+                        notes.push(format!(
+                            "the parameter {param} already names {live} from this build: publishing had finished, nothing removed"
+                        ));
+                        self.created.published = true;
+                        images.clear();
+                        self.copy_regions.clear();
+                    }
+                }
             }
             // Copies an interrupted publish made in other regions.
             for r in self.copy_regions.clone().iter().filter(|r| **r != region) {

@@ -398,6 +398,14 @@ impl Publish<'_> {
         self.details.insert("name".into(), self.name());
         self.details
             .insert("encrypted".into(), self.def.encrypted.to_string());
+        // Last: only a finished image is reused by a later bake with the same inputs.
+        ec2.create_tags()
+            .resources(&home_id)
+            .tags(image::tag(super::tags::PUBLISHED, "true"))
+            .send()
+            .await
+            .map_err(|e| aws_error(&e))
+            .with_context(|| format!("tagging {home_id} as published"))?;
         Ok(Artifact {
             id: home_id,
             regions,

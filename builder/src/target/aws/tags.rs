@@ -16,3 +16,5 @@ pub const SOURCE: &str = "stackless:source";
 /// Marks every resource the builder created.
 pub const MANAGED_BY: &str = "stackless:managed-by";
 pub const MANAGED_BY_VALUE: &str = "stackless-builder";
+/// `true` once publishing finished (copies, sharing, parameter): only such images are reused.
+pub const PUBLISHED: &str = "stackless:published";

@@ -10,11 +10,35 @@ use std::time::Duration;
 /// Bakes an image; moto's creation dates have whole seconds, so each bake waits one out to keep
 /// "newest" well defined.
 async fn bake(ec2: &aws_sdk_ec2::Client, def: &ImageDef, build: &Build) -> ImageInfo {
+    let img = bake_unpublished(ec2, def, build).await;
+    // What publish does last.
+    ec2.create_tags()
+        .resources(&img.image_id)
+        .tags(image::tag(tags::PUBLISHED, "true"))
+        .send()
+        .await
+        .unwrap();
+    img
+}
+
+async fn bake_unpublished(ec2: &aws_sdk_ec2::Client, def: &ImageDef, build: &Build) -> ImageInfo {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let seed = stopped_instance(ec2).await;
     create_and_wait_with(ec2, &seed, def, build, &quick(Duration::from_secs(30)))
         .await
         .unwrap()
+}
+
+#[tokio::test]
+async fn an_image_whose_publishing_never_finished_is_not_reused() {
+    let moto = Moto::start();
+    let ec2 = aws_sdk_ec2::Client::new(&moto.sdk_config().await);
+    let bare = def("bare");
+    let _half = bake_unpublished(&ec2, &bare, &build(1, "h")).await;
+    assert!(find_by_input_hash(&ec2, &bare, "h")
+        .await
+        .unwrap()
+        .is_none());
 }
 
 async fn point(ssm: &aws_sdk_ssm::Client, parameter: &str, id: &str) {
