@@ -486,6 +486,14 @@ fn run(mut cmd: Command, timeout: Duration) -> Result<Output> {
     }
     drop(tx);
     let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let mut out = Output {
+        status: std::process::ExitStatus::default(),
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+    };
+    // Wait on the output pipes first: they close when git exits, which wakes us at once
+    // (polling with sleeps alone noticed a 4 ms git only after 6 to 14 ms).
+    let mut pipes_open = 2;
     let mut pause = Duration::from_millis(2);
     let status = loop {
         if let Some(status) = child
@@ -503,20 +511,37 @@ fn run(mut cmd: Command, timeout: Duration) -> Result<Output> {
                 humantime::format_duration(timeout)
             ));
         }
-        std::thread::sleep(pause.min(deadline - now));
+        let slice = pause.min(deadline - now);
+        if pipes_open > 0 {
+            match rx.recv_timeout(slice) {
+                Ok((0, buf)) => {
+                    out.stdout = buf;
+                    pipes_open -= 1;
+                }
+                Ok((_, buf)) => {
+                    out.stderr = buf;
+                    pipes_open -= 1;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => pipes_open = 0,
+            }
+            if pipes_open == 0 {
+                // Both pipes closed: git has exited or is about to; reap it promptly.
+                pause = Duration::from_micros(200);
+                continue;
+            }
+        } else {
+            std::thread::sleep(slice);
+        }
         pause = (pause * 2).min(Duration::from_millis(50));
     };
+    out.status = status;
     // Helpers that outlive git could keep the pipes open; do not wait for them forever.
-    let mut out = Output {
-        status,
-        stdout: Vec::new(),
-        stderr: Vec::new(),
-    };
     let grace = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_secs(1));
     let until = Instant::now() + grace;
-    for _ in 0..2 {
+    for _ in 0..pipes_open {
         match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
             Ok((0, buf)) => out.stdout = buf,
             Ok((_, buf)) => out.stderr = buf,

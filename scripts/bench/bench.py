@@ -572,11 +572,10 @@ def make_notes(m, size, boot, idle, lat, b, s, c):
         else:
             verdict = f"beats the naive loop ({med(ln):.0f} ms) but loses to the hand-written loop ({med(lh):.0f} ms)"
         w(f"- **Latency: the agent ({med(la):.0f} ms) {verdict}"
-          + ".** By design it acts only once no change has come for the quiet window (100 ms by default), so a"
-            " single change always waits 100 ms first; the loops act on the first event (and pay for it in the"
-            " burst below)." + diag
-          + " Beating the naive loop by default needs a shorter default window, or acting at once on the first"
-            " change of a quiet period and coalescing only what follows.")
+          + ".** By design it coalesces: a lone change (one write or rename) waits a quarter of the quiet"
+            " window (25 ms of the default 100 ms) before it acts, and a burst waits the whole window; the loops"
+            " act on the first event (and pay for it in the burst below)." + diag
+          + " The settle window is the price of exactly one restart per burst.")
     if b["agent"]["restarts"] != 1:
         ba = b["agent"]
         why = ""
