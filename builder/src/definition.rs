@@ -3,56 +3,14 @@
 //! chain is then merged field by field, the child winning.
 
 use serde::{Deserialize, Serialize};
-use stackless_init::userdata::{self, line_column, Document};
+use stackless_init::userdata::{self, Document};
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
 
-/// A problem in a definition, located where possible.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DefinitionError {
-    pub file: String,
-    pub line: usize,
-    pub column: usize,
-    pub message: String,
-}
-
-impl fmt::Display for DefinitionError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.line == 0 {
-            write!(f, "{}: {}", self.file, self.message)
-        } else {
-            write!(
-                f,
-                "{}:{}:{}: {}",
-                self.file, self.line, self.column, self.message
-            )
-        }
-    }
-}
-
-impl std::error::Error for DefinitionError {}
-
-impl DefinitionError {
-    fn at(file: &str, text: &str, offset: usize, message: impl Into<String>) -> Self {
-        let (line, column) = line_column(text, offset);
-        Self {
-            file: file.into(),
-            line,
-            column,
-            message: message.into(),
-        }
-    }
-    fn whole(file: &str, message: impl Into<String>) -> Self {
-        Self {
-            file: file.into(),
-            line: 0,
-            column: 0,
-            message: message.into(),
-        }
-    }
-}
+/// A problem in a definition, located where possible: the same located error the agent uses
+/// for user-data.
+pub type DefinitionError = userdata::UserDataError;
 
 /// One definition file as written; every field optional so a child can override a parent.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -244,10 +202,8 @@ fn parse_file(path: &Path) -> Result<Parsed, DefinitionError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path)
         .map_err(|e| DefinitionError::whole(&file, format!("cannot read the definition: {e}")))?;
-    let data: ImageFile = toml::from_str(&text).map_err(|e| match e.span() {
-        Some(s) => DefinitionError::at(&file, &text, s.start, e.message().trim()),
-        None => DefinitionError::whole(&file, e.message().trim()),
-    })?;
+    let data: ImageFile =
+        toml::from_str(&text).map_err(|e| DefinitionError::from_toml(&file, &text, &e))?;
     let p = Parsed { file, text, data };
     check_file(&p)?;
     Ok(p)

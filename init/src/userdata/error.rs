@@ -1,4 +1,4 @@
-//! Errors in user-data and image defaults, located by file, line and column.
+//! Errors in user-data, image defaults and image definitions, located by file, line and column.
 
 use std::fmt;
 
@@ -19,6 +19,15 @@ impl UserDataError {
             line: 0,
             column: 0,
             message: message.into(),
+        }
+    }
+
+    /// A TOML syntax or type error, at the place the parser points to.
+    pub fn from_toml(file: &str, text: &str, e: &toml::de::Error) -> Self {
+        let message = e.message().trim().to_string();
+        match e.span() {
+            Some(span) => Self::at(file, text, span.start, message),
+            None => Self::whole(file, message),
         }
     }
 

@@ -239,13 +239,7 @@ fn parse_toml(file: &str, text: &str) -> Result<Document, UserDataError> {
             text: text.into(),
             data,
         }),
-        Err(e) => {
-            let message = e.message().trim().to_string();
-            Err(match e.span() {
-                Some(span) => UserDataError::at(file, text, span.start, message),
-                None => UserDataError::whole(file, message),
-            })
-        }
+        Err(e) => Err(UserDataError::from_toml(file, text, &e)),
     }
 }
 
@@ -642,13 +636,8 @@ pub struct WatchFile {
 
 /// Parses and validates a watch.d file.
 pub fn parse_watch_file(file: &str, text: &str) -> Result<Vec<WatchRule>, UserDataError> {
-    let data: WatchFile = toml::from_str(text).map_err(|e| {
-        let message = e.message().trim().to_string();
-        match e.span() {
-            Some(span) => UserDataError::at(file, text, span.start, message),
-            None => UserDataError::whole(file, message),
-        }
-    })?;
+    let data: WatchFile =
+        toml::from_str(text).map_err(|e| UserDataError::from_toml(file, text, &e))?;
     let doc = Document {
         file: file.into(),
         text: text.into(),
