@@ -10,6 +10,7 @@ use crate::settings;
 use crate::state::{now_rfc3339, BootRecord, Outcome, State, STATE_VERSION};
 use crate::sync::{self, Trigger};
 use crate::timeline::{one_line, Timeline};
+use crate::trust;
 use crate::userdata::{self, Document, HighstateMode, Settings};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -195,6 +196,22 @@ fn sequence(
     state.identity = Some(identity.clone());
     settings::save_user_data(layout, &user)?;
 
+    // 4a. Extra certificate authorities, before anything below reaches the network (salt's pip
+    // install, git over https). Every boot, so a removed `ca_certificates` is removed too.
+    tl.step("trust", || {
+        let tool = trust::Tool::discover(layout);
+        let detail = trust::apply(layout, settings.ca_certificates.as_deref(), tool.as_ref())
+            .context("trusting the user-data ca_certificates")?;
+        Ok(((), Some(detail)))
+    })?;
+    // pip upgraded from PyPI trusts its own certifi bundle, so it is pointed at the system
+    // bundle that now holds the extra CAs. git (and curl for salt-bootstrap) use OpenSSL's
+    // default CA file, the system bundle, already.
+    let ca_bundle = settings
+        .ca_certificates
+        .as_ref()
+        .and_then(|_| trust::system_bundle(layout));
+
     // 4. Salt: its configuration (rewritten only when it changed) and the program itself.
     let salt_current = layout.repo_current("salt");
     tl.step("minion-config", || {
@@ -217,7 +234,8 @@ fn sequence(
     let salt_call: Option<PathBuf> = if needs_salt {
         Some(tl.step("salt-install", || {
             let spec = &settings.salt.install;
-            match ensure_installed(layout, spec, settings.salt.salt_call.as_deref())? {
+            let configured = settings.salt.salt_call.as_deref();
+            match ensure_installed(layout, spec, configured, ca_bundle.as_deref())? {
                 InstallOutcome::AlreadyPresent(p) => {
                     let d = format!("present at {}", p.display());
                     Ok((p, Some(d)))

@@ -20,5 +20,6 @@ pub mod status;
 pub mod supervisor;
 pub mod sync;
 pub mod timeline;
+pub mod trust;
 pub mod userdata;
 pub mod watch;

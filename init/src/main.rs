@@ -114,8 +114,7 @@ fn run(command: Command, layout: &Layout) -> anyhow::Result<u8> {
                 None => result.outcome.as_str().to_string(),
             };
             if once || result.outcome == Outcome::Failed {
-                lifecycle::write_marker(layout, result.outcome, reason)?;
-                lifecycle::ready(&line);
+                announce(layout, &result.state, result.outcome, reason, &line)?;
                 return Ok(result.exit_code() as u8);
             }
             // Watchers and schedule first, then readiness: ready means the agent is on duty.
@@ -123,13 +122,12 @@ fn run(command: Command, layout: &Layout) -> anyhow::Result<u8> {
                 Ok(a) => a,
                 Err(e) => {
                     let why = format!("starting resident mode: {e:#}");
-                    lifecycle::write_marker(layout, Outcome::Failed, Some(&why))?;
-                    lifecycle::ready(&format!("failed: {why}"));
+                    let line = format!("failed: {why}");
+                    announce(layout, &result.state, Outcome::Failed, Some(&why), &line)?;
                     return Err(anyhow::anyhow!(why));
                 }
             };
-            lifecycle::write_marker(layout, result.outcome, reason)?;
-            lifecycle::ready(&line);
+            announce(layout, &result.state, result.outcome, reason, &line)?;
             tracing::info!("boot {}; resident", result.outcome.as_str());
             Ok(agent.serve()? as u8)
         }
@@ -215,6 +213,26 @@ fn run(command: Command, layout: &Layout) -> anyhow::Result<u8> {
             Ok(0)
         }
     }
+}
+
+/// The end of a boot, whatever its outcome: the ready marker, `READY=1` with a status line, and
+/// the boot report on stdout (the console, through the unit's `StandardOutput=journal+console`),
+/// its machine-readable line last and flushed. The marker's error, if any, comes after the report.
+fn announce(
+    layout: &Layout,
+    state: &State,
+    outcome: Outcome,
+    reason: Option<&str>,
+    line: &str,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let marker = lifecycle::write_marker(layout, outcome, reason);
+    lifecycle::ready(line);
+    let report = status::console_report(state, outcome, reason);
+    // A closed stdout must not turn a boot into a failure: the marker and the record remain.
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(report.as_bytes()).and_then(|()| out.flush());
+    marker
 }
 
 fn init_logging(verbose: u8, quiet: bool) {

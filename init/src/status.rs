@@ -2,8 +2,11 @@
 //! `cloud-init analyze`, in milliseconds) or as JSON for scripts.
 
 use crate::boot::short;
-use crate::state::State;
+use crate::state::{Outcome, State};
 use std::fmt::Write;
+
+/// Prefix of the boot report's last line, for programs reading the console.
+pub const RESULT_PREFIX: &str = "stackless-init-result: ";
 
 /// The human report.
 pub fn render(state: &State) -> String {
@@ -178,10 +181,52 @@ pub fn render_json(state: &State) -> String {
     serde_json::to_string_pretty(state).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
+/// The boot report printed on the console (stdout) when a boot has finished, like
+/// cloud-init's "finished" line: a headline, the human status report, and a last line of JSON
+/// after [`RESULT_PREFIX`] for programs (the `builder boot` console reader, scripts over
+/// `aws ec2 get-console-output`). `outcome` and `error` are the final ones, which may be worse
+/// than the boot record's when resident mode could not start.
+pub fn console_report(state: &State, outcome: Outcome, error: Option<&str>) -> String {
+    let boot = state.boot.as_ref();
+    let total_ms = boot.map_or(0, |b| b.total_ms);
+    let first_boot = boot.is_some_and(|b| b.first_boot);
+    let dash = "-";
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "stackless-init: boot {} in {total_ms} ms (instance {}, minion {})",
+        outcome.as_str(),
+        state.instance_id.as_deref().unwrap_or(dash),
+        state.minion_id.as_deref().unwrap_or(dash),
+    );
+    if let Some(e) = error {
+        let _ = write!(out, ": {}", crate::timeline::one_line(e));
+    }
+    out.push('\n');
+    for line in render(state).lines().filter(|l| !l.trim().is_empty()) {
+        let _ = writeln!(out, "stackless-init:   {line}");
+    }
+    let status = serde_json::to_value(state).unwrap_or_else(|e| {
+        serde_json::json!({ "error": format!("the status record could not be serialised: {e}") })
+    });
+    let result = serde_json::json!({
+        "outcome": outcome.as_str(),
+        "error": error,
+        "total_ms": total_ms,
+        "instance_id": state.instance_id,
+        "minion_id": state.minion_id,
+        "first_boot": first_boot,
+        "status": status,
+    });
+    // serde_json's compact form escapes newlines inside strings: the result stays one line.
+    let _ = writeln!(out, "{RESULT_PREFIX}{result}");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{BootRecord, Outcome, Step};
+    use crate::state::{BootRecord, Step};
 
     #[test]
     fn human_output_lists_steps_with_start_offsets() {
@@ -225,5 +270,65 @@ mod tests {
         );
         let json: serde_json::Value = serde_json::from_str(&render_json(&state)).unwrap();
         assert_eq!(json["boot"]["steps"][1]["ok"], false);
+    }
+
+    #[test]
+    fn console_report_ends_with_one_line_of_json() {
+        let mut state = State {
+            instance_id: Some("i-0abc".into()),
+            minion_id: Some("web-i-0abc".into()),
+            boot: Some(BootRecord {
+                started_at: "2026-01-01T00:00:00Z".into(),
+                finished_at: Some("2026-01-01T00:00:04Z".into()),
+                outcome: Outcome::Ready,
+                error: None,
+                first_boot: true,
+                total_ms: 4312,
+                steps: vec![Step {
+                    name: "imds".into(),
+                    ms: 12,
+                    ok: true,
+                    detail: Some("i-0abc\nsecond line".into()),
+                }],
+            }),
+            ..Default::default()
+        };
+        let text = console_report(&state, Outcome::Ready, None);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "stackless-init: boot ready in 4312 ms (instance i-0abc, minion web-i-0abc)"
+        );
+        assert!(lines[1..lines.len() - 1]
+            .iter()
+            .all(|l| l.starts_with("stackless-init:   ")));
+        assert!(lines.iter().any(|l| l.contains("imds")), "{text}");
+        let last = lines.last().unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(last.strip_prefix(RESULT_PREFIX).unwrap()).unwrap();
+        assert_eq!(json["outcome"], "ready");
+        assert_eq!(json["error"], serde_json::Value::Null);
+        assert_eq!(json["total_ms"], 4312);
+        assert_eq!(json["instance_id"], "i-0abc");
+        assert_eq!(json["minion_id"], "web-i-0abc");
+        assert_eq!(json["first_boot"], true);
+        assert_eq!(json["status"]["boot"]["steps"][0]["name"], "imds");
+        assert!(text.ends_with("}\n"));
+
+        // Failed before IMDS: no ids, the reason in the headline and the JSON, still one line.
+        state = State::default();
+        let text = console_report(&state, Outcome::Failed, Some("user-data:2:1: bad\nkey"));
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].starts_with("stackless-init: boot failed in 0 ms (instance -, minion -): "),
+            "{text}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(lines.last().unwrap().strip_prefix(RESULT_PREFIX).unwrap())
+                .unwrap();
+        assert_eq!(json["outcome"], "failed");
+        assert_eq!(json["error"], "user-data:2:1: bad\nkey");
+        assert_eq!(json["minion_id"], serde_json::Value::Null);
+        assert_eq!(json["first_boot"], false);
     }
 }

@@ -67,6 +67,16 @@ impl World {
     }
 }
 
+/// The machine-readable last line of a boot's console report.
+fn result_line(o: &std::process::Output) -> serde_json::Value {
+    let out = stdout(o);
+    let last = out.lines().last().unwrap_or("");
+    let json = last
+        .strip_prefix("stackless-init-result: ")
+        .unwrap_or_else(|| panic!("the last stdout line is not the result line: {out}"));
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {last}"))
+}
+
 fn emulator(user_data: &str) -> Emulator {
     Emulator::start(
         EmulatorConfig::new(Identity::example()).with_user_data(user_data.as_bytes().to_vec()),
@@ -89,6 +99,18 @@ fn boot_applies_highstate_from_git_and_reboot_is_cheap() {
         fs::read_to_string(w.out()).unwrap(),
         "role=frontend greeting=hello-from-pillar\n"
     );
+    // The console report: a headline, the timeline, then one line of JSON.
+    assert!(
+        stdout(&o).starts_with("stackless-init: boot ready in "),
+        "{}",
+        stdout(&o)
+    );
+    let r = result_line(&o);
+    assert_eq!(r["outcome"], "ready");
+    assert_eq!(r["error"], serde_json::Value::Null);
+    assert_eq!(r["minion_id"], "web-i-0123456789abcdef0");
+    assert_eq!(r["first_boot"], true);
+    assert_eq!(r["status"]["highstate"]["ok"], true);
 
     let root = w.root();
     assert_eq!(
@@ -126,6 +148,7 @@ fn boot_applies_highstate_from_git_and_reboot_is_cheap() {
         "defaults",
         "imds",
         "user-data",
+        "trust",
         "minion-config",
         "salt-install",
         "sync-salt",
@@ -323,6 +346,12 @@ fn bad_user_data_names_line_and_column_and_writes_nothing() {
         err.contains("user-data:4:1: unknown field `branch`"),
         "{err}"
     );
+    let r = result_line(&o);
+    assert_eq!(r["outcome"], "failed");
+    assert!(
+        r["error"].as_str().unwrap().contains("user-data:4:1"),
+        "{r}"
+    );
     assert!(
         !w.root().join("etc/salt").exists(),
         "no salt configuration written"
@@ -337,6 +366,74 @@ fn bad_user_data_names_line_and_column_and_writes_nothing() {
         .as_str()
         .unwrap()
         .contains("user-data:4:1"));
+}
+
+const PEM: &str =
+    "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUQ2Vy\n-----END CERTIFICATE-----\n";
+
+#[test]
+fn ca_certificates_are_trusted_kept_and_removed() {
+    let w = World::new();
+    let root = w.root();
+    // A stand-in update-ca-certificates inside the root (the host's is never used under --root).
+    let tool = root.join("usr/sbin/update-ca-certificates");
+    let calls = w.tmp.path().join("calls");
+    fs::create_dir_all(tool.parent().unwrap()).unwrap();
+    fs::write(
+        &tool,
+        format!("#!/bin/sh\necho \"$*\" >> '{}'\n", calls.display()),
+    )
+    .unwrap();
+    fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let crt = root.join("usr/local/share/ca-certificates/stackless-user-data.crt");
+    let ncalls = || {
+        fs::read_to_string(&calls)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+
+    let with = format!("minion_id = \"web\"\nca_certificates = '''\n{PEM}'''\n");
+    for round in 0..2 {
+        let imds = emulator(&with);
+        let o = init(&root, &imds.endpoint(), &["boot", "--once"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(fs::read_to_string(&crt).unwrap(), PEM);
+        // The second boot finds the same certificate: no refresh.
+        assert_eq!(ncalls(), 1, "round {round}");
+    }
+    let s = status(&root);
+    let trust = s["boot"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "trust")
+        .unwrap();
+    assert!(
+        trust["detail"].as_str().unwrap().contains("unchanged"),
+        "{trust}"
+    );
+
+    let imds = emulator("minion_id = \"web\"\n");
+    let o = init(&root, &imds.endpoint(), &["boot", "--once"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!crt.exists());
+    assert_eq!(ncalls(), 2);
+}
+
+#[test]
+fn ca_certificates_without_markers_fail_the_boot_with_their_place() {
+    let w = World::new();
+    let imds = emulator("minion_id = \"web\"\nca_certificates = \"\"\"\nMIIBszCC\n-----END CERTIFICATE-----\n\"\"\"\n");
+    let o = init(&w.root(), &imds.endpoint(), &["boot", "--once"]);
+    assert_eq!(o.status.code(), Some(1));
+    let r = result_line(&o);
+    assert_eq!(r["outcome"], "failed");
+    let e = r["error"].as_str().unwrap();
+    assert!(
+        e.contains("user-data:4:1: ca_certificates: `-----END CERTIFICATE-----` without"),
+        "{e}"
+    );
 }
 
 #[test]

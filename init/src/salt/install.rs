@@ -144,18 +144,22 @@ fn is_executable(p: &Path) -> bool {
 
 /// Makes sure salt is there. If `salt-call` is found ([`find_salt_call`]) nothing is done;
 /// otherwise salt is installed by `spec.method`, and the `salt-call` it produced is returned.
+/// `ca_bundle` is the system CA bundle pip must trust (`--cert`) when user-data added CAs: a pip
+/// upgraded from PyPI otherwise trusts only its own certifi bundle.
 pub fn ensure_installed(
     layout: &Layout,
     spec: &InstallSpec,
     configured: Option<&Path>,
+    ca_bundle: Option<&Path>,
 ) -> Result<InstallOutcome> {
-    ensure_with(layout, spec, configured, &Search::from_env())
+    ensure_with(layout, spec, configured, ca_bundle, &Search::from_env())
 }
 
 fn ensure_with(
     layout: &Layout,
     spec: &InstallSpec,
     configured: Option<&Path>,
+    ca_bundle: Option<&Path>,
     search: &Search,
 ) -> Result<InstallOutcome> {
     if let Some(found) = find_with(layout, configured, search) {
@@ -171,7 +175,8 @@ fn ensure_with(
             layout.salt_venv().display(),
             SYSTEM_SALT_CALLS.join(" or ")
         ),
-        InstallMethod::Pip => install_pip(layout, spec)?,
+        InstallMethod::Pip => install_pip(layout, spec, ca_bundle)?,
+        // curl (salt-bootstrap's download) uses the system bundle already.
         InstallMethod::Onedir => install_onedir(layout, spec)?,
     }
     match find_with(layout, configured, search) {
@@ -200,8 +205,8 @@ fn output_tail(out: &Output, n: usize) -> String {
     }
 }
 
-/// `python -m venv VENV`, then `VENV/bin/python -m pip install salt==VERSION`.
-fn install_pip(layout: &Layout, spec: &InstallSpec) -> Result<()> {
+/// `python -m venv VENV`, then `VENV/bin/python -m pip install [--cert BUNDLE] salt==VERSION`.
+fn install_pip(layout: &Layout, spec: &InstallSpec, ca_bundle: Option<&Path>) -> Result<()> {
     check_version(&spec.version)?;
     let venv = layout.salt_venv();
     tracing::info!(venv = %venv.display(), version = %spec.version, "installing salt with pip");
@@ -231,14 +236,18 @@ fn install_pip(layout: &Layout, spec: &InstallSpec) -> Result<()> {
         );
     }
     let python = venv.join("bin/python");
-    let out = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--disable-pip-version-check",
-            "--no-input",
-        ])
+    let mut pip = Command::new(&python);
+    pip.args([
+        "-m",
+        "pip",
+        "install",
+        "--disable-pip-version-check",
+        "--no-input",
+    ]);
+    if let Some(bundle) = ca_bundle {
+        pip.arg("--cert").arg(bundle);
+    }
+    let out = pip
         .arg(format!("salt=={}", spec.version))
         .output()
         .with_context(|| format!("running {} -m pip", python.display()))?;
@@ -436,7 +445,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            ensure_with(&layout, &spec, Some(&sc), &no_search()).unwrap(),
+            ensure_with(&layout, &spec, Some(&sc), None, &no_search()).unwrap(),
             InstallOutcome::AlreadyPresent(sc)
         );
     }
@@ -451,7 +460,7 @@ mod tests {
         };
         let err = format!(
             "{:#}",
-            ensure_with(&layout, &spec, None, &no_search()).unwrap_err()
+            ensure_with(&layout, &spec, None, None, &no_search()).unwrap_err()
         );
         assert!(
             err.contains("salt is missing") && err.contains("`none`"),
@@ -469,13 +478,42 @@ mod tests {
         };
         let err = format!(
             "{:#}",
-            ensure_with(&layout, &spec, None, &no_search()).unwrap_err()
+            ensure_with(&layout, &spec, None, None, &no_search()).unwrap_err()
         );
         assert!(
             err.contains("python-that-does-not-exist-3 -m venv"),
             "{err}"
         );
         assert!(!venv_salt_call(&layout).exists());
+    }
+
+    #[test]
+    fn pip_trusts_the_system_bundle_when_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path().join("root"));
+        let log = dir.path().join("pip-args");
+        // A fake interpreter: `-m venv DIR` makes DIR/bin/python, which logs the pip arguments
+        // and "installs" salt-call.
+        let python = dir.path().join("python3");
+        write_exe(
+            &python,
+            &format!(
+                "#!/bin/sh\nmkdir -p \"$3/bin\"\nprintf '#!/bin/sh\\necho \"$*\" > {log}\\nprintf \"#!/bin/sh\\\\n\" > %s/bin/salt-call\\nchmod 755 %s/bin/salt-call\\n' \"$3\" \"$3\" > \"$3/bin/python\"\nchmod 755 \"$3/bin/python\"\n",
+                log = log.display()
+            ),
+        );
+        let spec = InstallSpec {
+            python: python.display().to_string(),
+            ..Default::default()
+        };
+        let bundle = layout.join("etc/ssl/certs/ca-certificates.crt");
+        let outcome = ensure_with(&layout, &spec, None, Some(&bundle), &no_search()).unwrap();
+        assert_eq!(outcome, InstallOutcome::Installed(venv_salt_call(&layout)));
+        let args = fs::read_to_string(&log).unwrap();
+        assert!(
+            args.contains(&format!("--cert {} salt==", bundle.display())),
+            "{args}"
+        );
     }
 
     #[test]
@@ -496,7 +534,7 @@ mod tests {
             path_env: Some(OsString::new()),
             system: vec![system.clone()],
         };
-        let outcome = ensure_with(&layout, &spec, None, &search).unwrap();
+        let outcome = ensure_with(&layout, &spec, None, None, &search).unwrap();
         assert_eq!(outcome, InstallOutcome::Installed(system));
         assert_eq!(
             fs::read_to_string(&marker).unwrap().trim(),
@@ -528,7 +566,7 @@ mod tests {
         };
         let err = format!(
             "{:#}",
-            ensure_with(&layout, &spec, None, &search).unwrap_err()
+            ensure_with(&layout, &spec, None, None, &search).unwrap_err()
         );
         assert!(err.contains(&actual) && err.contains(&wrong), "{err}");
         assert!(!marker.exists() && !system.exists());
@@ -536,7 +574,7 @@ mod tests {
         spec.bootstrap_sha256 = String::new();
         let err = format!(
             "{:#}",
-            ensure_with(&layout, &spec, None, &search).unwrap_err()
+            ensure_with(&layout, &spec, None, None, &search).unwrap_err()
         );
         assert!(err.contains("set bootstrap_sha256"), "{err}");
         assert!(!marker.exists());
@@ -559,7 +597,7 @@ mod tests {
         };
         let err = format!(
             "{:#}",
-            ensure_with(&layout, &spec, None, &no_search()).unwrap_err()
+            ensure_with(&layout, &spec, None, None, &no_search()).unwrap_err()
         );
         assert!(err.contains("downloading salt-bootstrap"), "{err}");
     }

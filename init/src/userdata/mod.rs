@@ -38,6 +38,10 @@ pub struct UserData {
     /// Salt grains; string values may use placeholders.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub grains: BTreeMap<String, Spanned<toml::Value>>,
+    /// Extra certificate authorities to trust (one or more PEM certificates), installed into
+    /// the system trust store before salt is installed or a repository is fetched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificates: Option<Spanned<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub salt: Option<SaltSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -161,6 +165,17 @@ impl Document {
             span.start
         }
     }
+
+    /// Byte offset of a character inside a spanned multi-line value (`"""` or `'''`): found by
+    /// looking for the value in the raw text, the value's opening quote when escapes hide it.
+    fn offset_in_block(&self, value: &Spanned<String>, inner: usize) -> usize {
+        let span = value.span();
+        let raw = self.text.get(span.clone()).unwrap_or("");
+        match raw.find(value.get_ref().as_str()) {
+            Some(i) if !value.get_ref().is_empty() => span.start + i + inner,
+            _ => span.start,
+        }
+    }
 }
 
 /// Turns raw user-data bytes into text: gunzips when the gzip magic is there, requires UTF-8.
@@ -263,6 +278,14 @@ fn validate(doc: &Document) -> Result<(), UserDataError> {
                 )
             })?;
         }
+    }
+    if let Some(ca) = &d.ca_certificates {
+        crate::trust::split_certificates(ca.get_ref()).map_err(|e| {
+            doc.error_at(
+                doc.offset_in_block(ca, e.offset),
+                format!("ca_certificates: {}", e.message),
+            )
+        })?;
     }
     if let Some(salt) = &d.salt {
         check_repo(doc, "salt", salt.repo.as_deref(), salt.reference.as_deref())?;
@@ -413,6 +436,8 @@ pub fn check_minion_id(id: &str) -> Result<(), String> {
 pub struct Settings {
     pub minion_id: String,
     pub grains: toml::Table,
+    /// Extra CA certificates (PEM, normalised), user-data's or else the image defaults'.
+    pub ca_certificates: Option<String>,
     pub salt: SaltSettings,
     pub config: Option<RepoSpec>,
     pub sync: SyncSettings,
@@ -510,6 +535,25 @@ pub fn resolve(
             grains.insert(k.clone(), value);
         }
     }
+
+    // Validated by `parse`; normalised here to the certificate blocks alone.
+    let ca_certificates = match u.ca_certificates.as_ref().or(d.ca_certificates.as_ref()) {
+        Some(v) => {
+            let doc = if u.ca_certificates.is_some() {
+                user
+            } else {
+                defaults
+            };
+            let certs = crate::trust::split_certificates(v.get_ref()).map_err(|e| {
+                doc.error_at(
+                    doc.offset_in_block(v, e.offset),
+                    format!("ca_certificates: {}", e.message),
+                )
+            })?;
+            Some(certs.concat())
+        }
+        None => None,
+    };
 
     let (ds, us) = (
         d.salt.clone().unwrap_or_default(),
@@ -614,6 +658,7 @@ pub fn resolve(
     Ok(Settings {
         minion_id,
         grains,
+        ca_certificates,
         salt,
         config,
         sync,

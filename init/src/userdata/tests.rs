@@ -262,3 +262,54 @@ fn absurd_durations_are_refused_with_their_place() {
         .message
         .contains("maximum"));
 }
+
+const PEM: &str =
+    "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUQ2Vy\n-----END CERTIFICATE-----\n";
+
+#[test]
+fn ca_certificates_resolve_and_defaults_supply_them() {
+    let text = format!(
+        "minion_id = \"web\"\nca_certificates = \"\"\"\n# the proxy's CA\n{PEM}{PEM}\"\"\"\n"
+    );
+    let s = resolve(&Document::default(), &doc(&text), &id()).unwrap();
+    assert_eq!(
+        s.ca_certificates.as_deref(),
+        Some(format!("{PEM}{PEM}").as_str())
+    );
+    // From the image defaults when user-data has none; user-data wins otherwise.
+    let defaults = parse("init.toml", &format!("ca_certificates = '''\n{PEM}'''\n")).unwrap();
+    let s = resolve(&defaults, &doc("minion_id = \"web\"\n"), &id()).unwrap();
+    assert_eq!(s.ca_certificates.as_deref(), Some(PEM));
+    let s = resolve(&defaults, &doc(&text), &id()).unwrap();
+    assert_eq!(
+        s.ca_certificates.as_deref(),
+        Some(format!("{PEM}{PEM}").as_str())
+    );
+    let s = resolve(&Document::default(), &doc("minion_id = \"web\"\n"), &id()).unwrap();
+    assert_eq!(s.ca_certificates, None);
+}
+
+#[test]
+fn bad_ca_certificates_are_located() {
+    // Not PEM at all: the value's first character.
+    let e = err("minion_id = \"web\"\nca_certificates = \"not a certificate\"\n");
+    assert_eq!((e.line, e.column), (2, 20), "{e}");
+    assert!(e.message.contains("no certificate found"), "{e}");
+    // A BEGIN without its END, inside a multi-line string: the BEGIN line itself.
+    let e = err("ca_certificates = \"\"\"\n-----BEGIN CERTIFICATE-----\nMIIBszCC\n\"\"\"\n");
+    assert_eq!((e.line, e.column), (2, 1), "{e}");
+    assert!(
+        e.message.contains("has no `-----END CERTIFICATE-----`"),
+        "{e}"
+    );
+    // An END without a BEGIN, indented, in a literal string.
+    let e = err("ca_certificates = '''\nx\n  -----END CERTIFICATE-----\n'''\n");
+    assert_eq!((e.line, e.column), (3, 3), "{e}");
+    // A bad base64 character.
+    let e = err(&format!(
+        "ca_certificates = '''\n{}'''\n",
+        PEM.replace("QUJD", "").replace("Q2Vy", "Q2V!")
+    ));
+    assert_eq!((e.line, e.column), (3, 24), "{e}");
+    assert_eq!(e.file, "user-data");
+}
