@@ -6,6 +6,7 @@ use stackless_builder::definition::{self, ImageDef};
 use stackless_builder::pipeline::{self, BakeOptions};
 use stackless_builder::render::{self, RenderInputs};
 use stackless_builder::target::aws::{self, AwsOptions, AwsTarget};
+use stackless_builder::target::local::{LocalOptions, LocalTarget};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -107,6 +108,53 @@ enum Command {
         #[command(subcommand)]
         command: ImagesCommand,
     },
+    /// Boot a locally baked image in qemu with an emulated metadata service; exits 0 when the
+    /// agent reports ready, 1 failed, 2 degraded, 3 when it did not report in time.
+    Boot(BootArgs),
+    /// Join stdin/stdout to a TCP address (what qemu's guestfwd runs per connection).
+    #[command(hide = true)]
+    Relay { addr: String },
+}
+
+#[derive(clap::Args)]
+struct BootArgs {
+    /// The image's folder (out/IMAGE) or its manifest.
+    image: PathBuf,
+    /// Served as the instance's user-data (validated first; broken user-data still boots, so the
+    /// agent's own report can be seen).
+    #[arg(long)]
+    user_data: Option<PathBuf>,
+    /// The instance id the metadata service reports [default: a random i-...].
+    #[arg(long)]
+    instance_id: Option<String>,
+    /// Forward a host port on 127.0.0.1 to a guest port: HOST:GUEST (repeatable).
+    #[arg(long = "port", value_parser = stackless_builder::boot::qemu::parse_port_forward)]
+    ports: Vec<stackless_builder::boot::qemu::PortForward>,
+    /// Let the guest reach a host service: GUEST_IP:PORT=HOST:PORT, such as
+    /// 169.254.0.100:9418=127.0.0.1:9418 for a git daemon (repeatable).
+    #[arg(long = "forward", value_parser = stackless_builder::boot::qemu::parse_guest_forward)]
+    forwards: Vec<stackless_builder::boot::qemu::GuestForward>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 1024)]
+    memory: u32,
+    /// Guest CPUs.
+    #[arg(long, default_value_t = 2)]
+    cpus: u32,
+    /// kvm, tcg, or auto (KVM when /dev/kvm is usable and the guest kernel starts under it).
+    #[arg(long, default_value = "auto")]
+    accel: String,
+    /// Longest wait for the agent's report.
+    #[arg(long, default_value = "20m", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+    /// Leave the machine up after the agent reported; Ctrl-C stops it.
+    #[arg(long)]
+    keep_running: bool,
+    /// Write the serial console to this file too.
+    #[arg(long)]
+    console_log: Option<PathBuf>,
+    /// Do not echo the serial console.
+    #[arg(long)]
+    no_console: bool,
 }
 
 #[derive(Subcommand)]
@@ -125,6 +173,16 @@ enum ImagesCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Relay { addr } = &cli.command {
+        // No logging: stdout and stdin belong to the guest's connection.
+        return match stackless_builder::boot::relay::relay(addr) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("builder: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
     init_logging(cli.verbose, cli.quiet);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -133,8 +191,13 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let result = if let Command::Boot(args) = &cli.command {
+        runtime.block_on(boot_command(&cli, args))
+    } else {
+        runtime.block_on(run(cli)).map(|()| 0)
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("builder: {e:#}");
             ExitCode::from(1)
@@ -148,6 +211,9 @@ fn load(cli: &Cli, image: &str) -> Result<ImageDef> {
 
 async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
+        Command::Boot(_) | Command::Relay { .. } => {
+            bail!("internal: `boot` and `relay` are dispatched by main")
+        }
         Command::Validate { names } => {
             let names = if names.is_empty() {
                 definition::list(&cli.images_dir)
@@ -215,8 +281,9 @@ async fn run(cli: Cli) -> Result<()> {
             };
             let m = match target {
                 TargetKind::Aws => {
-                    let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-                                        let defaults = AwsOptions::default();
+                    let config =
+                        aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+                    let defaults = AwsOptions::default();
                     let aws_opts = AwsOptions {
                         progress: !cli.quiet,
                         ssm_wait: def.ssm_wait.unwrap_or(defaults.ssm_wait),
@@ -225,7 +292,11 @@ async fn run(cli: Cli) -> Result<()> {
                     let mut t = AwsTarget::new(config, aws_opts);
                     pipeline::bake(&mut t, &def, &opts).await?
                 }
-                TargetKind::Local => bail!("the local target (debootstrap, chroot, qcow2) is not built yet; use --target aws"),
+                TargetKind::Local => {
+                    let out_dir = Path::new("out").join(image);
+                    let mut t = LocalTarget::new(LocalOptions::new(out_dir, opts.manifest.clone()));
+                    pipeline::bake(&mut t, &def, &opts).await?
+                }
             };
             if cli.output == Output::Json {
                 println!("{}", serde_json::to_string(&m)?);
@@ -390,6 +461,83 @@ fn user_data(cli: &Cli, file: &Path, image: Option<&str>, out: Option<&Path>) ->
         );
     }
     Ok(())
+}
+
+async fn boot_command(cli: &Cli, a: &BootArgs) -> Result<u8> {
+    use stackless_builder::boot::{self, qemu::Accel, BootOptions};
+    let relay =
+        std::env::current_exe().context("finding the builder binary (for qemu's relays)")?;
+    let mut opts = BootOptions::new(a.image.clone(), relay);
+    if let Some(f) = &a.user_data {
+        let raw =
+            std::fs::read(f).with_context(|| format!("reading the user-data {}", f.display()))?;
+        boot::check_user_data_size(&raw)?;
+        // Broken user-data still boots: the point may be to see how the agent reports it.
+        if let Err(e) = stackless_init::userdata::load(&f.display().to_string(), &raw) {
+            tracing::warn!(
+                "the user-data does not validate; booting anyway so the agent reports it: {e}"
+            );
+        }
+        opts.user_data = Some(raw);
+    }
+    if let Some(id) = &a.instance_id {
+        opts.identity.instance_id = id.clone();
+    }
+    opts.ports = a.ports.clone();
+    opts.forwards = a.forwards.clone();
+    opts.memory_mib = a.memory;
+    opts.cpus = a.cpus;
+    opts.accel = match a.accel.as_str() {
+        "auto" => None,
+        "kvm" => Some(Accel::Kvm),
+        "tcg" => Some(Accel::Tcg),
+        other => bail!("--accel {other:?}: expected auto, kvm or tcg"),
+    };
+    opts.timeout = a.timeout;
+    opts.keep_running = a.keep_running;
+    opts.echo = !a.no_console && !cli.quiet;
+    opts.console_log = a.console_log.clone();
+    let report = boot::boot(&opts, interrupted()).await?;
+    if cli.output == Output::Json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        let secs = |ms: Option<u64>| {
+            ms.map(|m| format!("{:.1} s", m as f64 / 1000.0))
+                .unwrap_or_else(|| "-".into())
+        };
+        match &report.result {
+            Some(r) => println!(
+                "{}: {}{} (boot to result {}, agent {}; {} under {})",
+                report.instance_id,
+                r.outcome,
+                r.error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default(),
+                secs(report.boot_to_result_ms),
+                secs(r.total_ms),
+                report.image,
+                report.accel
+            ),
+            None => println!(
+                "{}: no report from the agent within {:?} ({} under {})",
+                report.instance_id, a.timeout, report.image, report.accel
+            ),
+        }
+    }
+    Ok(report.exit_code())
+}
+
+/// Ctrl-C or SIGTERM.
+async fn interrupted() -> &'static str {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "interrupted (Ctrl-C)",
+        _ = term.recv() => "interrupted (SIGTERM)",
+    }
 }
 
 fn init_logging(verbose: u8, quiet: bool) {

@@ -2,6 +2,7 @@
 //! pipeline drives either through this trait.
 
 pub mod aws;
+pub mod local;
 
 use crate::communicator::Communicator;
 use crate::definition::ImageDef;

@@ -1,0 +1,291 @@
+//! The local target: a Debian root made by debootstrap (cached), provisioned through a chroot
+//! with the very same command stream as the AWS seed instance, then turned into a qcow2 disk
+//! image with the image's own kernel beside it, under `out/IMAGE/BUILD_ID/`.
+//!
+//! `start` unpacks (or debootstraps) the base into `out/IMAGE/.build-ID/root`, stages the host's
+//! CA bundle when asked, stops package scripts from starting services, and mounts proc, sys, dev
+//! and a tmpfs /run. `snapshot` unmounts, undoes the build-only changes and makes the disk.
+//! `cleanup` unmounts whatever is still mounted and removes the build root, never while anything
+//! is mounted under it.
+
+pub mod base;
+pub mod chroot;
+pub mod disk;
+pub mod mounts;
+pub mod process;
+
+use crate::communicator::{run_checked, Communicator};
+use crate::definition::ImageDef;
+use crate::target::{Artifact, Build, Target};
+use anyhow::{Context, Result};
+use async_trait::async_trait;
+use base::BaseSpec;
+use chroot::{ChrootCommunicator, BUILD_CA_IN_ROOT, HOST_CA_BUNDLE};
+use mounts::{remove_tree, Mounts};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Keeps package maintainer scripts from starting daemons inside the build root.
+const POLICY_RC_D: &str = "usr/sbin/policy-rc.d";
+
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    /// `out/IMAGE`: each build's disk goes into a folder named after the build id.
+    pub out_dir: PathBuf,
+    /// The manifest of the last bake (for reuse by input hash).
+    pub manifest: PathBuf,
+    /// Where the debootstrapped base is cached.
+    pub cache_dir: PathBuf,
+    /// A cached base older than this is debootstrapped again (it ages with Debian's updates).
+    pub base_max_age: Duration,
+    /// Trust the host's CA bundle while building (removed again by the generalising step).
+    pub build_ca: bool,
+    /// Finished builds kept under `out/IMAGE` (the newest first); older ones are removed.
+    pub keep_builds: usize,
+}
+
+impl LocalOptions {
+    pub fn new(out_dir: PathBuf, manifest: PathBuf) -> Self {
+        Self {
+            out_dir,
+            manifest,
+            cache_dir: base::default_cache_dir(),
+            base_max_age: Duration::from_secs(7 * 24 * 3600),
+            build_ca: true,
+            keep_builds: 2,
+        }
+    }
+}
+
+pub struct LocalTarget {
+    opts: LocalOptions,
+    spec: Option<BaseSpec>,
+    /// `out/IMAGE/.build-ID`, while a build is under way.
+    work: Option<PathBuf>,
+    mounts: Option<Mounts>,
+}
+
+/// The part of a manifest `find_existing` reads.
+#[derive(Deserialize)]
+struct ManifestHead {
+    input_hash: String,
+    artifact: String,
+    #[serde(default)]
+    details: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    cleanup_error: Option<String>,
+}
+
+impl LocalTarget {
+    pub fn new(opts: LocalOptions) -> Self {
+        Self {
+            opts,
+            spec: None,
+            work: None,
+            mounts: None,
+        }
+    }
+
+    fn root(&self) -> Result<PathBuf> {
+        self.work
+            .as_ref()
+            .map(|w| w.join("root"))
+            .context("the build root is not there: start was not called or failed")
+    }
+
+    /// Removes finished builds beyond `keep_builds`, newest kept (build ids sort by time).
+    fn prune_builds(&self, current: &str) {
+        let Ok(entries) = std::fs::read_dir(&self.opts.out_dir) else {
+            return;
+        };
+        let mut builds: Vec<String> = entries
+            .flatten()
+            .filter(|e| e.path().join("disk.qcow2").exists())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with("b-") && n != current)
+            .collect();
+        builds.sort();
+        let keep_others = self.opts.keep_builds.saturating_sub(1);
+        let drop_count = builds.len().saturating_sub(keep_others);
+        for old in builds.into_iter().take(drop_count) {
+            let dir = self.opts.out_dir.join(&old);
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => tracing::info!(build = %old, "removed an older local build"),
+                Err(e) => tracing::warn!("removing the older build {}: {e}", dir.display()),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Target for LocalTarget {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    async fn resolve_source(&mut self, def: &ImageDef) -> Result<String> {
+        let spec = BaseSpec {
+            release: def.local_release.clone(),
+            mirror: def.local_mirror.clone(),
+        };
+        let id = spec.source_id();
+        self.spec = Some(spec);
+        Ok(id)
+    }
+
+    async fn find_existing(
+        &mut self,
+        _def: &ImageDef,
+        input_hash: &str,
+    ) -> Result<Option<Artifact>> {
+        let Ok(text) = std::fs::read_to_string(&self.opts.manifest) else {
+            return Ok(None);
+        };
+        let Ok(m) = serde_json::from_str::<ManifestHead>(&text) else {
+            tracing::warn!(manifest = %self.opts.manifest.display(), "unreadable manifest; baking anew");
+            return Ok(None);
+        };
+        if m.input_hash != input_hash
+            || m.cleanup_error.is_some()
+            || !Path::new(&m.artifact).exists()
+        {
+            return Ok(None);
+        }
+        Ok(Some(Artifact {
+            id: m.artifact,
+            regions: Default::default(),
+            details: m.details,
+        }))
+    }
+
+    async fn start(&mut self, _def: &ImageDef, build: &Build) -> Result<Arc<dyn Communicator>> {
+        let spec = self
+            .spec
+            .clone()
+            .context("resolve_source must run before start")?;
+        std::fs::create_dir_all(&self.opts.out_dir)
+            .with_context(|| format!("creating {}", self.opts.out_dir.display()))?;
+        let work = self
+            .opts
+            .out_dir
+            .canonicalize()
+            .with_context(|| format!("finding {}", self.opts.out_dir.display()))?
+            .join(format!(".build-{}", build.id));
+        self.work = Some(work.clone());
+        let root = work.join("root");
+        let cached =
+            base::prepare(&spec, &root, &self.opts.cache_dir, self.opts.base_max_age).await?;
+        tracing::info!(root = %root.display(), cached, "build root ready");
+
+        // Build-only changes, undone by `snapshot`.
+        let policy = root.join(POLICY_RC_D);
+        std::fs::write(
+            &policy,
+            "#!/bin/sh\n# builder: no daemons start inside the build root.\nexit 101\n",
+        )
+        .with_context(|| format!("writing {}", policy.display()))?;
+        set_mode(&policy, 0o755)?;
+        if Path::new("/etc/resolv.conf").exists() {
+            let to = root.join("etc/resolv.conf");
+            let _ = std::fs::remove_file(&to); // may be a dangling symlink
+            std::fs::copy("/etc/resolv.conf", &to)
+                .context("copying the host's /etc/resolv.conf into the build root")?;
+        }
+        if self.opts.build_ca {
+            let to = root.join(BUILD_CA_IN_ROOT);
+            if let Some(dir) = to.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            std::fs::copy(HOST_CA_BUNDLE, &to).with_context(|| {
+                format!("copying the host's CA bundle {HOST_CA_BUNDLE} into the build root (install ca-certificates on the host, or bake without it)")
+            })?;
+        }
+        self.mounts = Some(Mounts::mount(&root)?);
+        let comm = ChrootCommunicator::new(root, self.opts.build_ca);
+        if self.opts.build_ca {
+            run_checked(
+                &comm,
+                "trusting the host's CA bundle",
+                "update-ca-certificates >/dev/null",
+                Duration::from_secs(120),
+            )
+            .await?;
+        }
+        Ok(Arc::new(comm))
+    }
+
+    async fn snapshot(&mut self, def: &ImageDef, build: &Build) -> Result<Artifact> {
+        if let Some(mut m) = self.mounts.take() {
+            m.unmount()
+                .context("unmounting the build root before making the disk")?;
+        }
+        let root = self.root()?;
+        std::fs::remove_file(root.join(POLICY_RC_D)).context("removing the build's policy-rc.d")?;
+        // The guest's DHCP client writes its own; the host's has no business in the image.
+        let resolv = root.join("etc/resolv.conf");
+        let _ = std::fs::remove_file(&resolv);
+        std::fs::write(&resolv, "").context("emptying /etc/resolv.conf in the image")?;
+
+        let dir = self.opts.out_dir.join(&build.id);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let d = disk::make(&root, &dir, &def.local_disk_size).await?;
+        let rel = |p: &Path| {
+            p.strip_prefix(&self.opts.out_dir)
+                .unwrap_or(p)
+                .to_string_lossy()
+                .to_string()
+        };
+        let mut details = std::collections::BTreeMap::new();
+        details.insert("disk".into(), rel(&d.disk));
+        details.insert("kernel".into(), rel(&d.kernel));
+        details.insert("initrd".into(), rel(&d.initrd));
+        details.insert("cmdline".into(), disk::KERNEL_CMDLINE.into());
+        details.insert("disk_size".into(), d.size_bytes.to_string());
+        details.insert("release".into(), def.local_release.clone());
+        self.prune_builds(&build.id);
+        Ok(Artifact {
+            id: d.disk.to_string_lossy().to_string(),
+            regions: Default::default(),
+            details,
+        })
+    }
+
+    async fn cleanup(&mut self, build: &Build, failed: bool, keep: bool) -> Result<Vec<String>> {
+        let mut notes = Vec::new();
+        if let Some(mut m) = self.mounts.take() {
+            m.unmount().context("unmounting the build root")?;
+        }
+        if let Some(work) = &self.work {
+            if keep {
+                notes.push(format!(
+                    "the build root is kept for debugging at {} (nothing is mounted there; `chroot {}/root` to look, `rm -rf {}` when done)",
+                    work.display(),
+                    work.display(),
+                    work.display()
+                ));
+            } else {
+                remove_tree(work)?;
+            }
+        }
+        if failed {
+            let half = self.opts.out_dir.join(&build.id);
+            if half.exists() {
+                std::fs::remove_dir_all(&half)
+                    .with_context(|| format!("removing the half-made {}", half.display()))?;
+            }
+        }
+        Ok(notes)
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,194 @@
+//! The kernel file systems a chroot needs (proc, sys, dev, dev/pts, a tmpfs /run), mounted for
+//! the provisioning and always unmounted again: on success, on failure, on Ctrl-C, and from
+//! `Drop` if nobody did. Nothing under the root is ever deleted while something is mounted there.
+
+use super::process::run_blocking;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+/// What is mounted under one root, innermost last.
+#[derive(Debug)]
+pub struct Mounts {
+    root: PathBuf,
+    mounted: Vec<PathBuf>,
+}
+
+/// (file system type or "bind", source, target under the root)
+const MOUNTS: [(&str, &str, &str); 5] = [
+    ("proc", "proc", "proc"),
+    ("sysfs", "sysfs", "sys"),
+    ("bind", "/dev", "dev"),
+    ("bind", "/dev/pts", "dev/pts"),
+    ("tmpfs", "tmpfs", "run"),
+];
+
+impl Mounts {
+    /// Mounts everything under `root`; a failure half-way unmounts what was mounted.
+    pub fn mount(root: &Path) -> Result<Mounts> {
+        let root = root
+            .canonicalize()
+            .with_context(|| format!("finding the build root {}", root.display()))?;
+        let mut m = Mounts {
+            root: root.clone(),
+            mounted: Vec::new(),
+        };
+        for (fstype, source, under) in MOUNTS {
+            let target = root.join(under);
+            std::fs::create_dir_all(&target)
+                .with_context(|| format!("creating {}", target.display()))?;
+            let t = target.to_string_lossy().to_string();
+            let args: Vec<&str> = match fstype {
+                "bind" => vec!["--bind", source, &t],
+                _ => vec!["-t", fstype, source, &t],
+            };
+            run_blocking(&format!("mounting {source} on {t}"), "mount", &args)?;
+            m.mounted.push(target);
+        }
+        Ok(m)
+    }
+
+    /// Unmounts everything, innermost first; a busy mount is detached lazily so the build can
+    /// still clean up. Safe more than once.
+    pub fn unmount(&mut self) -> Result<()> {
+        let mut errors = Vec::new();
+        while let Some(target) = self.mounted.pop() {
+            let t = target.to_string_lossy().to_string();
+            if let Err(e) = run_blocking(&format!("unmounting {t}"), "umount", &[&t]) {
+                tracing::warn!("{e:#}; detaching it lazily");
+                if let Err(e) = run_blocking(&format!("detaching {t}"), "umount", &["-l", &t]) {
+                    errors.push(format!("{e:#}"));
+                }
+            }
+        }
+        if !errors.is_empty() {
+            bail!("{}", errors.join("; "));
+        }
+        let left = mounted_under(&self.root)?;
+        if !left.is_empty() {
+            bail!(
+                "still mounted under the build root after unmounting: {}",
+                left.iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        if !self.mounted.is_empty() {
+            if let Err(e) = self.unmount() {
+                tracing::error!("{e:#}");
+            }
+        }
+    }
+}
+
+/// Mount points at or under `root`, from /proc/self/mountinfo.
+pub fn mounted_under(root: &Path) -> Result<Vec<PathBuf>> {
+    let info =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    Ok(info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape)
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(root))
+        .collect())
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            let code: String = chars.by_ref().take(3).collect();
+            match u8::from_str_radix(&code, 8) {
+                Ok(b) => out.push(b as char),
+                Err(_) => {
+                    out.push('\\');
+                    out.push_str(&code);
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Removes a build folder, refusing while anything is mounted under it (a bind-mounted /dev
+/// would otherwise be emptied on the host).
+pub fn remove_tree(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let abs = dir
+        .canonicalize()
+        .with_context(|| format!("finding {}", dir.display()))?;
+    let left = mounted_under(&abs)?;
+    if !left.is_empty() {
+        bail!(
+            "not removing {}: still mounted there: {}; unmount them (umount -R) and remove it by hand",
+            abs.display(),
+            left.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    std::fs::remove_dir_all(&abs).with_context(|| format!("removing {}", abs.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape(r"/a\040b"), "/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+    }
+
+    // Needs root (mount); CI runs as root.
+    #[test]
+    fn mounts_come_and_go_and_a_mounted_tree_is_never_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(&root).unwrap();
+        let mut m = Mounts::mount(&root).unwrap();
+        let abs = root.canonicalize().unwrap();
+        assert_eq!(mounted_under(&abs).unwrap().len(), 5);
+        assert!(abs.join("proc/self/status").exists());
+        assert!(abs.join("dev/null").exists());
+        let e = remove_tree(&root).unwrap_err().to_string();
+        assert!(e.contains("still mounted"), "{e}");
+        assert!(Path::new("/dev/null").exists());
+        m.unmount().unwrap();
+        assert!(mounted_under(&abs).unwrap().is_empty());
+        m.unmount().unwrap();
+        remove_tree(&root).unwrap();
+        assert!(!root.exists());
+        assert!(
+            Path::new("/dev/null").exists(),
+            "the host's /dev is untouched"
+        );
+    }
+
+    #[test]
+    fn dropping_unmounts() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("r");
+        std::fs::create_dir_all(&root).unwrap();
+        let abs = root.canonicalize().unwrap();
+        {
+            let _m = Mounts::mount(&root).unwrap();
+            assert!(!mounted_under(&abs).unwrap().is_empty());
+        }
+        assert!(mounted_under(&abs).unwrap().is_empty());
+    }
+}
