@@ -297,15 +297,25 @@ fn ports_note(ports: &[PortForward]) -> String {
 fn spawn_qemu(spec: &QemuSpec) -> Result<Child> {
     let args = qemu::args(spec);
     tracing::debug!("qemu-system-x86_64 {}", args.join(" "));
-    Command::new("qemu-system-x86_64")
-        .args(&args)
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // Its own process group: Ctrl-C reaches the builder, which stops qemu and cleans up.
         .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
+        .kill_on_drop(true);
+    // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill qemu if the builder
+    // dies without cleaning up (SIGKILL, a crash), so no machine outlives its builder.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 anyhow!("qemu-system-x86_64 is not installed; run scripts/install-local-deps.sh (qemu from bookworm-backports)")

@@ -1,0 +1,207 @@
+#!/usr/bin/env bash
+# The whole system on one machine, with no AWS account (issue #5): bake `preseeded` and `bare`
+# with the local target, serve real git repositories, boot the images in qemu with the IMDS
+# emulator, and watch stackless-init do its work on a real systemd boot:
+#   preseeded: ready, highstate passed, the web program answers with the configured text; a config
+#              commit restarts it once with the new text; a salt commit is applied on the next tick;
+#   bare:      salt is installed at first boot, then the same checks pass;
+#   broken user-data: the agent reports the error with its line and column, the boot ends
+#              `failed`, the machine stays up (its console reaches the login prompt).
+# Needs root (debootstrap, chroot, mounts) and qemu; scripts/test.sh runs it after the unit tests.
+# Writes the measured figures to out/e2e/summary.json.
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$repo"
+builder="${BUILDER:-$repo/target/debug/builder}"
+init="${STACKLESS_INIT_STATIC:-$repo/target/x86_64-unknown-linux-musl/release/stackless-init}"
+accel="${STACKLESS_E2E_ACCEL:-auto}"
+work="$(mktemp -d /tmp/stackless-e2e.XXXXXX)"
+pids=()
+
+say() { echo "e2e: $*" >&2; }
+fail() {
+    say "FAIL: $*"
+    for f in "$work"/*.console; do
+        [[ -f "$f" ]] && { say "--- last lines of $f ---"; tail -n 40 "$f" >&2; }
+    done
+    exit 1
+}
+cleanup() {
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    sleep 1
+    for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+    [[ -n "${KEEP_E2E:-}" ]] || rm -rf "$work"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+json_field() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval("d"+sys.argv[2]))' "$1" "$2"; }
+
+[[ -x "$builder" ]] || fail "no builder at $builder (cargo build -p builder)"
+[[ -x "$init" ]] || fail "no static stackless-init at $init (scripts/build-init.sh)"
+
+# 1. Bake both images (reused when nothing that shapes them changed).
+declare -A bake_s
+for image in preseeded bare; do
+    say "baking $image (local)"
+    t0=$(date +%s%N)
+    "$builder" -q bake "$image" --target local --init-binary "$init" >"$work/bake-$image.out" ||
+        fail "baking $image"
+    bake_s[$image]=$(( ($(date +%s%N) - t0) / 1000000 ))
+    say "$image: $(tail -n1 "$work/bake-$image.out") in ${bake_s[$image]} ms"
+done
+
+# 2. A salt repository and a config repository, served by a git daemon on loopback.
+git_port=$(free_port)
+mkdir -p "$work/git"
+for r in salt config; do
+    git init -q --bare -b main "$work/git/$r.git"
+    git clone -q "$work/git/$r.git" "$work/$r" 2>/dev/null
+    cp -r "examples/$r/." "$work/$r/"
+    git -C "$work/$r" add -A
+    git -C "$work/$r" -c user.name=e2e -c user.email=e2e@localhost commit -q -m "$r: first"
+    git -C "$work/$r" push -q origin main
+done
+git daemon --reuseaddr --export-all --base-path="$work/git" --listen=127.0.0.1 --port="$git_port" \
+    "$work/git" >"$work/git-daemon.log" 2>&1 &
+pids+=($!)
+commit() { # repo file content message
+    printf '%s\n' "$3" >"$work/$1/$2"
+    git -C "$work/$1" add -A
+    git -C "$work/$1" -c user.name=e2e -c user.email=e2e@localhost commit -q -m "$4"
+    git -C "$work/$1" push -q origin main
+}
+
+# The example user-data, plus the host's extra CAs: this machine's HTTPS goes through an
+# intercepting proxy, and the bare image pip-installs salt at first boot.
+ud="$work/user-data.toml"
+{
+    extra=$(cat /usr/local/share/ca-certificates/*.crt 2>/dev/null || true)
+    if [[ -n "$extra" ]]; then printf 'ca_certificates = """\n%s\n"""\n' "$extra"; fi
+    cat examples/user-data.toml
+} >"$ud"
+"$builder" -q user-data "$ud" >/dev/null || fail "the e2e user-data does not validate"
+
+# Boots IMAGE in the background, kept running; NAME names its files; sets $pid.
+boot_bg() { # name image user-data port
+    "$builder" --output json boot "out/$2" --user-data "$3" --keep-running --accel "$accel" \
+        --port "$4:8080" --forward "169.254.0.100:9418=127.0.0.1:$git_port" \
+        --console-log "$work/$1.console" --no-console --timeout 40m >"$work/$1.json" 2>"$work/$1.err" &
+    pid=$!
+    pids+=("$pid")
+}
+# Waits for the agent's result line on NAME's console; prints the result JSON.
+wait_result() { # name timeout-seconds
+    local deadline=$(( $(date +%s) + $2 ))
+    while (( $(date +%s) < deadline )); do
+        if line=$(grep -a -m1 'stackless-init-result: ' "$work/$1.console" 2>/dev/null); then
+            echo "${line#*stackless-init-result: }" >"$work/$1.result"
+            return 0
+        fi
+        kill -0 "$pid" 2>/dev/null || fail "$1: builder boot ended before the agent reported: $(cat "$work/$1.err")"
+        sleep 2
+    done
+    fail "$1: no result from the agent within $2 s"
+}
+# GET path on port until it answers want (or the timeout).
+wait_http() { # port path want timeout-seconds what
+    local deadline=$(( $(date +%s) + $4 )) got=""
+    while (( $(date +%s) < deadline )); do
+        got=$(curl -s --max-time 5 "http://127.0.0.1:$1$2" || true)
+        [[ "$got" == "$3" ]] && return 0
+        sleep 2
+    done
+    fail "$5: GET $2 answered '${got}' after $4 s; expected '$3'"
+}
+stop_boot() { # pid -> sets $rc, the boot's exit code
+    kill -TERM "$1"
+    rc=0
+    wait "$1" || rc=$?
+}
+
+greeting_v1="hello from the config repository, v1"
+greeting_v2="hello from the config repository, v2"
+
+# 3-5. preseeded
+port=$(free_port)
+say "booting preseeded (web on 127.0.0.1:$port)"
+boot_bg preseeded preseeded "$ud" "$port"
+wait_result preseeded 1200
+[[ $(json_field "$work/preseeded.result" '["outcome"]') == ready ]] ||
+    fail "preseeded: $(cat "$work/preseeded.result")"
+[[ $(json_field "$work/preseeded.result" '["status"]["highstate"]["outcome"]') == passed ]] ||
+    fail "preseeded: the highstate did not pass: $(json_field "$work/preseeded.result" '["status"]["highstate"]')"
+wait_http "$port" / "$greeting_v1" 60 "preseeded: the web program"
+wait_http "$port" /state salt-v1 10 "preseeded: salt's state"
+wait_http "$port" /starts 1 10 "preseeded: started once"
+
+say "preseeded: pushing a config commit"
+t0=$(date +%s)
+commit config web/greeting.txt "$greeting_v2" "greeting v2"
+wait_http "$port" / "$greeting_v2" 300 "preseeded: the new greeting"
+config_s=$(( $(date +%s) - t0 ))
+sleep 5 # a second restart would show up here
+wait_http "$port" /starts 2 10 "preseeded: restarted exactly once"
+
+say "preseeded: pushing a salt commit"
+t0=$(date +%s)
+sed -i 's/salt-v1/salt-v2/' "$work/salt/web/init.sls"
+git -C "$work/salt" -c user.name=e2e -c user.email=e2e@localhost commit -q -am "state v2"
+git -C "$work/salt" push -q origin main
+wait_http "$port" /state salt-v2 300 "preseeded: the salt change applied on the next tick"
+salt_s=$(( $(date +%s) - t0 ))
+stop_boot "$pid"
+[[ "$rc" == 0 ]] || fail "preseeded: builder boot exited $rc after Ctrl-C (expected 0, the agent was ready)"
+pre_ready_ms=$(json_field "$work/preseeded.json" '["boot_to_result_ms"]')
+pre_agent_ms=$(json_field "$work/preseeded.json" '["result"]["total_ms"]')
+used_accel=$(json_field "$work/preseeded.json" '["accel"]')
+say "preseeded: ready in ${pre_ready_ms} ms (agent ${pre_agent_ms} ms) under $used_accel; config change live in ${config_s} s, salt change in ${salt_s} s"
+accel="$used_accel" # the probe's verdict holds for the rest of the run
+
+# 6. bare: salt is installed at first boot, then the same checks.
+port=$(free_port)
+say "booting bare (salt is pip-installed at first boot; minutes under TCG)"
+boot_bg bare bare "$ud" "$port"
+wait_result bare 2400
+[[ $(json_field "$work/bare.result" '["outcome"]') == ready ]] || fail "bare: $(cat "$work/bare.result")"
+grep -a -q "salt" "$work/bare.console" || fail "bare: the console shows no salt install"
+[[ $(json_field "$work/bare.result" '["status"]["highstate"]["outcome"]') == passed ]] ||
+    fail "bare: the highstate did not pass"
+wait_http "$port" / "$greeting_v2" 60 "bare: the web program"
+wait_http "$port" /state salt-v2 10 "bare: salt's state"
+stop_boot "$pid"
+[[ "$rc" == 0 ]] || fail "bare: builder boot exited $rc"
+bare_ready_ms=$(json_field "$work/bare.json" '["boot_to_result_ms"]')
+bare_agent_ms=$(json_field "$work/bare.json" '["result"]["total_ms"]')
+say "bare: ready in ${bare_ready_ms} ms (agent ${bare_agent_ms} ms)"
+
+# 7. Broken user-data: reported with line and column, boot failed, machine still up.
+bad="$work/broken.toml"
+printf 'minion_id = "web-{instance_id}"\n\n[sync]\nschedule = "every tuesday"\n' >"$bad"
+port=$(free_port)
+say "booting preseeded with broken user-data"
+boot_bg broken preseeded "$bad" "$port"
+wait_result broken 1200
+[[ $(json_field "$work/broken.result" '["outcome"]') == failed ]] || fail "broken: $(cat "$work/broken.result")"
+err=$(json_field "$work/broken.result" '["error"]')
+[[ "$err" == *"user-data:4:"* ]] || fail "broken: the error does not name line 4 and its column: $err"
+deadline=$(( $(date +%s) + 300 ))
+until sed -n '/stackless-init-result: /,$p' "$work/broken.console" | grep -a -q "login:"; do
+    (( $(date +%s) < deadline )) || fail "broken: the machine did not reach its login prompt after the failure"
+    kill -0 "$pid" 2>/dev/null || fail "broken: builder boot ended: $(cat "$work/broken.err")"
+    sleep 2
+done
+stop_boot "$pid"
+[[ "$rc" == 1 ]] || fail "broken: builder boot exited $rc (expected 1, failed)"
+say "broken user-data: failed as expected: $err"
+
+mkdir -p out/e2e
+cat >out/e2e/summary.json <<JSON
+{"accel": "$used_accel",
+ "bake_ms": {"preseeded": ${bake_s[preseeded]}, "bare": ${bake_s[bare]}},
+ "boot_to_ready_ms": {"preseeded": $pre_ready_ms, "bare": $bare_ready_ms},
+ "agent_boot_ms": {"preseeded": $pre_agent_ms, "bare": $bare_agent_ms},
+ "config_change_live_s": $config_s, "salt_change_applied_s": $salt_s,
+ "measured_at": "$(date -u +%Y-%m-%dT%H:%M:%SZ)"}
+JSON
+say "passed; figures in out/e2e/summary.json:"
+cat out/e2e/summary.json >&2
