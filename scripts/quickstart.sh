@@ -57,6 +57,7 @@ git daemon --reuseaddr --export-all --base-path="$qs/git" --listen=127.0.0.1 --p
 daemon=$!
 boot=""
 trap 'kill -TERM $daemon ${boot} 2>/dev/null || true' EXIT
+trap 'exit 130' INT TERM
 
 # The example user-data; a machine whose HTTPS goes through an intercepting proxy hands its
 # extra CAs to the instance too (user-data `ca_certificates`).

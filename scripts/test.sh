@@ -6,6 +6,7 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
 
 scripts/install-test-deps.sh
+scripts/install-local-deps.sh
 export PATH="$repo/.venv/bin:$PATH"
 
 echo "== format and lints" >&2
@@ -18,3 +19,11 @@ export STACKLESS_INIT_STATIC
 
 echo "== tests" >&2
 cargo test --workspace --locked "$@"
+
+# The whole system on one machine: local bakes booted in qemu (minutes; STACKLESS_SKIP_E2E=1
+# skips it while iterating).
+if [[ -z "${STACKLESS_SKIP_E2E:-}" ]]; then
+    echo "== end to end: bake locally, boot in qemu (tests/e2e-local.sh)" >&2
+    cargo build --locked --quiet -p builder
+    tests/e2e-local.sh
+fi

@@ -155,7 +155,7 @@ pub async fn boot(
         None => Accel::Tcg,
     };
     let mut log = match &opts.console_log {
-        Some(p) => Some(std::io::BufWriter::new(
+        Some(p) => Some(std::io::LineWriter::new(
             std::fs::File::create(p)
                 .with_context(|| format!("creating the console log {}", p.display()))?,
         )),
