@@ -302,15 +302,19 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&m)?);
             } else {
                 if !cli.quiet {
-                    eprintln!(
-                        "builder: {} {} ({}), manifest {}",
-                        if m.reused { "reused" } else { "baked" },
-                        m.image_name,
+                    let place = if m.regions.is_empty() {
+                        m.artifact.clone()
+                    } else {
                         m.regions
                             .iter()
                             .map(|(r, a)| format!("{r}={a}"))
                             .collect::<Vec<_>>()
-                            .join(" "),
+                            .join(" ")
+                    };
+                    eprintln!(
+                        "builder: {} {} ({place}), manifest {}",
+                        if m.reused { "reused" } else { "baked" },
+                        m.image_name,
                         opts.manifest.display()
                     );
                 }
