@@ -110,10 +110,14 @@ impl DeployOptions {
     }
 }
 
-/// `d-YYYYMMDDhhmmss-xxxxxx`: sorts by time.
+/// `d-YYYYMMDDhhmmssmmm-xxxxxx` (UTC, to the millisecond): sorts by time.
 pub fn new_deploy_id() -> String {
-    let (id, _) = crate::pipeline::new_build_id();
-    format!("d-{}", id.trim_start_matches("b-"))
+    let now = SystemTime::now();
+    let ts = humantime::format_rfc3339_millis(now).to_string();
+    let compact: String = ts.chars().filter(|c| c.is_ascii_digit()).take(17).collect();
+    let (build, _) = crate::pipeline::new_build_id();
+    let rand = build.rsplit('-').next().unwrap_or("000000");
+    format!("d-{compact}-{rand}")
 }
 
 /// Everything a deploy found out before changing anything: what `--plan` prints and `run` uses.

@@ -519,3 +519,12 @@ async fn fewer_instances_than_now_healthy_are_refused() {
     );
     assert!(e.contains("2 instances of web are healthy") && e.contains("--count 2"), "{e}");
 }
+
+#[test]
+fn deploy_ids_sort_by_time() {
+    let a = new_deploy_id();
+    std::thread::sleep(Duration::from_millis(3));
+    let b = new_deploy_id();
+    assert!(a < b, "{a} {b}");
+    assert!(a.starts_with("d-") && a.len() == "d-20260101000000000-abcdef".len(), "{a}");
+}
