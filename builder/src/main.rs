@@ -466,7 +466,11 @@ async fn deploy_command(
         "deploy"
     };
     let cfg = deploy::config::load(&args.deploy_dir, service, &flags)?;
-    let kind = if cfg.asg.is_some() && !rollback { "asg" } else { kind };
+    let kind = if cfg.asg.is_some() && !rollback {
+        "asg"
+    } else {
+        kind
+    };
     let prepared = deploy::prepare(&clients, &cfg, &cli.images_dir, kind).await?;
     if plan {
         if cli.output == Output::Json {
@@ -491,7 +495,11 @@ async fn deploy_command(
                 record.deploy_id,
                 service,
                 record.image,
-                if record.instances.is_empty() { "-".to_string() } else { record.instances.join(" ") },
+                if record.instances.is_empty() {
+                    "-".to_string()
+                } else {
+                    record.instances.join(" ")
+                },
                 if record.replaced.is_empty() {
                     String::new()
                 } else {

@@ -24,7 +24,8 @@ pub struct Payload {
 
 /// Reads, validates and packs a user-data file, checked over `defaults` (an image's `[defaults]`).
 pub fn prepare(file: &Path, defaults: &Document) -> Result<Payload> {
-    let raw = std::fs::read(file).with_context(|| format!("reading the user-data {}", file.display()))?;
+    let raw =
+        std::fs::read(file).with_context(|| format!("reading the user-data {}", file.display()))?;
     let name = file.display().to_string();
     let doc = userdata::load(&name, &raw)?;
     let settings = userdata::resolve(defaults, &doc, &stackless_init::imds::Identity::example())?;

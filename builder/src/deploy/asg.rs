@@ -95,7 +95,10 @@ pub async fn new_version(
         .launch_template_version()
         .and_then(|v| v.version_number())
         .context("CreateLaunchTemplateVersion returned no version number")?;
-    tracing::info!("launch template {} version {v} boots {ami}", template_label(group));
+    tracing::info!(
+        "launch template {} version {v} boots {ami}",
+        template_label(group)
+    );
     Ok(v)
 }
 
@@ -182,9 +185,9 @@ pub fn judge(status: &InstanceRefreshStatus, percent: Option<i32>, reason: &str)
     };
     match status {
         S::Successful => Check::Ready(()),
-        S::Failed | S::Cancelled | S::RollbackSuccessful | S::RollbackFailed => {
-            Check::Failed(format!("the instance refresh ended {}{why}", status.as_str()))
-        }
+        S::Failed | S::Cancelled | S::RollbackSuccessful | S::RollbackFailed => Check::Failed(
+            format!("the instance refresh ended {}{why}", status.as_str()),
+        ),
         _ => Check::Waiting(format!(
             "{} {}%{why}",
             status.as_str(),
@@ -236,7 +239,11 @@ pub async fn follow(
 }
 
 /// On an interrupt: roll the refresh back when automatic rollback is on, else cancel it.
-pub async fn stop_refresh(asg: &aws_sdk_autoscaling::Client, group: &str, rollback: bool) -> Result<String> {
+pub async fn stop_refresh(
+    asg: &aws_sdk_autoscaling::Client,
+    group: &str,
+    rollback: bool,
+) -> Result<String> {
     if rollback {
         asg.rollback_instance_refresh()
             .auto_scaling_group_name(group)

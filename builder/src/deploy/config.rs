@@ -333,7 +333,10 @@ pub fn parse(file: &str, text: &str) -> Result<DeployFile, ConfigError> {
             }
             last = v;
         }
-        for d in [&a.checkpoint_delay, &a.instance_warmup].into_iter().flatten() {
+        for d in [&a.checkpoint_delay, &a.instance_warmup]
+            .into_iter()
+            .flatten()
+        {
             l.duration(d)?;
         }
     }
@@ -500,7 +503,10 @@ pub fn merge(
         }
     };
     if let Some(a) = &asg {
-        if a.auto_rollback && a.min_healthy_percentage == Some(100) && a.max_healthy_percentage.is_none() {
+        if a.auto_rollback
+            && a.min_healthy_percentage == Some(100)
+            && a.max_healthy_percentage.is_none()
+        {
             return Err(ConfigError::whole(
                 &file,
                 "[asg] min_healthy_percentage = 100 needs max_healthy_percentage above 100 (EC2 Auto Scaling must launch before it terminates)",
@@ -613,15 +619,39 @@ checkpoint_delay = "2m"
     fn errors_name_the_file_line_and_column() {
         let dir = tempfile::tempdir().unwrap();
         let cases = [
-            ("count = 3\nimage = \"x\"\ncolour = 1\n", "3:1", "unknown field `colour`"),
+            (
+                "count = 3\nimage = \"x\"\ncolour = 1\n",
+                "3:1",
+                "unknown field `colour`",
+            ),
             ("count = 0\n", "1:9", "count must be 1 to 100"),
-            ("ami = \"ami-1\"\nimage = \"x\"\n", "", "one of image, ami or ssm_parameter"),
+            (
+                "ami = \"ami-1\"\nimage = \"x\"\n",
+                "",
+                "one of image, ami or ssm_parameter",
+            ),
             ("ami = \"img-1\"\n", "1:7", "not an AMI id"),
             ("subnets = [\"sub-1\"]\n", "1:12", "not a subnet id"),
-            ("target_groups = [\"web\"]\n", "1:18", "not a target group ARN"),
-            ("health_url = \"http://{host}/\"\n", "1:14", "unknown placeholder `{host}`"),
-            ("[timeouts]\nhealthy = \"5 parsecs\"\n", "2:11", "bad duration"),
-            ("[asg]\ncheckpoint_percentages = [50, 20]\n", "2:31", "must rise"),
+            (
+                "target_groups = [\"web\"]\n",
+                "1:18",
+                "not a target group ARN",
+            ),
+            (
+                "health_url = \"http://{host}/\"\n",
+                "1:14",
+                "unknown placeholder `{host}`",
+            ),
+            (
+                "[timeouts]\nhealthy = \"5 parsecs\"\n",
+                "2:11",
+                "bad duration",
+            ),
+            (
+                "[asg]\ncheckpoint_percentages = [50, 20]\n",
+                "2:31",
+                "must rise",
+            ),
             ("count = \"3\"\n", "1:9", "invalid type"),
         ];
         for (text, at, message) in cases {
@@ -630,7 +660,10 @@ checkpoint_delay = "2m"
             let shown = e.to_string();
             assert!(shown.contains("bad.toml"), "{shown}");
             if !at.is_empty() {
-                assert!(shown.contains(&format!("bad.toml:{at}:")), "{text:?}: {shown}");
+                assert!(
+                    shown.contains(&format!("bad.toml:{at}:")),
+                    "{text:?}: {shown}"
+                );
             }
             assert!(shown.contains(message), "{text:?}: {shown}");
         }

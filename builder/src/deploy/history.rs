@@ -144,7 +144,9 @@ pub async fn list(ssm: &aws_sdk_ssm::Client, service: &str) -> Result<Vec<Record
             Err(e) if aws_code(&e) == Some("ParameterNotFound") => break,
             Err(e) => {
                 return Err(aws_error(e)).with_context(|| {
-                    format!("reading the deploy history under {path} (needs ssm:GetParametersByPath)")
+                    format!(
+                        "reading the deploy history under {path} (needs ssm:GetParametersByPath)"
+                    )
                 })
             }
         };
@@ -179,12 +181,12 @@ pub fn previous_image(records: &[Record]) -> Option<(&Record, &Record)> {
 /// The history as a table for people.
 pub fn table(records: &[Record]) -> String {
     let mut s = format!(
-        "{:<24} {:<9} {:<22} {:<22} {:<21} {}\n",
+        "{:<27} {:<9} {:<22} {:<21} {:<21} {}\n",
         "DEPLOY", "KIND", "OUTCOME", "STARTED", "IMAGE", "INSTANCES"
     );
     for r in records {
         s.push_str(&format!(
-            "{:<24} {:<9} {:<22} {:<22} {:<21} {}\n",
+            "{:<27} {:<9} {:<22} {:<21} {:<21} {}\n",
             r.deploy_id,
             r.kind,
             r.outcome.as_str(),
@@ -240,7 +242,10 @@ mod tests {
         let (current, previous) = previous_image(&records).unwrap();
         assert_eq!(current.deploy_id, "d-4");
         assert_eq!(previous.image, "ami-a");
-        assert!(previous_image(&records[..3]).is_none(), "only ami-b ever served");
+        assert!(
+            previous_image(&records[..3]).is_none(),
+            "only ami-b ever served"
+        );
         assert!(previous_image(&[]).is_none());
     }
 

@@ -55,7 +55,11 @@ fn from_sdk(i: &aws_sdk_ec2::types::Instance) -> Instance {
     }
 }
 
-async fn describe(ec2: &aws_sdk_ec2::Client, filters: Vec<Filter>, what: &str) -> Result<Vec<Instance>> {
+async fn describe(
+    ec2: &aws_sdk_ec2::Client,
+    filters: Vec<Filter>,
+    what: &str,
+) -> Result<Vec<Instance>> {
     let mut out = Vec::new();
     let mut token = None;
     loop {
@@ -299,7 +303,12 @@ fn judge_running(ids: &[String], seen: &[Instance]) -> Result<Check<Vec<Instance
     Ok(if waiting.is_empty() {
         Check::Ready(ready)
     } else {
-        Check::Waiting(format!("{} of {} running; {}", ready.len(), ids.len(), waiting.join(", ")))
+        Check::Waiting(format!(
+            "{} of {} running; {}",
+            ready.len(),
+            ids.len(),
+            waiting.join(", ")
+        ))
     })
 }
 
@@ -329,26 +338,29 @@ pub async fn wait_health_url(
                     continue;
                 }
                 let u = url.clone();
-                let r = tokio::task::spawn_blocking(move || {
-                    ureq::AgentBuilder::new()
+                // The status code, or why there was none.
+                let r: std::result::Result<u16, String> = tokio::task::spawn_blocking(move || {
+                    match ureq::AgentBuilder::new()
                         .timeout(Duration::from_secs(5))
                         .build()
                         .get(&u)
                         .call()
+                    {
+                        Ok(resp) => Ok(resp.status()),
+                        Err(ureq::Error::Status(code, _)) => Ok(code),
+                        Err(e) => Err(e.to_string()),
+                    }
                 })
                 .await
                 .context("the health check task")?;
                 match r {
-                    Ok(resp) if resp.status() == 200 => {
+                    Ok(200) => {
                         if let Ok(mut r) = ready.lock() {
                             r.insert(id.clone());
                         }
                         tracing::info!("{id}: {url} answers 200");
                     }
-                    Ok(resp) => last.push(format!("{id}: {url} answered {}", resp.status())),
-                    Err(ureq::Error::Status(code, _)) => {
-                        last.push(format!("{id}: {url} answered {code}"))
-                    }
+                    Ok(code) => last.push(format!("{id}: {url} answered {code}")),
                     Err(e) => last.push(format!("{id}: {url}: {e}")),
                 }
             }
@@ -368,53 +380,57 @@ pub async fn wait_status_checks(
     timeout: Duration,
     opts: &DeployOptions,
 ) -> Result<()> {
-    opts.wait(format!("the status checks of {} to pass", ids.join(" ")), timeout)
-        .hint("raise [timeouts] ready; the instance's console output says why it does not come up")
-        .until(|| async {
-            let out = match ec2
-                .describe_instance_status()
-                .set_instance_ids(Some(ids.to_vec()))
-                .include_all_instances(true)
-                .send()
-                .await
-            {
-                Ok(o) => o,
-                Err(e) if is_throttling(aws_code(&e)) => {
-                    return Ok(Check::Waiting("throttled".into()))
-                }
-                Err(e) => {
-                    return Err(aws_error(e))
-                        .context("reading the status checks (needs ec2:DescribeInstanceStatus)")
-                }
-            };
-            let mut waiting = Vec::new();
-            for id in ids {
-                let s = out.instance_statuses().iter().find(|s| s.instance_id() == Some(id));
-                let summary = |x: Option<&aws_sdk_ec2::types::InstanceStatusSummary>| {
-                    x.and_then(|x| x.status())
-                        .map(|s| s.as_str().to_string())
-                        .unwrap_or_else(|| "unknown".into())
-                };
-                let (inst, sys) = match s {
-                    Some(s) => (summary(s.instance_status()), summary(s.system_status())),
-                    None => ("unknown".into(), "unknown".into()),
-                };
-                if inst == "impaired" || sys == "impaired" {
-                    return Ok(Check::Failed(format!(
-                        "{id}: status checks impaired (instance {inst}, system {sys})"
-                    )));
-                }
-                if inst != "ok" || sys != "ok" {
-                    waiting.push(format!("{id}: instance {inst}, system {sys}"));
-                }
+    opts.wait(
+        format!("the status checks of {} to pass", ids.join(" ")),
+        timeout,
+    )
+    .hint("raise [timeouts] ready; the instance's console output says why it does not come up")
+    .until(|| async {
+        let out = match ec2
+            .describe_instance_status()
+            .set_instance_ids(Some(ids.to_vec()))
+            .include_all_instances(true)
+            .send()
+            .await
+        {
+            Ok(o) => o,
+            Err(e) if is_throttling(aws_code(&e)) => return Ok(Check::Waiting("throttled".into())),
+            Err(e) => {
+                return Err(aws_error(e))
+                    .context("reading the status checks (needs ec2:DescribeInstanceStatus)")
             }
-            Ok(if waiting.is_empty() {
-                Check::Ready(())
-            } else {
-                Check::Waiting(waiting.join("; "))
-            })
+        };
+        let mut waiting = Vec::new();
+        for id in ids {
+            let s = out
+                .instance_statuses()
+                .iter()
+                .find(|s| s.instance_id() == Some(id));
+            let summary = |x: Option<&aws_sdk_ec2::types::InstanceStatusSummary>| {
+                x.and_then(|x| x.status())
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_else(|| "unknown".into())
+            };
+            let (inst, sys) = match s {
+                Some(s) => (summary(s.instance_status()), summary(s.system_status())),
+                None => ("unknown".into(), "unknown".into()),
+            };
+            if inst == "impaired" || sys == "impaired" {
+                return Ok(Check::Failed(format!(
+                    "{id}: status checks impaired (instance {inst}, system {sys})"
+                )));
+            }
+            if inst != "ok" || sys != "ok" {
+                waiting.push(format!("{id}: instance {inst}, system {sys}"));
+            }
+        }
+        Ok(if waiting.is_empty() {
+            Check::Ready(())
+        } else {
+            Check::Waiting(waiting.join("; "))
         })
-        .await
+    })
+    .await
 }
 
 /// Terminates the instances and waits until they are gone.
@@ -439,7 +455,10 @@ pub async fn terminate(
         }
         Err(e) => {
             return Err(aws_error(e)).with_context(|| {
-                format!("terminating {} (needs ec2:TerminateInstances)", ids.join(" "))
+                format!(
+                    "terminating {} (needs ec2:TerminateInstances)",
+                    ids.join(" ")
+                )
             })
         }
     }

@@ -100,7 +100,10 @@ async fn create(ssm: &aws_sdk_ssm::Client, name: &str, record: &LockRecord) -> R
 }
 
 /// The lock as it is now: None when nobody holds it. The raw value comes with it, for messages.
-pub async fn read(ssm: &aws_sdk_ssm::Client, service: &str) -> Result<Option<(String, Option<LockRecord>)>> {
+pub async fn read(
+    ssm: &aws_sdk_ssm::Client,
+    service: &str,
+) -> Result<Option<(String, Option<LockRecord>)>> {
     let name = parameter(service);
     match ssm.get_parameter().name(&name).send().await {
         Ok(out) => {
@@ -134,7 +137,9 @@ pub async fn acquire(
         if create(ssm, &name, record).await? {
             return Ok(Taken::Fresh);
         }
-        bail!("another deploy of {service} took the lock {name} just now; try again once it is done");
+        bail!(
+            "another deploy of {service} took the lock {name} just now; try again once it is done"
+        );
     };
     let Some(held) = held else {
         bail!(
@@ -150,7 +155,10 @@ pub async fn acquire(
             held.expires
         );
     }
-    tracing::warn!("taking over the expired deploy lock of {service}: {}", held.describe());
+    tracing::warn!(
+        "taking over the expired deploy lock of {service}: {}",
+        held.describe()
+    );
     // Delete only the stale value we saw: not a lock another taker has just written.
     if let Some((again, _)) = read(ssm, service).await? {
         if again == raw {
@@ -159,7 +167,9 @@ pub async fn acquire(
                 Err(e) if aws_code(&e) == Some("ParameterNotFound") => {}
                 Err(e) => {
                     return Err(aws_error(e)).with_context(|| {
-                        format!("removing the expired deploy lock {name} (needs ssm:DeleteParameter)")
+                        format!(
+                            "removing the expired deploy lock {name} (needs ssm:DeleteParameter)"
+                        )
                     })
                 }
             }

@@ -118,7 +118,10 @@ fn new_targets_stay(
 }
 
 async fn assert_rolled_back(env: &Env, old: &Record, e: &str) {
-    assert!(e.contains("rolled back: deregistered and terminated the new instances"), "{e}");
+    assert!(
+        e.contains("rolled back: deregistered and terminated the new instances"),
+        "{e}"
+    );
     let all = env.instances().await;
     for (id, (state, _)) in &all {
         if old.instances.contains(id) {
@@ -138,7 +141,11 @@ async fn assert_rolled_back(env: &Env, old: &Record, e: &str) {
     assert_eq!(env.lock().await, None, "the lock is released");
     let h = env.history().await;
     assert_eq!(h[0].outcome, Outcome::RolledBack);
-    assert!(h[0].error.as_deref().unwrap_or("").contains("step 4/6"), "{:?}", h[0]);
+    assert!(
+        h[0].error.as_deref().unwrap_or("").contains("step 4/6"),
+        "{:?}",
+        h[0]
+    );
 }
 
 #[tokio::test]
@@ -151,7 +158,9 @@ async fn an_unhealthy_new_instance_rolls_back_with_the_old_ones_untouched() {
         Some(TargetHealthReasonEnum::ResponseCodeMismatch),
     );
     let c = with_elb(&env, &[&watch, &health]);
-    let p = env.prepare(&env.cfg(ImageRef::Ami(env.ami_b.clone()), 2)).await;
+    let p = env
+        .prepare(&env.cfg(ImageRef::Ami(env.ami_b.clone()), 2))
+        .await;
     let e = format!(
         "{:#}",
         deploy_until(&c, &p, &opts(), std::future::pending())
@@ -214,7 +223,9 @@ async fn throttled_health_reads_are_retried() {
         .times(2)
         .build();
     let c = with_elb(&env, &[&throttled]);
-    let p = env.prepare(&env.cfg(ImageRef::Ami(env.ami_b.clone()), 1)).await;
+    let p = env
+        .prepare(&env.cfg(ImageRef::Ami(env.ami_b.clone()), 1))
+        .await;
     let r = deploy_until(&c, &p, &opts(), std::future::pending())
         .await
         .unwrap();
@@ -260,12 +271,19 @@ async fn old_targets_are_terminated_only_after_draining() {
             )
         });
     let c = with_elb(&env, &[&watch, &draining]);
-    let p = env.prepare(&env.cfg(ImageRef::Ami(env.ami_b.clone()), 1)).await;
+    let p = env
+        .prepare(&env.cfg(ImageRef::Ami(env.ami_b.clone()), 1))
+        .await;
     let ec2 = env.c.ec2.clone();
     let (s, o) = (seen_running.clone(), old_id.clone());
     let watcher = tokio::spawn(async move {
         loop {
-            let out = ec2.describe_instances().instance_ids(&o).send().await.unwrap();
+            let out = ec2
+                .describe_instances()
+                .instance_ids(&o)
+                .send()
+                .await
+                .unwrap();
             let state = out.reservations()[0].instances()[0]
                 .state()
                 .unwrap()
@@ -290,7 +308,10 @@ async fn old_targets_are_terminated_only_after_draining() {
         .find(|(n, _)| n == "deregister and terminate the old instances")
         .unwrap()
         .1;
-    assert!(drain_ms >= 20, "three looks at 20 ms and more: {drain_ms} ms");
+    assert!(
+        drain_ms >= 20,
+        "three looks at 20 ms and more: {drain_ms} ms"
+    );
 }
 
 async fn asg_env(env: &Env) -> String {
@@ -308,7 +329,12 @@ async fn asg_env(env: &Env) -> String {
         .send()
         .await
         .unwrap();
-    let lt_id = lt.launch_template().unwrap().launch_template_id().unwrap().to_string();
+    let lt_id = lt
+        .launch_template()
+        .unwrap()
+        .launch_template_id()
+        .unwrap()
+        .to_string();
     env.c
         .asg
         .create_auto_scaling_group()
@@ -344,7 +370,11 @@ fn asg_cfg(env: &Env) -> config::DeployConfig {
     cfg
 }
 
-fn refresh(status: InstanceRefreshStatus, percent: i32, reason: &str) -> DescribeInstanceRefreshesOutput {
+fn refresh(
+    status: InstanceRefreshStatus,
+    percent: i32,
+    reason: &str,
+) -> DescribeInstanceRefreshesOutput {
     DescribeInstanceRefreshesOutput::builder()
         .instance_refreshes(
             InstanceRefresh::builder()
@@ -365,7 +395,11 @@ fn start_rule(seen: Arc<Mutex<Option<String>>>) -> Rule {
             *seen.lock().unwrap() = Some(format!("{r:?}"));
             true
         })
-        .then_output(|| StartInstanceRefreshOutput::builder().instance_refresh_id("r-1").build())
+        .then_output(|| {
+            StartInstanceRefreshOutput::builder()
+                .instance_refresh_id("r-1")
+                .build()
+        })
 }
 
 #[tokio::test]
@@ -377,14 +411,27 @@ async fn an_asg_deploy_adds_a_launch_template_version_and_follows_the_refresh() 
     let follow = mock!(aws_sdk_autoscaling::Client::describe_instance_refreshes)
         .sequence()
         .output(|| refresh(InstanceRefreshStatus::Pending, 0, ""))
-        .output(|| refresh(InstanceRefreshStatus::InProgress, 50, "Waiting for checkpoint"))
+        .output(|| {
+            refresh(
+                InstanceRefreshStatus::InProgress,
+                50,
+                "Waiting for checkpoint",
+            )
+        })
         .output(|| refresh(InstanceRefreshStatus::Successful, 100, ""))
         .build();
     let c = with_asg(&env, &[&start, &follow]);
     let cfg = asg_cfg(&env);
-    let p = prepare(&c, &cfg, env.images_dir.path(), "asg").await.unwrap();
+    let p = prepare(&c, &cfg, env.images_dir.path(), "asg")
+        .await
+        .unwrap();
     let plan = p.describe();
-    assert!(plan.contains("start an instance refresh of web-asg: min healthy 90%, checkpoints [50, 100]"), "{plan}");
+    assert!(
+        plan.contains(
+            "start an instance refresh of web-asg: min healthy 90%, checkpoints [50, 100]"
+        ),
+        "{plan}"
+    );
     let r = deploy_until(&c, &p, &opts(), std::future::pending())
         .await
         .unwrap();
@@ -403,7 +450,10 @@ async fn an_asg_deploy_adds_a_launch_template_version_and_follows_the_refresh() 
         .await
         .unwrap();
     let v = &versions.launch_template_versions()[0];
-    assert_eq!(v.launch_template_data().unwrap().image_id(), Some(env.ami_b.as_str()));
+    assert_eq!(
+        v.launch_template_data().unwrap().image_id(),
+        Some(env.ami_b.as_str())
+    );
     // (EC2 copies the rest from SourceVersion; moto 5.2 ignores SourceVersion, so the instance
     // type of version 1 cannot be checked here.)
     assert!(v.version_description().unwrap().contains(&p.deploy_id));
@@ -422,7 +472,14 @@ async fn an_asg_deploy_adds_a_launch_template_version_and_follows_the_refresh() 
     assert_eq!(env.lock().await, None);
     let h = env.history().await;
     assert_eq!(h[0].kind, "asg");
-    assert!(h[0].asg.as_deref().unwrap().contains("version 2 refresh r-1"), "{:?}", h[0]);
+    assert!(
+        h[0].asg
+            .as_deref()
+            .unwrap()
+            .contains("version 2 refresh r-1"),
+        "{:?}",
+        h[0]
+    );
 }
 
 #[tokio::test]
@@ -433,11 +490,25 @@ async fn a_failing_instance_refresh_is_reported_and_recorded() {
     let follow = mock!(aws_sdk_autoscaling::Client::describe_instance_refreshes)
         .sequence()
         .output(|| refresh(InstanceRefreshStatus::InProgress, 30, ""))
-        .output(|| refresh(InstanceRefreshStatus::RollbackInProgress, 30, "instances failed their health checks"))
-        .output(|| refresh(InstanceRefreshStatus::RollbackSuccessful, 100, "instances failed their health checks"))
+        .output(|| {
+            refresh(
+                InstanceRefreshStatus::RollbackInProgress,
+                30,
+                "instances failed their health checks",
+            )
+        })
+        .output(|| {
+            refresh(
+                InstanceRefreshStatus::RollbackSuccessful,
+                100,
+                "instances failed their health checks",
+            )
+        })
         .build();
     let c = with_asg(&env, &[&start, &follow]);
-    let p = prepare(&c, &asg_cfg(&env), env.images_dir.path(), "asg").await.unwrap();
+    let p = prepare(&c, &asg_cfg(&env), env.images_dir.path(), "asg")
+        .await
+        .unwrap();
     let e = format!(
         "{:#}",
         deploy_until(&c, &p, &opts(), std::future::pending())
@@ -452,5 +523,8 @@ async fn a_failing_instance_refresh_is_reported_and_recorded() {
     assert_eq!(env.lock().await, None);
     let h = env.history().await;
     assert_eq!(h[0].outcome, Outcome::RolledBack);
-    assert!(rollback_image(&env.c, SERVICE).await.is_err(), "a failed refresh never counts as what serves");
+    assert!(
+        rollback_image(&env.c, SERVICE).await.is_err(),
+        "a failed refresh never counts as what serves"
+    );
 }

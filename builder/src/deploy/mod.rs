@@ -304,12 +304,23 @@ impl Prepared {
                 "  group      {}: {} instances, launch template {} version {}\n",
                 g.name,
                 g.desired,
-                if g.launch_template_name.is_empty() { &g.launch_template_id } else { &g.launch_template_name },
+                if g.launch_template_name.is_empty() {
+                    &g.launch_template_id
+                } else {
+                    &g.launch_template_name
+                },
                 g.version
             ));
             s.push_str("  steps\n");
-            s.push_str(&format!("    1/5 take the lock {} (expires after {})\n", lock::parameter(&c.service), human(self.lock_ttl)));
-            s.push_str(&format!("    2/5 add a launch template version from version {} with image {}\n", g.version, self.ami));
+            s.push_str(&format!(
+                "    1/5 take the lock {} (expires after {})\n",
+                lock::parameter(&c.service),
+                human(self.lock_ttl)
+            ));
+            s.push_str(&format!(
+                "    2/5 add a launch template version from version {} with image {}\n",
+                g.version, self.ami
+            ));
             s.push_str(&format!(
                 "    3/5 start an instance refresh of {}: min healthy {}%, checkpoints {:?}, auto rollback {}\n",
                 g.name,
@@ -317,8 +328,14 @@ impl Prepared {
                 a.checkpoint_percentages,
                 a.auto_rollback
             ));
-            s.push_str(&format!("    4/5 follow it to the end (at most {})\n", human(c.timeouts.refresh)));
-            s.push_str(&format!("    5/5 record the deploy under {}\n", history::prefix(&c.service)));
+            s.push_str(&format!(
+                "    4/5 follow it to the end (at most {})\n",
+                human(c.timeouts.refresh)
+            ));
+            s.push_str(&format!(
+                "    5/5 record the deploy under {}\n",
+                history::prefix(&c.service)
+            ));
             return s;
         }
         if self.old.is_empty() {
@@ -330,17 +347,29 @@ impl Prepared {
                 i.id,
                 i.state,
                 i.image,
-                if i.deploy_id.is_empty() { "-" } else { &i.deploy_id }
+                if i.deploy_id.is_empty() {
+                    "-"
+                } else {
+                    &i.deploy_id
+                }
             ));
         }
         for g in &self.groups {
-            let t: Vec<String> = g.targets.iter().map(|(id, st)| format!("{id} {st}")).collect();
+            let t: Vec<String> = g
+                .targets
+                .iter()
+                .map(|(id, st)| format!("{id} {st}"))
+                .collect();
             s.push_str(&format!(
                 "  group      {} port {} deregistration delay {}: {}\n",
                 g.name,
                 g.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                 human(g.deregistration_delay),
-                if t.is_empty() { "no targets".to_string() } else { t.join(", ") }
+                if t.is_empty() {
+                    "no targets".to_string()
+                } else {
+                    t.join(", ")
+                }
             ));
         }
         let t = &c.timeouts;
@@ -355,9 +384,20 @@ impl Prepared {
             c.count,
             c.instance_type,
             self.ami,
-            if c.subnets.is_empty() { "the default VPC".to_string() } else { c.subnets.join(" ") },
-            if c.security_groups.is_empty() { String::new() } else { format!(", groups {}", c.security_groups.join(" ")) },
-            c.instance_profile.as_ref().map(|p| format!(", profile {p}")).unwrap_or_default(),
+            if c.subnets.is_empty() {
+                "the default VPC".to_string()
+            } else {
+                c.subnets.join(" ")
+            },
+            if c.security_groups.is_empty() {
+                String::new()
+            } else {
+                format!(", groups {}", c.security_groups.join(" "))
+            },
+            c.instance_profile
+                .as_ref()
+                .map(|p| format!(", profile {p}"))
+                .unwrap_or_default(),
             instances::SERVICE,
             c.service,
             instances::DEPLOY_ID,
@@ -377,7 +417,11 @@ impl Prepared {
         } else {
             s.push_str(&format!(
                 "    4/6 register them with {} and wait until all are healthy ({})\n",
-                self.groups.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(" "),
+                self.groups
+                    .iter()
+                    .map(|g| g.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" "),
                 human(t.healthy)
             ));
         }
@@ -417,7 +461,12 @@ impl Steps {
     fn label(&self, n: usize, name: &str) -> String {
         format!("step {n}/{} {name}", self.total)
     }
-    async fn run<T, F: Future<Output = Result<T>>>(&mut self, n: usize, name: &str, f: F) -> Result<T> {
+    async fn run<T, F: Future<Output = Result<T>>>(
+        &mut self,
+        n: usize,
+        name: &str,
+        f: F,
+    ) -> Result<T> {
         let label = self.label(n, name);
         tracing::info!("{label}");
         let t = Instant::now();
@@ -472,7 +521,11 @@ pub async fn deploy_until(
     let mut steps = Steps::new(6);
     let rec = lock::LockRecord::new(&p.deploy_id, started, p.lock_ttl);
     let taken = steps
-        .run(1, "take the deploy lock", lock::acquire(&c.ssm, &cfg.service, &rec, started))
+        .run(
+            1,
+            "take the deploy lock",
+            lock::acquire(&c.ssm, &cfg.service, &rec, started),
+        )
         .await?;
     if let lock::Taken::TookOver(old) = &taken {
         tracing::warn!("took over the expired lock of {}", old.describe());
@@ -515,11 +568,16 @@ pub async fn deploy_until(
         tracing::error!("{e:#}; rolling back");
         let t = Instant::now();
         let rolled = rollback_new(c, p, opts, &live).await;
-        steps.done.push(("rollback".into(), t.elapsed().as_millis() as u64));
+        steps
+            .done
+            .push(("rollback".into(), t.elapsed().as_millis() as u64));
         let kept = if p.old.is_empty() {
             "there were no old instances".to_string()
         } else {
-            format!("the old instances {} were not touched", ids(&p.old).join(" "))
+            format!(
+                "the old instances {} were not touched",
+                ids(&p.old).join(" ")
+            )
         };
         let (outcome, msg) = match &rolled {
             Ok(removed) => (
@@ -549,7 +607,8 @@ pub async fn deploy_until(
         record.steps = steps.done.clone();
         let recorded = history::record(&c.ssm, &record).await;
         let released = lock::release(&c.ssm, &cfg.service, &p.deploy_id).await;
-        let mut err = e.context(msg);
+        // The step and why first, then what the rollback did.
+        let mut err = anyhow!("{e:#}; {msg}");
         if let Err(r) = recorded {
             err = err.context(format!("recording the failed deploy failed too: {r:#}"));
         }
@@ -563,7 +622,11 @@ pub async fn deploy_until(
     record.instances = live.new_ids.clone();
     let mut errors = Vec::new();
     let replaced = steps
-        .run(5, "deregister and terminate the old instances", replace_old(c, p, opts))
+        .run(
+            5,
+            "deregister and terminate the old instances",
+            replace_old(c, p, opts),
+        )
         .await;
     match replaced {
         Ok(old) => record.replaced = old,
@@ -648,7 +711,13 @@ async fn go_live(
         user_data: p.user_data.as_ref().map(|u| u.bytes.as_slice()),
         extra_tags: &cfg.tags,
     };
-    live.new_ids = steps.run(2, "boot the new instances", instances::launch(&c.ec2, &launch)).await?;
+    live.new_ids = steps
+        .run(
+            2,
+            "boot the new instances",
+            instances::launch(&c.ec2, &launch),
+        )
+        .await?;
     let new_ids = live.new_ids.clone();
 
     live.failed_step = steps.label(3, "wait until they run and are ready");
@@ -681,7 +750,12 @@ async fn go_live(
 
 /// Removes this deploy's new instances: deregistered (and drained, if they were registered), then
 /// terminated. Returns their ids.
-async fn rollback_new(c: &Clients, p: &Prepared, opts: &DeployOptions, live: &Live) -> Result<Vec<String>> {
+async fn rollback_new(
+    c: &Clients,
+    p: &Prepared,
+    opts: &DeployOptions,
+    live: &Live,
+) -> Result<Vec<String>> {
     let mut all: BTreeSet<String> = live.new_ids.iter().cloned().collect();
     all.extend(instances::find_by_deploy(&c.ec2, &p.deploy_id).await?);
     let all: Vec<String> = all.into_iter().collect();
@@ -750,7 +824,11 @@ async fn deploy_asg_until(
     let mut steps = Steps::new(5);
     let rec = lock::LockRecord::new(&p.deploy_id, started, p.lock_ttl);
     steps
-        .run(1, "take the deploy lock", lock::acquire(&c.ssm, &cfg.service, &rec, started))
+        .run(
+            1,
+            "take the deploy lock",
+            lock::acquire(&c.ssm, &cfg.service, &rec, started),
+        )
         .await?;
     let mut refresh: Option<String> = None;
     let mut version: Option<i64> = None;
@@ -761,16 +839,30 @@ async fn deploy_asg_until(
                 .run(
                     2,
                     "add a launch template version",
-                    asg::new_version(&c.ec2, group, &p.ami, p.user_data.as_ref().map(|u| u.bytes.as_slice()), &p.deploy_id),
+                    asg::new_version(
+                        &c.ec2,
+                        group,
+                        &p.ami,
+                        p.user_data.as_ref().map(|u| u.bytes.as_slice()),
+                        &p.deploy_id,
+                    ),
                 )
                 .await?;
             version = Some(v);
             let id = steps
-                .run(3, "start the instance refresh", asg::start_refresh(&c.asg, group, v, a))
+                .run(
+                    3,
+                    "start the instance refresh",
+                    asg::start_refresh(&c.asg, group, v, a),
+                )
                 .await?;
             refresh = Some(id.clone());
             steps
-                .run(4, "follow the instance refresh", asg::follow(&c.asg, &group.name, &id, cfg.timeouts.refresh, opts))
+                .run(
+                    4,
+                    "follow the instance refresh",
+                    asg::follow(&c.asg, &group.name, &id, cfg.timeouts.refresh, opts),
+                )
                 .await
         };
         tokio::select! {
@@ -795,7 +887,11 @@ async fn deploy_asg_until(
         asg: Some(format!(
             "{} launch template {} version {} refresh {}",
             group.name,
-            if group.launch_template_id.is_empty() { &group.launch_template_name } else { &group.launch_template_id },
+            if group.launch_template_id.is_empty() {
+                &group.launch_template_name
+            } else {
+                &group.launch_template_id
+            },
             version.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
             refresh.as_deref().unwrap_or("-")
         )),
@@ -818,7 +914,9 @@ async fn deploy_asg_until(
     }
     record.finished = lock::stamp(SystemTime::now());
     record.steps = steps.done.clone();
-    let recorded = steps.run(5, "record the deploy", history::record(&c.ssm, &record)).await;
+    let recorded = steps
+        .run(5, "record the deploy", history::record(&c.ssm, &record))
+        .await;
     let released = lock::release(&c.ssm, &cfg.service, &p.deploy_id).await;
     let mut errors: Vec<String> = Vec::new();
     if let Err(e) = recorded {

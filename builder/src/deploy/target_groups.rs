@@ -31,7 +31,10 @@ impl Group {
 }
 
 /// Reads the groups, their draining delay and their registered targets.
-pub async fn describe(elb: &aws_sdk_elasticloadbalancingv2::Client, arns: &[String]) -> Result<Vec<Group>> {
+pub async fn describe(
+    elb: &aws_sdk_elasticloadbalancingv2::Client,
+    arns: &[String],
+) -> Result<Vec<Group>> {
     if arns.is_empty() {
         return Ok(Vec::new());
     }
@@ -125,7 +128,9 @@ async fn health_detail(
             }
         })
         .with_context(|| {
-            format!("reading target health in {arn} (needs elasticloadbalancing:DescribeTargetHealth)")
+            format!(
+                "reading target health in {arn} (needs elasticloadbalancing:DescribeTargetHealth)"
+            )
         })?;
     let mut m = BTreeMap::new();
     for d in out.target_health_descriptions() {
@@ -170,7 +175,11 @@ fn descriptions(ids: &[String]) -> Vec<TargetDescription> {
         .collect()
 }
 
-pub async fn register(elb: &aws_sdk_elasticloadbalancingv2::Client, arn: &str, ids: &[String]) -> Result<()> {
+pub async fn register(
+    elb: &aws_sdk_elasticloadbalancingv2::Client,
+    arn: &str,
+    ids: &[String],
+) -> Result<()> {
     elb.register_targets()
         .target_group_arn(arn)
         .set_targets(Some(descriptions(ids)))
@@ -187,7 +196,11 @@ pub async fn register(elb: &aws_sdk_elasticloadbalancingv2::Client, arn: &str, i
     Ok(())
 }
 
-pub async fn deregister(elb: &aws_sdk_elasticloadbalancingv2::Client, arn: &str, ids: &[String]) -> Result<()> {
+pub async fn deregister(
+    elb: &aws_sdk_elasticloadbalancingv2::Client,
+    arn: &str,
+    ids: &[String],
+) -> Result<()> {
     if ids.is_empty() {
         return Ok(());
     }
@@ -219,7 +232,11 @@ pub fn judge_healthy(
             .get(id)
             .cloned()
             .unwrap_or_else(|| ("not listed".into(), String::new()));
-        let why = if why.is_empty() { String::new() } else { format!(" ({why})") };
+        let why = if why.is_empty() {
+            String::new()
+        } else {
+            format!(" ({why})")
+        };
         match TargetHealthStateEnum::from(state.as_str()) {
             TargetHealthStateEnum::Healthy => {}
             TargetHealthStateEnum::Initial => waiting.push(format!("{id} initial{why}")),

@@ -144,7 +144,9 @@ impl Env {
 
     /// Deploys `ami` with `count` instances on the plain clients; must succeed.
     pub async fn deploy(&self, ami: &str, count: u32) -> Record {
-        let p = self.prepare(&self.cfg(ImageRef::Ami(ami.into()), count)).await;
+        let p = self
+            .prepare(&self.cfg(ImageRef::Ami(ami.into()), count))
+            .await;
         deploy_until(&self.c, &p, &opts(), std::future::pending())
             .await
             .unwrap()
@@ -185,7 +187,10 @@ impl Env {
     }
 
     pub async fn lock(&self) -> Option<String> {
-        lock::read(&self.c.ssm, SERVICE).await.unwrap().map(|(raw, _)| raw)
+        lock::read(&self.c.ssm, SERVICE)
+            .await
+            .unwrap()
+            .map(|(raw, _)| raw)
     }
 
     pub async fn history(&self) -> Vec<Record> {
@@ -230,7 +235,8 @@ impl HealthServer {
         std::thread::spawn(move || {
             for req in s.incoming_requests() {
                 h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let _ = req.respond(tiny_http::Response::from_string("ok").with_status_code(status));
+                let _ =
+                    req.respond(tiny_http::Response::from_string("ok").with_status_code(status));
             }
         });
         // The instance's address goes into the query: the request itself stays on loopback.
@@ -263,7 +269,10 @@ async fn a_clean_deploy_replaces_the_old_instances() {
         .unwrap();
     assert_eq!(first.outcome, Outcome::Succeeded);
     assert_eq!(first.instances.len(), 2);
-    assert!(health.hits.load(std::sync::atomic::Ordering::SeqCst) >= 2, "the health URL was checked for each");
+    assert!(
+        health.hits.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "the health URL was checked for each"
+    );
     assert_eq!(sorted(env.running().await), sorted(first.instances.clone()));
     let tags = env.tags(&first.instances[0]).await;
     assert_eq!(tags[instances::SERVICE], SERVICE);
@@ -272,13 +281,18 @@ async fn a_clean_deploy_replaces_the_old_instances() {
     assert_eq!(tags["Name"], SERVICE);
 
     // The second replaces them: the new ones registered and healthy, the old ones gone.
-    let p = env.prepare(&env.cfg(ImageRef::Ami(env.ami_b.clone()), 2)).await;
+    let p = env
+        .prepare(&env.cfg(ImageRef::Ami(env.ami_b.clone()), 2))
+        .await;
     assert_eq!(sorted(ids(&p.old)), sorted(first.instances.clone()));
     let second = deploy_until(&env.c, &p, &opts(), std::future::pending())
         .await
         .unwrap();
     assert_eq!(second.outcome, Outcome::Succeeded);
-    assert_eq!(sorted(second.replaced.clone()), sorted(first.instances.clone()));
+    assert_eq!(
+        sorted(second.replaced.clone()),
+        sorted(first.instances.clone())
+    );
     let all = env.instances().await;
     for id in &first.instances {
         assert_eq!(all[id].0, "terminated", "{id}");
@@ -320,11 +334,19 @@ async fn plan_changes_nothing() {
     let env = env().await;
     let before = env.deploy(&env.ami_a, 1).await;
     let instances = env.instances().await;
-    let p = env.prepare(&env.cfg(ImageRef::Ami(env.ami_b.clone()), 2)).await;
+    let p = env
+        .prepare(&env.cfg(ImageRef::Ami(env.ami_b.clone()), 2))
+        .await;
     let text = p.describe();
     assert!(text.contains("plan: nothing is changed"), "{text}");
-    assert!(text.contains(&format!("2/6 boot 2 t3.micro from {}", env.ami_b)), "{text}");
-    assert!(text.contains(&format!("5/6 deregister {}", before.instances[0])), "{text}");
+    assert!(
+        text.contains(&format!("2/6 boot 2 t3.micro from {}", env.ami_b)),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("5/6 deregister {}", before.instances[0])),
+        "{text}"
+    );
     assert!(text.contains("lock       free"), "{text}");
     // Nothing changed: no instance, no lock, no record.
     assert_eq!(env.instances().await, instances);
@@ -346,7 +368,9 @@ async fn a_second_concurrent_deploy_is_refused() {
         lock::Taken::Fresh
     );
     let held = env.lock().await.unwrap();
-    let p = env.prepare(&env.cfg(ImageRef::Ami(env.ami_b.clone()), 1)).await;
+    let p = env
+        .prepare(&env.cfg(ImageRef::Ami(env.ami_b.clone()), 1))
+        .await;
     assert!(p.describe().contains("held by deploy d-other"));
     let e = format!(
         "{:#}",
@@ -355,12 +379,17 @@ async fn a_second_concurrent_deploy_is_refused() {
             .unwrap_err()
     );
     assert!(
-        e.contains("step 1/6 take the deploy lock") && e.contains("another deploy of web is running: deploy d-other"),
+        e.contains("step 1/6 take the deploy lock")
+            && e.contains("another deploy of web is running: deploy d-other"),
         "{e}"
     );
     assert_eq!(env.running().await, old.instances, "nothing booted");
     assert_eq!(env.lock().await, Some(held), "their lock is left alone");
-    assert_eq!(env.history().await.len(), 1, "a refused deploy is no deploy");
+    assert_eq!(
+        env.history().await.len(),
+        1,
+        "a refused deploy is no deploy"
+    );
 }
 
 #[tokio::test]
@@ -401,7 +430,10 @@ async fn rollback_redeploys_the_previous_image() {
     assert_eq!(back.kind, "rollback");
     assert_eq!(back.replaced, b.instances);
     let all = env.instances().await;
-    assert_eq!(all[&back.instances[0]], ("running".to_string(), env.ami_a.clone()));
+    assert_eq!(
+        all[&back.instances[0]],
+        ("running".to_string(), env.ami_a.clone())
+    );
     assert_eq!(all[&b.instances[0]].0, "terminated");
     assert_eq!(env.history().await[0].kind, "rollback");
 }
@@ -409,11 +441,20 @@ async fn rollback_redeploys_the_previous_image() {
 #[tokio::test]
 async fn rollback_needs_a_previous_image() {
     let env = env().await;
-    let e = rollback_image(&env.c, SERVICE).await.unwrap_err().to_string();
+    let e = rollback_image(&env.c, SERVICE)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no successful deploy of web"), "{e}");
     env.deploy(&env.ami_a, 1).await;
-    let e = rollback_image(&env.c, SERVICE).await.unwrap_err().to_string();
-    assert!(e.contains("only ever been deployed successfully with one image"), "{e}");
+    let e = rollback_image(&env.c, SERVICE)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("only ever been deployed successfully with one image"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -440,10 +481,22 @@ async fn sigint_during_the_wait_rolls_back() {
         e.contains("step 3/6 wait until they run and are ready: interrupted (Ctrl-C)"),
         "{e}"
     );
-    assert!(e.contains("rolled back: deregistered and terminated the new instances"), "{e}");
-    assert!(e.contains(&format!("the old instances {} were not touched", old.instances[0])), "{e}");
+    assert!(
+        e.contains("rolled back: deregistered and terminated the new instances"),
+        "{e}"
+    );
+    assert!(
+        e.contains(&format!(
+            "the old instances {} were not touched",
+            old.instances[0]
+        )),
+        "{e}"
+    );
     let all = env.instances().await;
-    let new: Vec<&String> = all.keys().filter(|id| !old.instances.contains(id)).collect();
+    let new: Vec<&String> = all
+        .keys()
+        .filter(|id| !old.instances.contains(id))
+        .collect();
     assert_eq!(new.len(), 1);
     assert_eq!(all[new[0]].0, "terminated", "the new instance is gone");
     assert_eq!(env.running().await, old.instances, "the old one still runs");
@@ -455,9 +508,16 @@ async fn sigint_during_the_wait_rolls_back() {
     assert_eq!(env.lock().await, None);
     let h = env.history().await;
     assert_eq!(h[0].outcome, Outcome::RolledBack);
-    assert!(h[0].error.as_deref().unwrap_or("").contains("interrupted"), "{:?}", h[0]);
+    assert!(
+        h[0].error.as_deref().unwrap_or("").contains("interrupted"),
+        "{:?}",
+        h[0]
+    );
     // A rolled-back deploy never counts as what serves.
-    let e = rollback_image(&env.c, SERVICE).await.unwrap_err().to_string();
+    let e = rollback_image(&env.c, SERVICE)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains(&format!("one image ({})", env.ami_a)), "{e}");
 }
 
@@ -485,11 +545,17 @@ async fn an_image_name_resolves_through_its_ssm_parameter_and_user_data_is_check
     let p = env.prepare(&cfg).await;
     assert_eq!(p.ami, env.ami_b);
     assert_eq!(p.image_ref, "image web via /stackless/images/web");
-    assert_eq!(p.user_data.as_ref().unwrap().minion_id, "web-i-0123456789abcdef0");
+    assert_eq!(
+        p.user_data.as_ref().unwrap().minion_id,
+        "web-i-0123456789abcdef0"
+    );
     let r = deploy_until(&env.c, &p, &opts(), std::future::pending())
         .await
         .unwrap();
-    assert_eq!(env.tags(&r.instances[0]).await[crate::target::aws::tags::IMAGE], "web");
+    assert_eq!(
+        env.tags(&r.instances[0]).await[crate::target::aws::tags::IMAGE],
+        "web"
+    );
 
     // A bad placeholder stops the deploy before anything is made.
     std::fs::write(&ud, "minion_id = \"web-{hostname}\"\n").unwrap();
@@ -517,7 +583,10 @@ async fn fewer_instances_than_now_healthy_are_refused() {
         .await
         .unwrap_err()
     );
-    assert!(e.contains("2 instances of web are healthy") && e.contains("--count 2"), "{e}");
+    assert!(
+        e.contains("2 instances of web are healthy") && e.contains("--count 2"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -526,5 +595,21 @@ fn deploy_ids_sort_by_time() {
     std::thread::sleep(Duration::from_millis(3));
     let b = new_deploy_id();
     assert!(a < b, "{a} {b}");
-    assert!(a.starts_with("d-") && a.len() == "d-20260101000000000-abcdef".len(), "{a}");
+    assert!(
+        a.starts_with("d-") && a.len() == "d-20260101000000000-abcdef".len(),
+        "{a}"
+    );
+}
+
+#[test]
+fn the_example_deploy_file_and_its_user_data_are_valid() {
+    let root = crate::testing::repo_root();
+    let c = config::load(&root.join("deploy"), "web", &Overrides::default()).unwrap();
+    assert_eq!(c.image, ImageRef::Definition("preseeded".into()));
+    assert_eq!(c.count, 2);
+    let ud = c.user_data.clone().unwrap();
+    assert!(ud.ends_with("deploy/web-user-data.toml"), "{ud:?}");
+    let def = crate::definition::load(&root.join("images"), "preseeded").unwrap();
+    let p = crate::user_data::prepare(&ud, &def.defaults_document()).unwrap();
+    assert!(p.minion_id.starts_with("web-i-"), "{}", p.minion_id);
 }
