@@ -361,7 +361,7 @@ pub async fn wait_health_url(
                         tracing::info!("{id}: {url} answers 200");
                     }
                     Ok(code) => last.push(format!("{id}: {url} answered {code}")),
-                    Err(e) => last.push(format!("{id}: {url}: {e}")),
+                    Err(e) => last.push(format!("{id}: {e}")),
                 }
             }
             Ok(if last.is_empty() {

@@ -587,7 +587,15 @@ pub async fn deploy_until(
                     if removed.is_empty() {
                         "no new instance had been booted".to_string()
                     } else {
-                        format!("deregistered and terminated the new instances {}", removed.join(" "))
+                        format!(
+                            "{} the new instances {}",
+                            if live.registered {
+                                "deregistered and terminated"
+                            } else {
+                                "terminated"
+                            },
+                            removed.join(" ")
+                        )
                     }
                 ),
             ),
