@@ -883,7 +883,7 @@ async fn deploy_asg_until(
         service: cfg.service.clone(),
         image: p.ami.clone(),
         image_ref: p.image_ref.clone(),
-        kind: "asg".into(),
+        kind: p.kind.clone(),
         outcome: Outcome::Succeeded,
         instances: Vec::new(),
         replaced: group.instances.clone(),
