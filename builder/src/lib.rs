@@ -4,10 +4,12 @@
 pub mod boot;
 pub mod communicator;
 pub mod definition;
+pub mod deploy;
 pub mod pipeline;
 pub mod render;
 pub mod target;
 pub mod transfer;
+pub mod user_data;
 
 #[cfg(test)]
 pub(crate) mod testing;

@@ -3,11 +3,11 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use stackless_builder::definition::{self, ImageDef};
+use stackless_builder::deploy;
 use stackless_builder::pipeline::{self, BakeOptions};
 use stackless_builder::render::{self, RenderInputs};
 use stackless_builder::target::aws::{self, AwsOptions, AwsTarget};
 use stackless_builder::target::local::{LocalOptions, LocalTarget};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -108,6 +108,27 @@ enum Command {
         #[command(subcommand)]
         command: ImagesCommand,
     },
+    /// Replace a service's instances behind its load balancer; rolls back when anything fails.
+    Deploy {
+        service: String,
+        #[command(flatten)]
+        args: DeployArgs,
+        /// Print what would happen; change nothing.
+        #[arg(long)]
+        plan: bool,
+        /// Show the service's deploys, newest first.
+        #[arg(long, conflicts_with = "plan")]
+        history: bool,
+    },
+    /// Deploy the image of the last successful deploy before the current one.
+    Rollback {
+        service: String,
+        #[command(flatten)]
+        args: DeployArgs,
+        /// Print what would happen; change nothing.
+        #[arg(long)]
+        plan: bool,
+    },
     /// Boot a locally baked image in qemu with an emulated metadata service; exits 0 when the
     /// agent reports ready, 1 failed, 2 degraded, 3 when it did not report in time.
     Boot(BootArgs),
@@ -155,6 +176,75 @@ struct BootArgs {
     /// Do not echo the serial console.
     #[arg(long)]
     no_console: bool,
+}
+
+/// What a deploy takes on the command line; each flag wins over `deploy/SERVICE.toml`.
+#[derive(clap::Args)]
+struct DeployArgs {
+    /// An image definition name: its [publish] ssm_parameter holds the AMI id.
+    #[arg(long, conflicts_with_all = ["ami", "ssm_parameter"])]
+    image: Option<String>,
+    /// An AMI id.
+    #[arg(long, conflicts_with = "ssm_parameter")]
+    ami: Option<String>,
+    /// An SSM parameter holding an AMI id.
+    #[arg(long)]
+    ssm_parameter: Option<String>,
+    /// How many instances to boot.
+    #[arg(long)]
+    count: Option<u32>,
+    #[arg(long)]
+    instance_type: Option<String>,
+    /// Subnet ids, spread over in turn (repeat the flag).
+    #[arg(long = "subnet")]
+    subnets: Vec<String>,
+    /// Security group ids (repeat the flag).
+    #[arg(long = "security-group")]
+    security_groups: Vec<String>,
+    #[arg(long)]
+    instance_profile: Option<String>,
+    /// User-data TOML, validated with the agent's own types.
+    #[arg(long)]
+    user_data: Option<PathBuf>,
+    /// ELBv2 target group ARNs (repeat the flag).
+    #[arg(long = "target-group")]
+    target_groups: Vec<String>,
+    /// Wait until this answers 200 for every new instance: {ip} {private_ip} {public_ip}.
+    #[arg(long)]
+    health_url: Option<String>,
+    /// Put the image into this Auto Scaling group's launch template and run an instance refresh.
+    #[arg(long)]
+    asg: Option<String>,
+    /// How long the deploy lock holds before another deploy may take it over, like `2h`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    lock_ttl: Option<std::time::Duration>,
+    /// Folder of deploy files (`SERVICE.toml`).
+    #[arg(long, default_value = "deploy", env = "STACKLESS_DEPLOY")]
+    deploy_dir: PathBuf,
+}
+
+impl DeployArgs {
+    fn overrides(&self) -> deploy::config::Overrides {
+        use deploy::config::ImageRef;
+        deploy::config::Overrides {
+            image: match (&self.image, &self.ami, &self.ssm_parameter) {
+                (Some(i), _, _) => Some(ImageRef::Definition(i.clone())),
+                (_, Some(a), _) => Some(ImageRef::Ami(a.clone())),
+                (_, _, Some(p)) => Some(ImageRef::Parameter(p.clone())),
+                _ => None,
+            },
+            count: self.count,
+            instance_type: self.instance_type.clone(),
+            subnets: self.subnets.clone(),
+            security_groups: self.security_groups.clone(),
+            instance_profile: self.instance_profile.clone(),
+            user_data: self.user_data.clone(),
+            target_groups: self.target_groups.clone(),
+            health_url: self.health_url.clone(),
+            asg: self.asg.clone(),
+            lock_ttl: self.lock_ttl,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -325,6 +415,17 @@ async fn run(cli: Cli) -> Result<()> {
                 None => Ok(()),
             }
         }
+        Command::Deploy {
+            service,
+            args,
+            plan,
+            history,
+        } => deploy_command(&cli, service, args, *plan, *history, false).await,
+        Command::Rollback {
+            service,
+            args,
+            plan,
+        } => deploy_command(&cli, service, args, *plan, false, true).await,
         Command::Gc { dry_run } => {
             let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
             let ec2 = aws_sdk_ec2::Client::new(&config);
@@ -396,6 +497,96 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
+async fn deploy_command(
+    cli: &Cli,
+    service: &str,
+    args: &DeployArgs,
+    plan: bool,
+    history: bool,
+    rollback: bool,
+) -> Result<()> {
+    let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let clients = deploy::Clients::new(&config);
+    if history {
+        deploy::config::check_service(service).map_err(|m| anyhow::anyhow!(m))?;
+        let records = deploy::history::list(&clients.ssm, service).await?;
+        if cli.output == Output::Json {
+            println!("{}", serde_json::to_string(&records)?);
+        } else if records.is_empty() {
+            println!("no deploys of {service} recorded");
+        } else {
+            print!("{}", deploy::history::table(&records));
+        }
+        return Ok(());
+    }
+    let mut flags = args.overrides();
+    let kind = if rollback {
+        if flags.image.is_some() {
+            bail!("rollback takes its image from the history; use `builder deploy {service} --ami ...` to deploy another");
+        }
+        let (current, previous) = deploy::rollback_image(&clients, service).await?;
+        tracing::info!(
+            "{service} runs {} (deploy {}); rolling back to {} (deploy {}, {})",
+            current.image,
+            current.deploy_id,
+            previous.image,
+            previous.deploy_id,
+            previous.started
+        );
+        flags.image = Some(deploy::config::ImageRef::Ami(previous.image.clone()));
+        "rollback"
+    } else if flags.asg.is_some() {
+        "asg"
+    } else {
+        "deploy"
+    };
+    let cfg = deploy::config::load(&args.deploy_dir, service, &flags)?;
+    let kind = if cfg.asg.is_some() && !rollback {
+        "asg"
+    } else {
+        kind
+    };
+    let prepared = deploy::prepare(&clients, &cfg, &cli.images_dir, kind).await?;
+    if plan {
+        if cli.output == Output::Json {
+            println!("{}", serde_json::to_string(&prepared)?);
+        } else {
+            print!("{}", prepared.describe());
+        }
+        return Ok(());
+    }
+    let opts = deploy::DeployOptions {
+        progress: !cli.quiet,
+        ..Default::default()
+    };
+    let record = deploy::deploy(&clients, &prepared, &opts).await?;
+    if cli.output == Output::Json {
+        println!("{}", serde_json::to_string(&record)?);
+    } else {
+        if !cli.quiet {
+            eprintln!(
+                "builder: {} {} of {} is live: {} on {}{}",
+                kind,
+                record.deploy_id,
+                service,
+                record.image,
+                if record.instances.is_empty() {
+                    "-".to_string()
+                } else {
+                    record.instances.join(" ")
+                },
+                if record.replaced.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (replaced {})", record.replaced.join(" "))
+                }
+            );
+        }
+        println!("{}", record.deploy_id);
+    }
+    Ok(())
+}
+
 fn files_of(def: &ImageDef) -> String {
     def.files
         .iter()
@@ -420,48 +611,29 @@ fn placeholder_inputs(templates: Option<&Path>) -> RenderInputs<'_> {
 }
 
 fn user_data(cli: &Cli, file: &Path, image: Option<&str>, out: Option<&Path>) -> Result<()> {
-    use stackless_init::userdata;
-    let raw = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let doc = userdata::load(&file.display().to_string(), &raw)?;
     let defaults = match image {
         Some(i) => load(cli, i)?.defaults_document(),
-        None => userdata::Document::default(),
+        None => stackless_init::userdata::Document::default(),
     };
-    let settings = userdata::resolve(&defaults, &doc, &stackless_init::imds::Identity::example())?;
-    let text = doc.text.as_bytes();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    gz.write_all(text)?;
-    let gz = gz.finish()?;
-    let (payload, how) = if gz.len() < text.len() {
-        (gz, "gzipped")
-    } else {
-        (text.to_vec(), "plain")
-    };
-    if payload.len() > userdata::EC2_USER_DATA_LIMIT {
-        bail!(
-            "{}: {} bytes {how}; EC2 takes at most {} bytes of user-data. Move data into the config repository.",
-            file.display(),
-            payload.len(),
-            userdata::EC2_USER_DATA_LIMIT
-        );
-    }
+    let p = stackless_builder::user_data::prepare(file, &defaults)?;
+    let how = if p.gzipped { "gzipped" } else { "plain" };
     if let Some(out) = out {
-        std::fs::write(out, &payload).with_context(|| format!("writing {}", out.display()))?;
+        std::fs::write(out, &p.bytes).with_context(|| format!("writing {}", out.display()))?;
     }
     if cli.output == Output::Json {
         println!(
             "{}",
-            serde_json::json!({"file": file, "ok": true, "bytes": text.len(), "payload_bytes": payload.len(), "gzipped": how == "gzipped", "minion_id": settings.minion_id})
+            serde_json::json!({"file": file, "ok": true, "bytes": p.text_bytes, "payload_bytes": p.bytes.len(), "gzipped": p.gzipped, "minion_id": p.minion_id})
         );
     } else {
         println!(
             "{}: ok ({} bytes, {} bytes {how}{}); minion id on a sample instance: {}",
             file.display(),
-            text.len(),
-            payload.len(),
+            p.text_bytes,
+            p.bytes.len(),
             out.map(|o| format!(", written to {}", o.display()))
                 .unwrap_or_default(),
-            settings.minion_id
+            p.minion_id
         );
     }
     Ok(())

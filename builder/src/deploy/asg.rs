@@ -1,0 +1,303 @@
+//! `--asg NAME`: fleets that outgrow replacing instances one deploy at a time. The image goes into a
+//! new version of the group's launch template, and EC2 Auto Scaling's instance refresh does the
+//! rolling replacement (minimum healthy percentage, checkpoints, automatic rollback when it
+//! fails); the builder starts it and follows it to the end.
+
+use super::config::AsgConfig;
+use super::{aws_code, is_throttling, DeployOptions};
+use crate::target::aws::aws_error;
+use crate::target::aws::waiter::Check;
+use anyhow::{bail, Context, Result};
+use aws_sdk_autoscaling::types::{
+    DesiredConfiguration, InstanceRefreshStatus, LaunchTemplateSpecification, RefreshPreferences,
+    RefreshStrategy,
+};
+use aws_sdk_ec2::types::RequestLaunchTemplateData;
+use base64::Engine;
+use serde::Serialize;
+use std::time::Duration;
+
+/// The group's launch template as it is now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Group {
+    pub name: String,
+    pub launch_template_id: String,
+    pub launch_template_name: String,
+    /// As the group names it: a number, `$Latest` or `$Default`.
+    pub version: String,
+    pub desired: i32,
+    pub instances: Vec<String>,
+}
+
+pub async fn describe(asg: &aws_sdk_autoscaling::Client, name: &str) -> Result<Group> {
+    let out = asg
+        .describe_auto_scaling_groups()
+        .auto_scaling_group_names(name)
+        .send()
+        .await
+        .map_err(aws_error)
+        .with_context(|| {
+            format!("looking up Auto Scaling group {name} (needs autoscaling:DescribeAutoScalingGroups)")
+        })?;
+    let Some(g) = out.auto_scaling_groups().first() else {
+        bail!("there is no Auto Scaling group `{name}` in this region");
+    };
+    let Some(lt) = g.launch_template() else {
+        if g.mixed_instances_policy().is_some() {
+            bail!("Auto Scaling group {name} uses a mixed instances policy; --asg handles groups with a plain launch template");
+        }
+        bail!("Auto Scaling group {name} has no launch template (a launch configuration?); move it to a launch template first");
+    };
+    Ok(Group {
+        name: name.to_string(),
+        launch_template_id: lt.launch_template_id().unwrap_or_default().to_string(),
+        launch_template_name: lt.launch_template_name().unwrap_or_default().to_string(),
+        version: lt.version().unwrap_or("$Default").to_string(),
+        desired: g.desired_capacity().unwrap_or(0),
+        instances: g
+            .instances()
+            .iter()
+            .filter_map(|i| i.instance_id())
+            .map(str::to_string)
+            .collect(),
+    })
+}
+
+/// A new launch template version: the group's current one with the new image (and user-data).
+pub async fn new_version(
+    ec2: &aws_sdk_ec2::Client,
+    group: &Group,
+    ami: &str,
+    user_data: Option<&[u8]>,
+    deploy_id: &str,
+) -> Result<i64> {
+    let mut data = RequestLaunchTemplateData::builder().image_id(ami);
+    if let Some(u) = user_data {
+        data = data.user_data(base64::engine::general_purpose::STANDARD.encode(u));
+    }
+    let mut req = ec2
+        .create_launch_template_version()
+        .source_version(&group.version)
+        .version_description(format!("stackless deploy {deploy_id}: {ami}"))
+        .launch_template_data(data.build());
+    req = if group.launch_template_id.is_empty() {
+        req.launch_template_name(&group.launch_template_name)
+    } else {
+        req.launch_template_id(&group.launch_template_id)
+    };
+    let out = req.send().await.map_err(aws_error).with_context(|| {
+        format!(
+            "adding a version with {ami} to launch template {} (needs ec2:CreateLaunchTemplateVersion)",
+            template_label(group)
+        )
+    })?;
+    let v = out
+        .launch_template_version()
+        .and_then(|v| v.version_number())
+        .context("CreateLaunchTemplateVersion returned no version number")?;
+    tracing::info!(
+        "launch template {} version {v} boots {ami}",
+        template_label(group)
+    );
+    Ok(v)
+}
+
+fn template_label(g: &Group) -> String {
+    if g.launch_template_name.is_empty() {
+        g.launch_template_id.clone()
+    } else {
+        format!("{} ({})", g.launch_template_name, g.launch_template_id)
+    }
+}
+
+fn secs(d: Duration) -> i32 {
+    i32::try_from(d.as_secs()).unwrap_or(i32::MAX)
+}
+
+/// The refresh preferences from `[asg]`: skip matching instances, so a refresh to the image the
+/// group already runs replaces nothing.
+pub fn preferences(c: &AsgConfig) -> RefreshPreferences {
+    RefreshPreferences::builder()
+        .set_min_healthy_percentage(c.min_healthy_percentage)
+        .set_max_healthy_percentage(c.max_healthy_percentage)
+        .set_checkpoint_percentages(if c.checkpoint_percentages.is_empty() {
+            None
+        } else {
+            Some(c.checkpoint_percentages.clone())
+        })
+        .set_checkpoint_delay(c.checkpoint_delay.map(secs))
+        .set_instance_warmup(c.instance_warmup.map(secs))
+        .auto_rollback(c.auto_rollback)
+        .skip_matching(true)
+        .build()
+}
+
+/// Starts the instance refresh to `version`; returns its id.
+pub async fn start_refresh(
+    asg: &aws_sdk_autoscaling::Client,
+    group: &Group,
+    version: i64,
+    c: &AsgConfig,
+) -> Result<String> {
+    let mut lt = LaunchTemplateSpecification::builder().version(version.to_string());
+    lt = if group.launch_template_id.is_empty() {
+        lt.launch_template_name(&group.launch_template_name)
+    } else {
+        lt.launch_template_id(&group.launch_template_id)
+    };
+    let out = asg
+        .start_instance_refresh()
+        .auto_scaling_group_name(&group.name)
+        .strategy(RefreshStrategy::Rolling)
+        .desired_configuration(DesiredConfiguration::builder().launch_template(lt.build()).build())
+        .preferences(preferences(c))
+        .send()
+        .await
+        .map_err(|e| {
+            let hint = if aws_code(&e) == Some("InstanceRefreshInProgress") {
+                " (an instance refresh is already running on this group: wait for it, or cancel it with `aws autoscaling cancel-instance-refresh`)"
+            } else {
+                ""
+            };
+            aws_error(e).context(hint.to_string())
+        })
+        .with_context(|| {
+            format!(
+                "starting an instance refresh of {} (needs autoscaling:StartInstanceRefresh)",
+                group.name
+            )
+        })?;
+    let id = out
+        .instance_refresh_id()
+        .context("StartInstanceRefresh returned no id")?
+        .to_string();
+    tracing::info!("instance refresh {id} of {} started", group.name);
+    Ok(id)
+}
+
+/// What one look at the refresh found.
+pub fn judge(status: &InstanceRefreshStatus, percent: Option<i32>, reason: &str) -> Check<()> {
+    use InstanceRefreshStatus as S;
+    let why = if reason.is_empty() {
+        String::new()
+    } else {
+        format!(": {reason}")
+    };
+    match status {
+        S::Successful => Check::Ready(()),
+        S::Failed | S::Cancelled | S::RollbackSuccessful | S::RollbackFailed => Check::Failed(
+            format!("the instance refresh ended {}{why}", status.as_str()),
+        ),
+        _ => Check::Waiting(format!(
+            "{} {}%{why}",
+            status.as_str(),
+            percent.unwrap_or(0)
+        )),
+    }
+}
+
+/// Follows the refresh to its end: Ok when it succeeded, an error with its status and reason when
+/// it failed, was cancelled or rolled back.
+pub async fn follow(
+    asg: &aws_sdk_autoscaling::Client,
+    group: &str,
+    id: &str,
+    timeout: Duration,
+    opts: &DeployOptions,
+) -> Result<()> {
+    opts.wait(format!("instance refresh {id} of {group}"), timeout)
+        .hint("the refresh goes on in AWS: follow it with `aws autoscaling describe-instance-refreshes`")
+        .until(|| async {
+            let out = match asg
+                .describe_instance_refreshes()
+                .auto_scaling_group_name(group)
+                .instance_refresh_ids(id)
+                .send()
+                .await
+            {
+                Ok(o) => o,
+                Err(e) if is_throttling(aws_code(&e)) => {
+                    return Ok(Check::Waiting("throttled".into()))
+                }
+                Err(e) => {
+                    return Err(aws_error(e)).with_context(|| {
+                        format!("reading instance refresh {id} (needs autoscaling:DescribeInstanceRefreshes)")
+                    })
+                }
+            };
+            let Some(r) = out
+                .instance_refreshes()
+                .iter()
+                .find(|r| r.instance_refresh_id() == Some(id))
+            else {
+                return Ok(Check::Waiting("not visible yet".into()));
+            };
+            let status = r.status().cloned().unwrap_or(InstanceRefreshStatus::Pending);
+            Ok(judge(&status, r.percentage_complete(), r.status_reason().unwrap_or("")))
+        })
+        .await
+}
+
+/// On an interrupt: roll the refresh back when automatic rollback is on, else cancel it.
+pub async fn stop_refresh(
+    asg: &aws_sdk_autoscaling::Client,
+    group: &str,
+    rollback: bool,
+) -> Result<String> {
+    if rollback {
+        asg.rollback_instance_refresh()
+            .auto_scaling_group_name(group)
+            .send()
+            .await
+            .map_err(aws_error)
+            .with_context(|| format!("rolling back the instance refresh of {group} (needs autoscaling:RollbackInstanceRefresh)"))?;
+        Ok(format!("asked EC2 Auto Scaling to roll back the instance refresh of {group}; follow it with `aws autoscaling describe-instance-refreshes --auto-scaling-group-name {group}`"))
+    } else {
+        asg.cancel_instance_refresh()
+            .auto_scaling_group_name(group)
+            .send()
+            .await
+            .map_err(aws_error)
+            .with_context(|| format!("cancelling the instance refresh of {group} (needs autoscaling:CancelInstanceRefresh)"))?;
+        Ok(format!("cancelled the instance refresh of {group}; instances already replaced keep the new image"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use InstanceRefreshStatus as S;
+
+    #[test]
+    fn refreshes_end_on_success_failure_or_rollback() {
+        assert_eq!(judge(&S::Successful, Some(100), ""), Check::Ready(()));
+        assert_eq!(
+            judge(&S::InProgress, Some(40), ""),
+            Check::Waiting("InProgress 40%".into())
+        );
+        assert!(matches!(
+            judge(&S::RollbackSuccessful, None, "instances failed health checks"),
+            Check::Failed(s) if s.contains("RollbackSuccessful") && s.contains("health checks")
+        ));
+        assert!(matches!(judge(&S::Failed, None, ""), Check::Failed(_)));
+    }
+
+    #[test]
+    fn preferences_carry_the_config() {
+        let p = preferences(&AsgConfig {
+            name: "web".into(),
+            min_healthy_percentage: Some(90),
+            max_healthy_percentage: Some(120),
+            checkpoint_percentages: vec![50, 100],
+            checkpoint_delay: Some(Duration::from_secs(120)),
+            instance_warmup: None,
+            auto_rollback: true,
+        });
+        assert_eq!(p.min_healthy_percentage(), Some(90));
+        assert_eq!(p.max_healthy_percentage(), Some(120));
+        assert_eq!(p.checkpoint_percentages(), [50, 100]);
+        assert_eq!(p.checkpoint_delay(), Some(120));
+        assert_eq!(p.auto_rollback(), Some(true));
+        assert_eq!(p.skip_matching(), Some(true));
+    }
+}
