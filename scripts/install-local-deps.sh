@@ -11,6 +11,7 @@ missing=()
 for p in debootstrap e2fsprogs git; do have "$p" || missing+=("$p"); done
 need_qemu=0
 have qemu-system-x86 || need_qemu=1
+have qemu-utils || need_qemu=1
 
 if ((${#missing[@]} == 0 && need_qemu == 0)); then
     exit 0

@@ -229,7 +229,15 @@ pub async fn boot(
                     recent.push_back(line.clone());
                     if report.result.is_none() {
                         if let Some(r) = parse_result(&line) {
-                            let r = r.map_err(|e| anyhow!(e))?;
+                            // Kernel messages can garble a console line; the agent's state is
+                            // still there, and the deadline still applies.
+                            let r = match r {
+                                Ok(r) => r,
+                                Err(e) => {
+                                    tracing::warn!("{e}; still waiting");
+                                    continue;
+                                }
+                            };
                             report.boot_to_result_ms = Some(started.elapsed().as_millis() as u64);
                             report.result = Some(r);
                             if !opts.keep_running {

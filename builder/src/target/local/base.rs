@@ -201,7 +201,7 @@ pub fn kernel_of(root: &Path) -> Result<(PathBuf, PathBuf)> {
                 .is_some_and(|n| n.starts_with("vmlinuz-"))
         })
         .collect();
-    kernels.sort();
+    kernels.sort_by_key(|p| version_key(&p.to_string_lossy()));
     let kernel = kernels.pop().with_context(|| {
         format!(
             "no kernel (vmlinuz-*) in {}: the base lacks linux-image",
@@ -223,6 +223,34 @@ pub fn kernel_of(root: &Path) -> Result<(PathBuf, PathBuf)> {
         );
     }
     Ok((kernel, initrd))
+}
+
+/// Orders "6.1.0-10" after "6.1.0-9": digit runs compare as numbers.
+fn version_key(s: &str) -> Vec<(u64, String)> {
+    let mut key = Vec::new();
+    let mut digits = String::new();
+    let mut text = String::new();
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            if !text.is_empty() {
+                key.push((0, std::mem::take(&mut text)));
+            }
+            digits.push(c);
+        } else {
+            if !digits.is_empty() {
+                key.push((digits.parse().unwrap_or(u64::MAX), String::new()));
+                digits.clear();
+            }
+            text.push(c);
+        }
+    }
+    if !digits.is_empty() {
+        key.push((digits.parse().unwrap_or(u64::MAX), String::new()));
+    }
+    if !text.is_empty() {
+        key.push((0, text));
+    }
+    key
 }
 
 #[cfg(test)]
@@ -256,14 +284,18 @@ mod tests {
         assert!(e.contains("no kernel"), "{e}");
         for n in [
             "vmlinuz-6.1.0-1-cloud-amd64",
+            "vmlinuz-6.1.0-10-cloud-amd64",
             "vmlinuz-6.1.0-9-cloud-amd64",
-            "initrd.img-6.1.0-9-cloud-amd64",
+            "initrd.img-6.1.0-10-cloud-amd64",
         ] {
             std::fs::write(boot.join(n), "x").unwrap();
         }
         let (k, i) = kernel_of(dir.path()).unwrap();
-        assert!(k.ends_with("vmlinuz-6.1.0-9-cloud-amd64"));
-        assert!(i.ends_with("initrd.img-6.1.0-9-cloud-amd64"));
+        assert!(
+            k.ends_with("vmlinuz-6.1.0-10-cloud-amd64"),
+            "10 is newer than 9: {k:?}"
+        );
+        assert!(i.ends_with("initrd.img-6.1.0-10-cloud-amd64"));
         std::fs::remove_file(&i).unwrap();
         assert!(kernel_of(dir.path())
             .unwrap_err()

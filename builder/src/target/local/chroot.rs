@@ -49,6 +49,21 @@ impl ChrootCommunicator {
     }
 }
 
+/// Kills a whole process group when dropped: on a timeout, or when the bake is interrupted and
+/// the future is dropped. Harmless once the group has ended.
+struct KillGroupOnDrop(Option<i32>);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            // SAFETY: kill(2) on our own child's process group.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl Communicator for ChrootCommunicator {
     async fn run(&self, what: &str, command: &str, timeout: Duration) -> Result<CommandOutput> {
@@ -57,9 +72,13 @@ impl Communicator for ChrootCommunicator {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Its own process group, so a timeout or an interrupt stops apt, dpkg and pip too,
+            // not just the shell.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("{what}: starting chroot {}", self.root.display()))?;
+        let group = KillGroupOnDrop(child.id().map(|p| p as i32));
         let out = tokio::time::timeout(timeout, child.wait_with_output())
             .await
             .map_err(|_| {
@@ -69,6 +88,7 @@ impl Communicator for ChrootCommunicator {
                 )
             })?
             .with_context(|| format!("{what}: waiting for the chroot"))?;
+        drop(group);
         Ok(CommandOutput {
             // Killed by a signal: no code; report it as failed.
             exit_code: out.status.code().unwrap_or(128),

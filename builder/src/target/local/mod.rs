@@ -224,6 +224,12 @@ impl Target for LocalTarget {
         }
         let root = self.root()?;
         std::fs::remove_file(root.join(POLICY_RC_D)).context("removing the build's policy-rc.d")?;
+        if root.join(BUILD_CA_IN_ROOT).exists() {
+            anyhow::bail!(
+                "the generalising step left the build host's CA bundle in the image (/{BUILD_CA_IN_ROOT}); \
+                 a custom generalize.sh must keep the `build_ca` block of the built-in one"
+            );
+        }
         // The guest's DHCP client writes its own; the host's has no business in the image.
         let resolv = root.join("etc/resolv.conf");
         let _ = std::fs::remove_file(&resolv);

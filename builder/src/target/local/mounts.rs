@@ -34,6 +34,13 @@ impl Mounts {
         };
         for (fstype, source, under) in MOUNTS {
             let target = root.join(under);
+            // A symlink here (dev -> /dev in a hostile root) would mount over the host's own.
+            if std::fs::symlink_metadata(&target).is_ok_and(|md| md.file_type().is_symlink()) {
+                bail!(
+                    "{} is a symbolic link; refusing to mount over what it points at",
+                    target.display()
+                );
+            }
             std::fs::create_dir_all(&target)
                 .with_context(|| format!("creating {}", target.display()))?;
             let t = target.to_string_lossy().to_string();
@@ -43,6 +50,12 @@ impl Mounts {
             };
             run_blocking(&format!("mounting {source} on {t}"), "mount", &args)?;
             m.mounted.push(target);
+            // Mounts made under it inside the chroot must not propagate to the host.
+            run_blocking(
+                &format!("making {t} a slave mount"),
+                "mount",
+                &["--make-rslave", &t],
+            )?;
         }
         Ok(m)
     }
@@ -50,6 +63,8 @@ impl Mounts {
     /// Unmounts everything, innermost first; a busy mount is detached lazily so the build can
     /// still clean up. Safe more than once.
     pub fn unmount(&mut self) -> Result<()> {
+        // A timed-out apt, dpkg or pip may still run in there and keep /dev busy.
+        kill_processes_in(&self.root);
         let mut errors = Vec::new();
         while let Some(target) = self.mounted.pop() {
             let t = target.to_string_lossy().to_string();
@@ -82,6 +97,27 @@ impl Drop for Mounts {
         if !self.mounted.is_empty() {
             if let Err(e) = self.unmount() {
                 tracing::error!("{e:#}");
+            }
+        }
+    }
+}
+
+/// Kills every process whose root directory is `root` or below it (what is left of a chroot).
+pub fn kill_processes_in(root: &Path) {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Ok(r) = std::fs::read_link(e.path().join("root")) {
+            if r.starts_with(root) {
+                tracing::warn!(pid, "killing a process left in the build root");
+                // SAFETY: kill(2) with a pid read from /proc; at worst the process is gone.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
             }
         }
     }

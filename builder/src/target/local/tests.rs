@@ -60,3 +60,23 @@ fn only_the_newest_builds_are_kept() {
         "a build in progress is not touched"
     );
 }
+
+#[test]
+fn the_generalising_script_removes_the_ca_this_target_stages() {
+    let def = crate::definition::load(&crate::testing::repo_root().join("images"), "bare").unwrap();
+    let r = crate::render::render(
+        &def,
+        &crate::render::RenderInputs {
+            templates: None,
+            init_binary: b"x",
+            bootstrap: None,
+            build_id: "b-test",
+            build_ca: true,
+        },
+    )
+    .unwrap();
+    assert!(
+        r.generalize.contains(&format!("rm -f /{BUILD_CA_IN_ROOT}")),
+        "generalize.sh and chroot::BUILD_CA_IN_ROOT disagree"
+    );
+}
