@@ -134,9 +134,25 @@ impl Default for Timeouts {
 }
 
 impl Timeouts {
-    /// The longest a plain deploy can take, the drain counted at `drain`.
-    pub fn sum(&self, drain: Duration) -> Duration {
+    /// The longest a plain deploy can take, the drain counted at `drain`: steps 2 to 4, then
+    /// either step 5 or the rollback (which drains and terminates the new instances the same way),
+    /// with the rollback's search for instances an interrupted boot left.
+    pub fn longest(&self, drain: Duration) -> Duration {
         self.running + self.ready + self.healthy + drain + self.terminate
+    }
+
+    /// [`Timeouts::longest`] spelt out, for messages.
+    pub fn describe_longest(&self, drain: Duration) -> String {
+        let h =
+            |d: Duration| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string();
+        format!(
+            "running {} + ready {} + healthy {} + drain {} + terminate {}",
+            h(self.running),
+            h(self.ready),
+            h(self.healthy),
+            h(drain),
+            h(self.terminate)
+        )
     }
 }
 

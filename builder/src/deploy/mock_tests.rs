@@ -46,6 +46,28 @@ fn with_elb(env: &Env, rules: &[&Rule]) -> Clients {
     }
 }
 
+/// The deploy's clients with SSM answered by `rules` first, moto otherwise.
+fn with_ssm(env: &Env, rules: &[&Rule]) -> Clients {
+    let conf = aws_sdk_ssm::config::Builder::from(&env.config)
+        .interceptor(interceptor(rules))
+        .build();
+    Clients {
+        ssm: aws_sdk_ssm::Client::from_conf(conf),
+        ..env.c.clone()
+    }
+}
+
+/// The deploy's clients with EC2 answered by `rules` first, moto otherwise.
+fn with_ec2(env: &Env, rules: &[&Rule]) -> Clients {
+    let conf = aws_sdk_ec2::config::Builder::from(&env.config)
+        .interceptor(interceptor(rules))
+        .build();
+    Clients {
+        ec2: aws_sdk_ec2::Client::from_conf(conf),
+        ..env.c.clone()
+    }
+}
+
 fn with_asg(env: &Env, rules: &[&Rule]) -> Clients {
     let conf = aws_sdk_autoscaling::config::Builder::from(&env.config)
         .interceptor(interceptor(rules))
@@ -527,4 +549,57 @@ async fn a_failing_instance_refresh_is_reported_and_recorded() {
         rollback_image(&env.c, SERVICE).await.is_err(),
         "a failed refresh never counts as what serves"
     );
+}
+
+#[tokio::test]
+async fn a_lock_lost_before_the_switch_leaves_every_instance_serving() {
+    let env = env().await;
+    let old = env.deploy(&env.ami_a, 1).await;
+    // The deploy creates its lock (moto), but every read of it finds another deploy's: as if it
+    // had outlived its lock and another deploy had taken it over.
+    let other = lock::LockRecord::new("d-other", SystemTime::now(), Duration::from_secs(3600));
+    let json = serde_json::to_string(&other).unwrap();
+    let read = mock!(aws_sdk_ssm::Client::get_parameter)
+        .match_requests(|r| r.name() == Some(lock::parameter(SERVICE).as_str()))
+        .then_output(move || {
+            aws_sdk_ssm::operation::get_parameter::GetParameterOutput::builder()
+                .parameter(
+                    aws_sdk_ssm::types::Parameter::builder()
+                        .name(lock::parameter(SERVICE))
+                        .value(json.clone())
+                        .build(),
+                )
+                .build()
+        });
+    let c = with_ssm(&env, &[&read]);
+    let p = env
+        .prepare(&env.cfg(ImageRef::Ami(env.ami_b.clone()), 1))
+        .await;
+    let e = format!(
+        "{:#}",
+        deploy_until(&c, &p, &opts(), std::future::pending())
+            .await
+            .unwrap_err()
+    );
+    assert!(
+        e.contains("is no longer deploy")
+            && e.contains("d-other")
+            && e.contains("step 5 was not run"),
+        "{e}"
+    );
+    let running = env.running().await;
+    assert!(
+        running.contains(&old.instances[0]),
+        "old untouched: {running:?}"
+    );
+    assert_eq!(running.len(), 2, "the new one serves too: {running:?}");
+    let h = env.history().await;
+    assert_eq!(h[0].outcome, Outcome::SucceededWithErrors);
+    assert!(h[0].replaced.is_empty());
+    assert!(h[0]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("step 5 was not run"));
+    assert_eq!(env.targets().await.len(), 2, "both registered");
 }

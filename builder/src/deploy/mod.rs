@@ -228,14 +228,30 @@ pub async fn prepare(
             .unwrap_or_default()
             + Duration::from_secs(120)
     });
-    let lock_ttl = cfg.lock_ttl.unwrap_or_else(|| {
-        let sum = if cfg.asg.is_some() {
-            cfg.timeouts.refresh
-        } else {
-            cfg.timeouts.sum(drain) + cfg.timeouts.healthy // the rollback's own drain and waits
-        };
-        (sum + Duration::from_secs(600)).max(Duration::from_secs(3600))
-    });
+    // The lock must outlast the deploy: a lock that expires while the deploy runs lets another
+    // deploy take it over, and the two would terminate each other's instances.
+    let (longest, parts) = if cfg.asg.is_some() {
+        (
+            cfg.timeouts.refresh,
+            format!("refresh {}", human(cfg.timeouts.refresh)),
+        )
+    } else {
+        (
+            cfg.timeouts.longest(drain),
+            cfg.timeouts.describe_longest(drain),
+        )
+    };
+    let lock_ttl = match cfg.lock_ttl {
+        Some(ttl) if ttl < longest => bail!(
+            "the deploy lock's lifetime {} (--lock-ttl or [timeouts] lock) is below the sum of the step deadlines {} ({parts}): \
+             another deploy could take the lock over while this one still runs. Give at least {}, or leave it out for the default",
+            human(ttl),
+            human(longest),
+            human(longest)
+        ),
+        Some(ttl) => ttl,
+        None => (longest + Duration::from_secs(600)).max(Duration::from_secs(3600)),
+    };
     let lock_held = lock::read(&c.ssm, &cfg.service)
         .await?
         .map(|(raw, rec)| rec.map(|r| r.describe()).unwrap_or(raw));
@@ -557,6 +573,18 @@ pub async fn deploy_until(
         asg: None,
     };
 
+    // Step 5 removes instances: only while this deploy still holds the lock. A deploy that lost
+    // it (it outlived its lifetime and another deploy took it over) must not terminate what the
+    // other deploy may have booted, nor its own new instances, which serve now.
+    let mut lost_lock = None;
+    if result.is_ok() {
+        if let Err(e) =
+            lock::still_ours(&c.ssm, &cfg.service, &p.deploy_id, SystemTime::now()).await
+        {
+            lost_lock = Some(e.context(LostLock));
+        }
+    }
+
     if let Err(e) = result {
         // Before the switch: remove the new instances, keep the old ones.
         // An interrupt comes without the step it cut short.
@@ -629,15 +657,34 @@ pub async fn deploy_until(
     // The new instances serve: from here on an interrupt no longer undoes the deploy.
     record.instances = live.new_ids.clone();
     let mut errors = Vec::new();
-    let replaced = steps
-        .run(
-            5,
-            "deregister and terminate the old instances",
-            replace_old(c, p, opts),
-        )
-        .await;
+    let replaced = match lost_lock {
+        // Another deploy may own the service now: leave every instance as it is.
+        Some(e) => Err(e),
+        None => {
+            steps
+                .run(
+                    5,
+                    "deregister and terminate the old instances",
+                    replace_old(c, p, opts),
+                )
+                .await
+        }
+    };
     match replaced {
         Ok(old) => record.replaced = old,
+        Err(e) if e.downcast_ref::<LostLock>().is_some() => {
+            record.outcome = Outcome::SucceededWithErrors;
+            let old = ids(&p.old);
+            let msg = format!(
+                "{e:#}; step 5 was not run: the new instances {} serve, and the old ones {} were left untouched, serving too. \
+                 Once no other deploy of {} runs, remove the old ones by hand or with the next deploy",
+                live.new_ids.join(" "),
+                if old.is_empty() { "(none)".to_string() } else { old.join(" ") },
+                cfg.service
+            );
+            tracing::error!("{msg}");
+            errors.push(msg);
+        }
         Err(e) => {
             record.outcome = Outcome::SucceededWithErrors;
             errors.push(format!(
@@ -683,6 +730,15 @@ struct Interrupted;
 impl std::fmt::Display for Interrupted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "interrupted")
+    }
+}
+
+/// Marks the lock found lost just before step 5.
+#[derive(Debug)]
+struct LostLock;
+impl std::fmt::Display for LostLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the deploy lock was lost before step 5")
     }
 }
 
@@ -764,13 +820,25 @@ async fn rollback_new(
     opts: &DeployOptions,
     live: &Live,
 ) -> Result<Vec<String>> {
+    let mut errors = Vec::new();
     let mut all: BTreeSet<String> = live.new_ids.iter().cloned().collect();
-    all.extend(instances::find_by_deploy(&c.ec2, &p.deploy_id).await?);
+    // A failed lookup must not keep the known new instances alive: go on with those.
+    match instances::find_by_deploy(&c.ec2, &p.deploy_id).await {
+        Ok(found) => all.extend(found),
+        Err(e) => errors.push(format!(
+            "{e:#}; instances of this deploy not known by id may be left (tagged {}={})",
+            instances::DEPLOY_ID,
+            p.deploy_id
+        )),
+    }
     let all: Vec<String> = all.into_iter().collect();
     if all.is_empty() {
-        return Ok(all);
+        return if errors.is_empty() {
+            Ok(all)
+        } else {
+            Err(anyhow!("{}", errors.join("; ")))
+        };
     }
-    let mut errors = Vec::new();
     if live.registered {
         for arn in &p.config.target_groups {
             if let Err(e) = target_groups::deregister(&c.elb, arn, &all).await {

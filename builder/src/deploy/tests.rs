@@ -613,3 +613,24 @@ fn the_example_deploy_file_and_its_user_data_are_valid() {
     let p = crate::user_data::prepare(&ud, &def.defaults_document()).unwrap();
     assert!(p.minion_id.starts_with("web-i-"), "{}", p.minion_id);
 }
+
+#[tokio::test]
+async fn a_lock_lifetime_below_the_deadlines_is_refused() {
+    let env = env().await;
+    let mut cfg = env.cfg(ImageRef::Ami(env.ami_a.clone()), 1);
+    // running 20s + ready 10s + healthy 10s + drain 10s + terminate 20s = 70s.
+    cfg.lock_ttl = Some(Duration::from_secs(30));
+    let e = format!(
+        "{:#}",
+        prepare(&env.c, &cfg, env.images_dir.path(), "deploy")
+            .await
+            .unwrap_err()
+    );
+    assert!(
+        e.contains("lifetime 30s") && e.contains("step deadlines 1m 10s"),
+        "{e}"
+    );
+    cfg.lock_ttl = Some(Duration::from_secs(70));
+    let p = env.prepare(&cfg).await;
+    assert_eq!(p.lock_ttl, Duration::from_secs(70));
+}
