@@ -32,7 +32,7 @@ use crate::target::aws::waiter::Wait;
 use crate::user_data::{self, Payload};
 use anyhow::{anyhow, bail, Context, Result};
 use aws_sdk_ec2::error::ProvideErrorMetadata;
-use config::{DeployConfig, ImageRef};
+use config::{DeployConfig, ImageRef, ReadyMode};
 use history::{Outcome, Record};
 use instances::Instance;
 use serde::Serialize;
@@ -246,8 +246,8 @@ pub async fn prepare(
             "the deploy lock's lifetime {} (--lock-ttl or [timeouts] lock) is below the sum of the step deadlines {} ({parts}): \
              another deploy could take the lock over while this one still runs. Give at least {}, or leave it out for the default",
             human(ttl),
-            human(longest),
-            human(longest)
+            human_up(longest),
+            human_up(longest)
         ),
         Some(ttl) => ttl,
         None => (longest + Duration::from_secs(600)).max(Duration::from_secs(3600)),
@@ -278,6 +278,13 @@ pub async fn prepare(
 
 fn human(d: Duration) -> String {
     humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+}
+
+/// Rounded up to the second: for a least value.
+fn human_up(d: Duration) -> String {
+    human(Duration::from_secs(
+        d.as_secs() + u64::from(d.subsec_nanos() > 0),
+    ))
 }
 
 fn ids(v: &[Instance]) -> Vec<String> {
@@ -423,8 +430,15 @@ impl Prepared {
         if let Some(u) = &c.health_url {
             ready.push_str(&format!(" and {u} answers 200 ({})", human(t.ready)));
         }
-        if c.status_checks {
-            ready.push_str(&format!(" and the status checks pass ({})", human(t.ready)));
+        match c.ready {
+            ReadyMode::Agent => ready.push_str(&format!(
+                " and the agent reports ready on their consoles ({})",
+                human(t.ready)
+            )),
+            ReadyMode::StatusChecks => {
+                ready.push_str(&format!(" and the status checks pass ({})", human(t.ready)))
+            }
+            ReadyMode::None => {}
         }
         s.push_str(&ready);
         s.push('\n');
@@ -432,13 +446,14 @@ impl Prepared {
             s.push_str("    4/6 no target groups: nothing to register\n");
         } else {
             s.push_str(&format!(
-                "    4/6 register them with {} and wait until all are healthy ({})\n",
+                "    4/6 register them with {} and wait until all are healthy ({}; unhealthy tolerated for {} after registration)\n",
                 self.groups
                     .iter()
                     .map(|g| g.name.as_str())
                     .collect::<Vec<_>>()
                     .join(" "),
-                human(t.healthy)
+                human(t.healthy),
+                human(t.unhealthy_grace)
             ));
         }
         if self.old.is_empty() {
@@ -576,6 +591,13 @@ pub async fn deploy_until(
     // Step 5 removes instances: only while this deploy still holds the lock. A deploy that lost
     // it (it outlived its lifetime and another deploy took it over) must not terminate what the
     // other deploy may have booted, nor its own new instances, which serve now.
+    let mut result = result;
+    if result.is_ok() {
+        // Every new instance must still be healthy in every group when the old ones go.
+        result = target_groups::confirm_healthy(&c.elb, &cfg.target_groups, &live.new_ids, opts)
+            .await
+            .with_context(|| steps.label(4, "register with the target groups"));
+    }
     let mut lost_lock = None;
     if result.is_ok() {
         if let Err(e) =
@@ -746,6 +768,8 @@ impl std::fmt::Display for LostLock {
 #[derive(Debug, Default)]
 struct Live {
     new_ids: Vec<String>,
+    /// Step 2 finished: every new instance is in `new_ids`.
+    launched: bool,
     /// Registration started: the rollback deregisters and waits for draining.
     registered: bool,
     /// The label of the step that was running, for the error.
@@ -782,6 +806,7 @@ async fn go_live(
             instances::launch(&c.ec2, &launch),
         )
         .await?;
+    live.launched = true;
     let new_ids = live.new_ids.clone();
 
     live.failed_step = steps.label(3, "wait until they run and are ready");
@@ -791,8 +816,12 @@ async fn go_live(
             if let Some(url) = &cfg.health_url {
                 instances::wait_health_url(&running, url, t.ready, opts).await?;
             }
-            if cfg.status_checks {
-                instances::wait_status_checks(&c.ec2, &new_ids, t.ready, opts).await?;
+            match cfg.ready {
+                ReadyMode::Agent => instances::wait_agent(&c.ec2, &new_ids, t.ready, opts).await?,
+                ReadyMode::StatusChecks => {
+                    instances::wait_status_checks(&c.ec2, &new_ids, t.ready, opts).await?
+                }
+                ReadyMode::None => {}
             }
             Ok(())
         })
@@ -805,7 +834,15 @@ async fn go_live(
             for arn in &cfg.target_groups {
                 target_groups::register(&c.elb, arn, &new_ids).await?;
             }
-            target_groups::wait_healthy(&c.elb, &cfg.target_groups, &new_ids, t.healthy, opts).await
+            target_groups::wait_healthy(
+                &c.elb,
+                &cfg.target_groups,
+                &new_ids,
+                t.healthy,
+                t.unhealthy_grace,
+                opts,
+            )
+            .await
         })
         .await?;
     live.failed_step.clear();
@@ -822,14 +859,38 @@ async fn rollback_new(
 ) -> Result<Vec<String>> {
     let mut errors = Vec::new();
     let mut all: BTreeSet<String> = live.new_ids.iter().cloned().collect();
-    // A failed lookup must not keep the known new instances alive: go on with those.
-    match instances::find_by_deploy(&c.ec2, &p.deploy_id).await {
-        Ok(found) => all.extend(found),
-        Err(e) => errors.push(format!(
+    // A boot cut short may have started instances whose ids it never saw, and EC2 is eventually
+    // consistent: look by the deploy tag until all the deploy asked for are found, or for
+    // [timeouts] lookup. Once step 2 finished, every id is known and one look is enough.
+    let want = p.config.count as usize;
+    let until = Instant::now()
+        + if live.launched {
+            Duration::ZERO
+        } else {
+            p.config.timeouts.lookup
+        };
+    let mut pause = opts.poll;
+    let lookup_error = loop {
+        // A failed lookup must not keep the known new instances alive: go on with those.
+        let error = match instances::find_by_deploy(&c.ec2, &p.deploy_id).await {
+            Ok(found) => {
+                all.extend(found);
+                None
+            }
+            Err(e) => Some(e),
+        };
+        if all.len() >= want || Instant::now() >= until {
+            break error;
+        }
+        tokio::time::sleep(pause.min(until.saturating_duration_since(Instant::now()))).await;
+        pause = (pause * 3 / 2).min(opts.max_poll);
+    };
+    if let Some(e) = lookup_error {
+        errors.push(format!(
             "{e:#}; instances of this deploy not known by id may be left (tagged {}={})",
             instances::DEPLOY_ID,
             p.deploy_id
-        )),
+        ));
     }
     let all: Vec<String> = all.into_iter().collect();
     if all.is_empty() {

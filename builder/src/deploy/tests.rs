@@ -132,6 +132,8 @@ impl Env {
             drain: Some(Duration::from_secs(10)),
             terminate: Duration::from_secs(20),
             refresh: Duration::from_secs(10),
+            unhealthy_grace: Duration::ZERO,
+            lookup: Duration::from_millis(300),
         };
         c
     }
@@ -618,7 +620,7 @@ fn the_example_deploy_file_and_its_user_data_are_valid() {
 async fn a_lock_lifetime_below_the_deadlines_is_refused() {
     let env = env().await;
     let mut cfg = env.cfg(ImageRef::Ami(env.ami_a.clone()), 1);
-    // running 20s + ready 10s + healthy 10s + drain 10s + terminate 20s = 70s.
+    // running 20s + ready 10s + healthy 10s + lookup 300ms + drain 10s + terminate 20s.
     cfg.lock_ttl = Some(Duration::from_secs(30));
     let e = format!(
         "{:#}",
@@ -627,10 +629,12 @@ async fn a_lock_lifetime_below_the_deadlines_is_refused() {
             .unwrap_err()
     );
     assert!(
-        e.contains("lifetime 30s") && e.contains("step deadlines 1m 10s"),
+        e.contains("lifetime 30s")
+            && e.contains("step deadlines 1m 11s")
+            && e.contains("lookup 300ms"),
         "{e}"
     );
-    cfg.lock_ttl = Some(Duration::from_secs(70));
+    cfg.lock_ttl = Some(Duration::from_secs(71));
     let p = env.prepare(&cfg).await;
-    assert_eq!(p.lock_ttl, Duration::from_secs(70));
+    assert_eq!(p.lock_ttl, Duration::from_secs(71));
 }
