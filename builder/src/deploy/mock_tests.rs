@@ -784,3 +784,39 @@ async fn a_rollback_after_a_cut_short_boot_keeps_looking_for_its_instances() {
         "the booted one was found and removed"
     );
 }
+
+#[tokio::test]
+async fn a_failed_refresh_without_auto_rollback_is_recorded_failed() {
+    let env = env().await;
+    asg_env(&env).await;
+    let start = start_rule(Arc::new(Mutex::new(None)));
+    let follow = mock!(aws_sdk_autoscaling::Client::describe_instance_refreshes)
+        .sequence()
+        .output(|| refresh(InstanceRefreshStatus::InProgress, 50, ""))
+        .output(|| {
+            refresh(
+                InstanceRefreshStatus::Failed,
+                50,
+                "instances failed their health checks",
+            )
+        })
+        .build();
+    let c = with_asg(&env, &[&start, &follow]);
+    let mut cfg = asg_cfg(&env);
+    cfg.asg.as_mut().unwrap().auto_rollback = false;
+    let p = prepare(&c, &cfg, env.images_dir.path(), "asg")
+        .await
+        .unwrap();
+    let e = format!(
+        "{:#}",
+        deploy_until(&c, &p, &opts(), std::future::pending())
+            .await
+            .unwrap_err()
+    );
+    assert!(
+        e.contains("ended Failed") && e.contains("may run the new image"),
+        "{e}"
+    );
+    let h = env.history().await;
+    assert_eq!(h[0].outcome, Outcome::Failed, "half the group may run it");
+}

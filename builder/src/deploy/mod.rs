@@ -969,6 +969,7 @@ async fn deploy_asg_until(
         .await?;
     let mut refresh: Option<String> = None;
     let mut version: Option<i64> = None;
+    let last_status = std::sync::Mutex::new(None);
     let result = {
         tokio::pin!(stop);
         let go = async {
@@ -998,7 +999,14 @@ async fn deploy_asg_until(
                 .run(
                     4,
                     "follow the instance refresh",
-                    asg::follow(&c.asg, &group.name, &id, cfg.timeouts.refresh, opts),
+                    asg::follow(
+                        &c.asg,
+                        &group.name,
+                        &id,
+                        cfg.timeouts.refresh,
+                        opts,
+                        &last_status,
+                    ),
                 )
                 .await
         };
@@ -1037,13 +1045,21 @@ async fn deploy_asg_until(
     if let Err(e) = result {
         let mut msg = format!("{e:#}");
         // Interrupted or timed out while the refresh runs: hand it back to EC2 Auto Scaling.
-        if refresh.is_some() && !msg.contains("the instance refresh ended") {
+        let stop_requested = refresh.is_some() && !msg.contains("the instance refresh ended");
+        if stop_requested {
             match asg::stop_refresh(&c.asg, &group.name, a.auto_rollback).await {
                 Ok(note) => msg.push_str(&format!("; {note}")),
                 Err(se) => msg.push_str(&format!("; {se:#}")),
             }
         }
-        record.outcome = Outcome::RolledBack;
+        let last = last_status.lock().ok().and_then(|l| l.clone());
+        record.outcome = asg::failed_outcome(refresh.is_some(), last.as_ref(), stop_requested);
+        if record.outcome == Outcome::Failed {
+            msg.push_str(&format!(
+                "; part of {} may run the new image {}: look at its instances before deploying again",
+                group.name, p.ami
+            ));
+        }
         record.error = Some(msg.clone());
         err = Some(anyhow!("{msg}"));
     } else if let Ok(g) = asg::describe(&c.asg, &group.name).await {
@@ -1080,6 +1096,14 @@ pub async fn rollback_image(c: &Clients, service: &str) -> Result<(Record, Recor
     match history::previous_image(&records) {
         Some((current, previous)) => Ok((current.clone(), previous.clone())),
         None => {
+            if let Some((last, from)) = history::last_rollback(&records) {
+                bail!(
+                    "{service} runs {} since rollback {}, which rolled away from {from}; rolling back again would bring {from} back, \
+                     and no older successful image is left to go back to. Deploy the image you want with `builder deploy {service} --ami ...`",
+                    last.image,
+                    last.deploy_id
+                )
+            }
             if records.iter().any(|r| r.outcome.serves_new_image()) {
                 bail!(
                     "{service} has only ever been deployed successfully with one image ({}): there is no previous image to go back to",
