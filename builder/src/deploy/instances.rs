@@ -439,8 +439,8 @@ pub async fn wait_status_checks(
 pub fn agent_result(console: &str) -> Option<Result<AgentResult, String>> {
     console
         .lines()
-        .filter_map(|l| console::parse_result(&console::clean(l)))
-        .last()
+        .rev()
+        .find_map(|l| console::parse_result(&console::clean(l)))
 }
 
 /// The console output of one instance, decoded; None when there is none yet (or it is not

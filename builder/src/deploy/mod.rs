@@ -460,7 +460,7 @@ impl Prepared {
             s.push_str("    5/6 no old instances to remove\n");
         } else {
             s.push_str(&format!(
-                "    5/6 deregister {}, wait for draining ({}), terminate them ({})\n",
+                "    5/6 if the lock is still this deploy's: deregister {}, wait for draining ({}), terminate them ({})\n",
                 ids(&self.old).join(" "),
                 human(self.drain),
                 human(t.terminate)

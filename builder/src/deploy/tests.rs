@@ -346,7 +346,10 @@ async fn plan_changes_nothing() {
         "{text}"
     );
     assert!(
-        text.contains(&format!("5/6 deregister {}", before.instances[0])),
+        text.contains(&format!(
+            "5/6 if the lock is still this deploy's: deregister {}",
+            before.instances[0]
+        )),
         "{text}"
     );
     assert!(text.contains("lock       free"), "{text}");
