@@ -212,6 +212,13 @@ struct DeployArgs {
     /// Wait until this answers 200 for every new instance: {ip} {private_ip} {public_ip}.
     #[arg(long)]
     health_url: Option<String>,
+    /// What the readiness step waits for once the instances run: agent (the stackless-init result
+    /// on the instance console), status-checks (EC2's) or none.
+    #[arg(long, value_parser = deploy::config::ReadyMode::parse)]
+    ready: Option<deploy::config::ReadyMode>,
+    /// How long after registration an unhealthy new target is tolerated, like `5m`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    unhealthy_grace: Option<std::time::Duration>,
     /// Put the image into this Auto Scaling group's launch template and run an instance refresh.
     #[arg(long)]
     asg: Option<String>,
@@ -243,6 +250,8 @@ impl DeployArgs {
             health_url: self.health_url.clone(),
             asg: self.asg.clone(),
             lock_ttl: self.lock_ttl,
+            ready: self.ready,
+            unhealthy_grace: self.unhealthy_grace,
         }
     }
 }

@@ -4,6 +4,7 @@
 //! fails); the builder starts it and follows it to the end.
 
 use super::config::AsgConfig;
+use super::history::Outcome;
 use super::{aws_code, is_throttling, DeployOptions};
 use crate::target::aws::aws_error;
 use crate::target::aws::waiter::Check;
@@ -198,12 +199,14 @@ pub fn judge(status: &InstanceRefreshStatus, percent: Option<i32>, reason: &str)
 
 /// Follows the refresh to its end: Ok when it succeeded, an error with its status and reason when
 /// it failed, was cancelled or rolled back.
+/// `last` keeps the last status seen, for the record.
 pub async fn follow(
     asg: &aws_sdk_autoscaling::Client,
     group: &str,
     id: &str,
     timeout: Duration,
     opts: &DeployOptions,
+    last: &std::sync::Mutex<Option<InstanceRefreshStatus>>,
 ) -> Result<()> {
     opts.wait(format!("instance refresh {id} of {group}"), timeout)
         .hint("the refresh goes on in AWS: follow it with `aws autoscaling describe-instance-refreshes`")
@@ -233,9 +236,36 @@ pub async fn follow(
                 return Ok(Check::Waiting("not visible yet".into()));
             };
             let status = r.status().cloned().unwrap_or(InstanceRefreshStatus::Pending);
+            if let Ok(mut l) = last.lock() {
+                *l = Some(status.clone());
+            }
             Ok(judge(&status, r.percentage_complete(), r.status_reason().unwrap_or("")))
         })
         .await
+}
+
+/// The honest outcome of an `--asg` deploy that did not succeed: `rolled-back` only when the group
+/// is known to run the old image only (the refresh never started, or ended RollbackSuccessful);
+/// `failed` whenever part of the group may run the new image (Failed, Cancelled, RollbackFailed,
+/// a rollback or cancel only requested on an interrupt or the deadline, a status never seen).
+pub fn failed_outcome(
+    started: bool,
+    last: Option<&InstanceRefreshStatus>,
+    stop_requested: bool,
+) -> Outcome {
+    use InstanceRefreshStatus as S;
+    if !started {
+        return Outcome::RolledBack;
+    }
+    if stop_requested {
+        return Outcome::Failed;
+    }
+    match last {
+        Some(S::RollbackSuccessful) => Outcome::RolledBack,
+        // Ended well after all (the error came from elsewhere): the new image serves.
+        Some(S::Successful) => Outcome::SucceededWithErrors,
+        _ => Outcome::Failed,
+    }
 }
 
 /// On an interrupt: roll the refresh back when automatic rollback is on, else cancel it.
@@ -280,6 +310,28 @@ mod tests {
             Check::Failed(s) if s.contains("RollbackSuccessful") && s.contains("health checks")
         ));
         assert!(matches!(judge(&S::Failed, None, ""), Check::Failed(_)));
+    }
+
+    #[test]
+    fn only_a_refresh_known_to_be_undone_counts_as_rolled_back() {
+        assert_eq!(failed_outcome(false, None, false), Outcome::RolledBack);
+        assert_eq!(
+            failed_outcome(true, Some(&S::RollbackSuccessful), false),
+            Outcome::RolledBack
+        );
+        for s in [S::Failed, S::Cancelled, S::RollbackFailed, S::InProgress] {
+            assert_eq!(
+                failed_outcome(true, Some(&s), false),
+                Outcome::Failed,
+                "{s:?}"
+            );
+        }
+        assert_eq!(failed_outcome(true, None, false), Outcome::Failed);
+        assert_eq!(
+            failed_outcome(true, Some(&S::InProgress), true),
+            Outcome::Failed,
+            "a rollback only requested"
+        );
     }
 
     #[test]

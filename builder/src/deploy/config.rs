@@ -32,8 +32,11 @@ pub struct DeployFile {
     pub target_groups: Option<Vec<Spanned<String>>>,
     /// Checked from where the builder runs until it answers 200: `{ip}` `{private_ip}` `{public_ip}`.
     pub health_url: Option<Spanned<String>>,
-    /// Also wait for the EC2 status checks (instance and system) to pass.
-    pub status_checks: Option<bool>,
+    /// What step 3 waits for after the instances run: `agent` (the stackless-init result line on
+    /// the console), `status-checks` (EC2's) or `none`.
+    pub ready: Option<Spanned<String>>,
+    /// The former spelling of `ready = "status-checks"`.
+    pub status_checks: Option<Spanned<bool>>,
     #[serde(default)]
     pub timeouts: Option<TimeoutsFile>,
     pub tags: Option<BTreeMap<String, String>>,
@@ -57,6 +60,11 @@ pub struct TimeoutsFile {
     pub terminate: Option<Spanned<String>>,
     /// How long the deploy lock holds before another deploy may take it over.
     pub lock: Option<Spanned<String>>,
+    /// How long after registration an `unhealthy` new target is tolerated (a first boot may
+    /// still be applying its state).
+    pub unhealthy_grace: Option<Spanned<String>>,
+    /// How long a rollback keeps looking for instances an interrupted boot may have started.
+    pub lookup: Option<Spanned<String>>,
     /// The instance refresh of `--asg` deploys.
     pub refresh: Option<Spanned<String>>,
 }
@@ -107,6 +115,41 @@ pub struct Overrides {
     pub health_url: Option<String>,
     pub asg: Option<String>,
     pub lock_ttl: Option<Duration>,
+    pub ready: Option<ReadyMode>,
+    pub unhealthy_grace: Option<Duration>,
+}
+
+/// What step 3 waits for once the new instances run (besides `health_url`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReadyMode {
+    /// The agent's `stackless-init-result:` line on the instance console says `ready`.
+    Agent,
+    /// EC2's instance and system status checks pass (they say nothing about the agent).
+    StatusChecks,
+    /// Nothing more.
+    #[default]
+    None,
+}
+
+impl ReadyMode {
+    pub fn parse(s: &str) -> Result<ReadyMode, String> {
+        match s {
+            "agent" => Ok(ReadyMode::Agent),
+            "status-checks" => Ok(ReadyMode::StatusChecks),
+            "none" => Ok(ReadyMode::None),
+            _ => Err(format!(
+                "ready `{s}` is not one of agent, status-checks, none"
+            )),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadyMode::Agent => "agent",
+            ReadyMode::StatusChecks => "status-checks",
+            ReadyMode::None => "none",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -118,6 +161,12 @@ pub struct Timeouts {
     pub drain: Option<Duration>,
     pub terminate: Duration,
     pub refresh: Duration,
+    /// An `unhealthy` new target fails step 4 only this long after its registration (or at once
+    /// once it had been healthy).
+    pub unhealthy_grace: Duration,
+    /// How long a rollback after an interrupted boot keeps looking (EC2 is eventually
+    /// consistent) for instances it may have started.
+    pub lookup: Duration,
 }
 
 impl Default for Timeouts {
@@ -129,14 +178,32 @@ impl Default for Timeouts {
             drain: None,
             terminate: Duration::from_secs(10 * 60),
             refresh: Duration::from_secs(2 * 60 * 60),
+            unhealthy_grace: Duration::from_secs(5 * 60),
+            lookup: Duration::from_secs(60),
         }
     }
 }
 
 impl Timeouts {
-    /// The longest a plain deploy can take, the drain counted at `drain`.
-    pub fn sum(&self, drain: Duration) -> Duration {
-        self.running + self.ready + self.healthy + drain + self.terminate
+    /// The longest a plain deploy can take, the drain counted at `drain`: steps 2 to 4, then
+    /// either step 5 or the rollback (which drains and terminates the new instances the same way),
+    /// with the rollback's search for instances an interrupted boot left.
+    pub fn longest(&self, drain: Duration) -> Duration {
+        self.running + self.ready + self.healthy + self.lookup + drain + self.terminate
+    }
+
+    /// [`Timeouts::longest`] spelt out, for messages.
+    pub fn describe_longest(&self, drain: Duration) -> String {
+        let h = |d: Duration| humantime::format_duration(d).to_string();
+        format!(
+            "running {} + ready {} + healthy {} + lookup {} + drain {} + terminate {}",
+            h(self.running),
+            h(self.ready),
+            h(self.healthy),
+            h(self.lookup),
+            h(drain),
+            h(self.terminate)
+        )
     }
 }
 
@@ -166,7 +233,7 @@ pub struct DeployConfig {
     pub user_data: Option<PathBuf>,
     pub target_groups: Vec<String>,
     pub health_url: Option<String>,
-    pub status_checks: bool,
+    pub ready: ReadyMode,
     pub timeouts: Timeouts,
     /// None: comfortably above the sum of the deadlines (at least an hour).
     pub lock_ttl: Option<Duration>,
@@ -297,6 +364,15 @@ pub fn parse(file: &str, text: &str) -> Result<DeployFile, ConfigError> {
     if let Some(u) = &data.health_url {
         check_health_url(u.get_ref()).map_err(|m| l.err(u.span().start, m))?;
     }
+    if let Some(r) = &data.ready {
+        ReadyMode::parse(r.get_ref()).map_err(|m| l.err(r.span().start, m))?;
+        if let Some(sc) = &data.status_checks {
+            return Err(l.err(
+                sc.span().start,
+                "give ready = \"status-checks\" or status_checks, not both",
+            ));
+        }
+    }
     if let Some(t) = &data.timeouts {
         for d in [
             &t.running,
@@ -306,6 +382,8 @@ pub fn parse(file: &str, text: &str) -> Result<DeployFile, ConfigError> {
             &t.terminate,
             &t.lock,
             &t.refresh,
+            &t.unhealthy_grace,
+            &t.lookup,
         ]
         .into_iter()
         .flatten()
@@ -470,6 +548,19 @@ pub fn merge(
         },
         terminate: dur(&t.terminate, d.terminate)?,
         refresh: dur(&t.refresh, d.refresh)?,
+        unhealthy_grace: match flags.unhealthy_grace {
+            Some(g) => g,
+            None => dur(&t.unhealthy_grace, d.unhealthy_grace)?,
+        },
+        lookup: dur(&t.lookup, d.lookup)?,
+    };
+    let ready = match (flags.ready, &data.ready, &data.status_checks) {
+        (Some(r), _, _) => r,
+        (None, Some(r), _) => {
+            ReadyMode::parse(r.get_ref()).map_err(|m| l.err(r.span().start, m))?
+        }
+        (None, None, Some(sc)) if *sc.get_ref() => ReadyMode::StatusChecks,
+        _ => ReadyMode::None,
     };
     let lock_ttl = match (flags.lock_ttl, &t.lock) {
         (Some(v), _) => Some(v),
@@ -529,7 +620,7 @@ pub fn merge(
         user_data,
         target_groups,
         health_url,
-        status_checks: data.status_checks.unwrap_or(false),
+        ready,
         timeouts,
         lock_ttl,
         tags: data.tags.unwrap_or_default(),
@@ -550,9 +641,10 @@ instance_profile = "web"
 user_data = "web-user-data.toml"
 target_groups = ["arn:aws:elasticloadbalancing:eu-west-1:123456789012:targetgroup/web/1"]
 health_url = "http://{ip}:8080/health"
-status_checks = true
+ready = "agent"
 [timeouts]
 healthy = "5m"
+unhealthy_grace = "3m"
 lock = "2h"
 [tags]
 team = "web"
@@ -579,7 +671,9 @@ checkpoint_delay = "2m"
         assert_eq!(c.timeouts.healthy, Duration::from_secs(300));
         assert_eq!(c.timeouts.running, Timeouts::default().running);
         assert_eq!(c.lock_ttl, Some(Duration::from_secs(7200)));
-        assert!(c.status_checks);
+        assert_eq!(c.ready, ReadyMode::Agent);
+        assert_eq!(c.timeouts.unhealthy_grace, Duration::from_secs(180));
+        assert_eq!(c.timeouts.lookup, Duration::from_secs(60));
         let asg = c.asg.unwrap();
         assert_eq!(asg.name, "web-asg");
         assert_eq!(asg.checkpoint_percentages, [50, 100]);
@@ -653,6 +747,11 @@ checkpoint_delay = "2m"
                 "must rise",
             ),
             ("count = \"3\"\n", "1:9", "invalid type"),
+            (
+                "ready = \"ssh\"\n",
+                "1:9",
+                "not one of agent, status-checks, none",
+            ),
         ];
         for (text, at, message) in cases {
             write(dir.path(), "bad.toml", text);

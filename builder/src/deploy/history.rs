@@ -24,7 +24,9 @@ pub enum Outcome {
     SucceededWithErrors,
     /// Failed or interrupted before the switch: the new instances were removed, the old ones kept.
     RolledBack,
-    /// Failed, and removing the new instances failed too (the error says what is left).
+    /// Failed, and the new image may still run somewhere: removing the new instances failed too,
+    /// or (`--asg`) the instance refresh failed, was cancelled, failed to roll back, or was only
+    /// asked to roll back. The error says what is left.
     Failed,
 }
 
@@ -170,12 +172,42 @@ pub async fn list(ssm: &aws_sdk_ssm::Client, service: &str) -> Result<Vec<Record
 }
 
 /// The image a rollback goes back to: the newest successful deploy is what serves now; the one to
-/// return to is the newest successful deploy before it with a different image.
+/// return to is the newest successful deploy before it with a different image, skipping images a
+/// later successful `rollback` rolled away from (so a second `rollback` does not bring back the
+/// image the first one removed). An image deployed again after such a rollback counts again.
 pub fn previous_image(records: &[Record]) -> Option<(&Record, &Record)> {
-    let mut good = records.iter().filter(|r| r.outcome.serves_new_image());
-    let current = good.next()?;
-    let previous = good.find(|r| r.image != current.image)?;
-    Some((current, previous))
+    let good: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.outcome.serves_new_image())
+        .collect();
+    let current = *good.first()?;
+    let mut rejected = std::collections::BTreeSet::<&str>::new();
+    for (i, r) in good.iter().enumerate() {
+        if i > 0 && r.image != current.image && !rejected.contains(r.image.as_str()) {
+            return Some((current, r));
+        }
+        if let Some(replaced) = rolled_away(&good, i) {
+            rejected.insert(replaced);
+        }
+    }
+    None
+}
+
+/// The image the successful deploy `good[i]` rolled away from, when it is a rollback: what served
+/// before it.
+fn rolled_away<'a>(good: &[&'a Record], i: usize) -> Option<&'a str> {
+    let r = good.get(i)?;
+    let before = good.get(i + 1)?;
+    (r.kind == "rollback" && before.image != r.image).then_some(before.image.as_str())
+}
+
+/// When the newest successful deploy is a rollback: it and the image it rolled away from.
+pub fn last_rollback(records: &[Record]) -> Option<(&Record, &str)> {
+    let good: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.outcome.serves_new_image())
+        .collect();
+    Some((*good.first()?, rolled_away(&good, 0)?))
 }
 
 /// The history as a table for people.
@@ -247,6 +279,35 @@ mod tests {
             "only ami-b ever served"
         );
         assert!(previous_image(&[]).is_none());
+    }
+
+    #[test]
+    fn a_second_rollback_does_not_bring_back_the_image_the_first_removed() {
+        use Outcome::*;
+        let rollback = |id, image| Record {
+            kind: "rollback".into(),
+            ..rec(id, image, Succeeded)
+        };
+        // ami-a was good, ami-b broke, `rollback` went back to ami-a.
+        let mut records = vec![
+            rollback("d-3", "ami-a"),
+            rec("d-2", "ami-b", Succeeded),
+            rec("d-1", "ami-a", Succeeded),
+        ];
+        assert!(
+            previous_image(&records).is_none(),
+            "going back again would redeploy the broken ami-b"
+        );
+        let (r, from) = last_rollback(&records).unwrap();
+        assert_eq!((r.deploy_id.as_str(), from), ("d-3", "ami-b"));
+        // An older good image is still there to go back to.
+        records.push(rec("d-0", "ami-z", Succeeded));
+        assert_eq!(previous_image(&records).unwrap().1.image, "ami-z");
+        // ami-b deployed again on purpose after the rollback counts again.
+        records.insert(0, rec("d-5", "ami-c", Succeeded));
+        records.insert(1, rec("d-4", "ami-b", Succeeded));
+        assert_eq!(previous_image(&records).unwrap().1.deploy_id, "d-4");
+        assert!(last_rollback(&records).is_none());
     }
 
     #[test]

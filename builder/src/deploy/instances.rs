@@ -2,6 +2,7 @@
 //! the deploy), waiting until they run and are ready, terminating.
 
 use super::{aws_code, is_throttling, DeployOptions};
+use crate::boot::console::{self, AgentResult};
 use crate::target::aws::waiter::Check;
 use crate::target::aws::{aws_error, tag_filter, tag_spec, tags};
 use anyhow::{Context, Result};
@@ -12,6 +13,7 @@ use aws_sdk_ec2::types::{
 use base64::Engine;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// Tag: the service an instance belongs to.
@@ -433,6 +435,121 @@ pub async fn wait_status_checks(
     .await
 }
 
+/// The agent's last result on a console text (`stackless-init-result: {json}`), if it printed one.
+pub fn agent_result(console: &str) -> Option<Result<AgentResult, String>> {
+    console
+        .lines()
+        .rev()
+        .find_map(|l| console::parse_result(&console::clean(l)))
+}
+
+/// The console output of one instance, decoded; None when there is none yet (or it is not
+/// visible yet). `latest` asks for the newest output (Nitro instances); where EC2 refuses it, the
+/// caller asks without it.
+async fn console_text(
+    ec2: &aws_sdk_ec2::Client,
+    id: &str,
+    latest: &AtomicBool,
+) -> Result<std::result::Result<String, String>> {
+    let ask_latest = latest.load(Ordering::Relaxed);
+    let out = match ec2
+        .get_console_output()
+        .instance_id(id)
+        .set_latest(ask_latest.then_some(true))
+        .send()
+        .await
+    {
+        Ok(o) => o,
+        Err(e) if aws_code(&e) == Some("InvalidInstanceID.NotFound") => {
+            return Ok(Err("not visible yet".into()))
+        }
+        Err(e) if is_throttling(aws_code(&e)) => return Ok(Err("throttled".into())),
+        Err(e)
+            if ask_latest
+                && matches!(
+                    aws_code(&e),
+                    Some(
+                        "UnsupportedOperation"
+                            | "InvalidParameterCombination"
+                            | "InvalidParameterValue"
+                    )
+                ) =>
+        {
+            // Not a Nitro instance: only the buffered output (updated every few minutes).
+            latest.store(false, Ordering::Relaxed);
+            return Ok(Err("asking for the buffered console output".into()));
+        }
+        Err(e) => {
+            return Err(aws_error(e)).with_context(|| {
+                format!("reading the console output of {id} (needs ec2:GetConsoleOutput)")
+            })
+        }
+    };
+    let Some(b64) = out.output().filter(|o| !o.is_empty()) else {
+        return Ok(Err("no console output yet".into()));
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .with_context(|| format!("the console output of {id} is not base64"))?;
+    Ok(Ok(String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+/// Waits until the agent (`stackless-init boot`) reports `ready` on every instance's console.
+/// `failed` or `degraded` fails at once with the instance and the agent's error.
+pub async fn wait_agent(
+    ec2: &aws_sdk_ec2::Client,
+    ids: &[String],
+    timeout: Duration,
+    opts: &DeployOptions,
+) -> Result<()> {
+    let ready = std::sync::Mutex::new(BTreeSet::new());
+    let latest = AtomicBool::new(true);
+    opts.wait(format!("the agent on {} to report ready", ids.join(" ")), timeout)
+        .hint("raise [timeouts] ready; `aws ec2 get-console-output --latest --instance-id ID` shows how the boot goes (an image without stackless-init never reports: use ready = \"status-checks\" or \"none\")")
+        .until(|| async {
+            let mut waiting = Vec::new();
+            for id in ids {
+                if ready.lock().map(|r| r.contains(id)).unwrap_or(false) {
+                    continue;
+                }
+                let text = match console_text(ec2, id, &latest).await? {
+                    Ok(t) => t,
+                    Err(why) => {
+                        waiting.push(format!("{id}: {why}"));
+                        continue;
+                    }
+                };
+                match agent_result(&text) {
+                    None => waiting.push(format!("{id}: no stackless-init result on the console yet")),
+                    // A line cut short by the console snapshot: look again.
+                    Some(Err(e)) => waiting.push(format!("{id}: {e}")),
+                    Some(Ok(r)) => match r.outcome.as_str() {
+                        "ready" => {
+                            if let Ok(mut r) = ready.lock() {
+                                r.insert(id.clone());
+                            }
+                            tracing::info!("{id}: the agent reports ready");
+                        }
+                        "failed" | "degraded" => {
+                            return Ok(Check::Failed(format!(
+                                "instance {id}: the agent reported {}: {} (its console output has the whole boot report)",
+                                r.outcome,
+                                r.error.as_deref().unwrap_or("no error given")
+                            )))
+                        }
+                        other => waiting.push(format!("{id}: the agent reports {other}")),
+                    },
+                }
+            }
+            Ok(if waiting.is_empty() {
+                Check::Ready(())
+            } else {
+                Check::Waiting(waiting.join("; "))
+            })
+        })
+        .await
+}
+
 /// Terminates the instances and waits until they are gone.
 pub async fn terminate(
     ec2: &aws_sdk_ec2::Client,
@@ -502,6 +619,14 @@ pub async fn terminate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_agent_result_on_the_console_counts() {
+        let text = "boot\r\nstackless-init-result: {\"outcome\":\"failed\",\"error\":\"x\"}\r\n\
+                    reboot\n\u{1b}[0mstackless-init-result: {\"outcome\":\"ready\"}\r\nlogin:";
+        assert_eq!(agent_result(text).unwrap().unwrap().outcome, "ready");
+        assert!(agent_result("no agent here\n").is_none());
+    }
 
     #[test]
     fn instances_spread_evenly_over_subnets() {

@@ -184,6 +184,39 @@ pub async fn acquire(
     }
 }
 
+/// Ok when this deploy still holds the lock and it has not expired; otherwise why not. A lock that
+/// cannot be read counts as lost: whoever acts on it must not assume it is still theirs.
+pub async fn still_ours(
+    ssm: &aws_sdk_ssm::Client,
+    service: &str,
+    deploy_id: &str,
+    now: SystemTime,
+) -> Result<()> {
+    let name = parameter(service);
+    match read(ssm, service)
+        .await
+        .with_context(|| format!("could not confirm that deploy {deploy_id} still holds {name}"))?
+    {
+        None => bail!("the deploy lock {name} is gone: deploy {deploy_id} no longer holds it"),
+        Some((_, Some(rec))) if rec.deploy_id == deploy_id => {
+            if rec.expired(now)? {
+                bail!(
+                    "the deploy lock {name} of deploy {deploy_id} expired at {}: another deploy may take it over",
+                    rec.expires
+                );
+            }
+            Ok(())
+        }
+        Some((_, Some(rec))) => bail!(
+            "the deploy lock {name} is no longer deploy {deploy_id}'s: {} holds it",
+            rec.describe()
+        ),
+        Some((raw, None)) => {
+            bail!("the deploy lock {name} is no longer deploy {deploy_id}'s: it holds `{raw}`")
+        }
+    }
+}
+
 /// Releases the lock if this deploy still holds it. A lock someone else holds is left alone.
 pub async fn release(ssm: &aws_sdk_ssm::Client, service: &str, deploy_id: &str) -> Result<()> {
     let name = parameter(service);

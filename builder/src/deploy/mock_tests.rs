@@ -24,6 +24,7 @@ use aws_sdk_elasticloadbalancingv2::Client as Elb;
 use aws_smithy_mocks::{mock, MockResponseInterceptor, Rule, RuleMode};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 fn interceptor(rules: &[&Rule]) -> MockResponseInterceptor {
     let mut i = MockResponseInterceptor::new()
@@ -42,6 +43,28 @@ fn with_elb(env: &Env, rules: &[&Rule]) -> Clients {
         .build();
     Clients {
         elb: Elb::from_conf(conf),
+        ..env.c.clone()
+    }
+}
+
+/// The deploy's clients with SSM answered by `rules` first, moto otherwise.
+fn with_ssm(env: &Env, rules: &[&Rule]) -> Clients {
+    let conf = aws_sdk_ssm::config::Builder::from(&env.config)
+        .interceptor(interceptor(rules))
+        .build();
+    Clients {
+        ssm: aws_sdk_ssm::Client::from_conf(conf),
+        ..env.c.clone()
+    }
+}
+
+/// The deploy's clients with EC2 answered by `rules` first, moto otherwise.
+fn with_ec2(env: &Env, rules: &[&Rule]) -> Clients {
+    let conf = aws_sdk_ec2::config::Builder::from(&env.config)
+        .interceptor(interceptor(rules))
+        .build();
+    Clients {
+        ec2: aws_sdk_ec2::Client::from_conf(conf),
         ..env.c.clone()
     }
 }
@@ -178,6 +201,39 @@ async fn an_unhealthy_new_instance_rolls_back_with_the_old_ones_untouched() {
 }
 
 #[tokio::test]
+async fn unhealthy_then_healthy_within_the_grace_succeeds() {
+    let env = env().await;
+    let old = env.deploy(&env.ami_a, 1).await;
+    // The new target is unhealthy for its first three looks (a first boot still applying its
+    // state), then moto answers: healthy.
+    let o = old.instances.clone();
+    let looks = std::sync::atomic::AtomicUsize::new(0);
+    let unhealthy = mock!(Elb::describe_target_health)
+        .match_requests(move |r| {
+            ids_of(r.targets()).iter().any(|id| !o.contains(id))
+                && looks.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 3
+        })
+        .then_compute_output(|r| {
+            health_output(
+                r.targets(),
+                TargetHealthStateEnum::Unhealthy,
+                Some(TargetHealthReasonEnum::FailedHealthChecks),
+            )
+        });
+    let c = with_elb(&env, &[&unhealthy]);
+    let mut cfg = env.cfg(ImageRef::Ami(env.ami_b.clone()), 1);
+    cfg.timeouts.unhealthy_grace = Duration::from_secs(10);
+    let p = env.prepare(&cfg).await;
+    let r = deploy_until(&c, &p, &opts(), std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, Outcome::Succeeded);
+    assert_eq!(unhealthy.num_calls(), 3, "tolerated three unhealthy looks");
+    assert_eq!(r.replaced, old.instances);
+    assert_eq!(env.running().await, r.instances);
+}
+
+#[tokio::test]
 async fn targets_that_stay_initial_hit_the_deadline_and_roll_back() {
     let env = env().await;
     let old = env.deploy(&env.ami_a, 1).await;
@@ -257,11 +313,17 @@ async fn old_targets_are_terminated_only_after_draining() {
     let (o, dd) = (old_id.clone(), deregistered.clone());
     let looks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let l = looks.clone();
+    let drained_at = Arc::new(Mutex::new(None));
+    let da = drained_at.clone();
     let draining = mock!(Elb::describe_target_health)
         .match_requests(move |r| {
-            *dd.lock().unwrap()
+            let draining = *dd.lock().unwrap()
                 && ids_of(r.targets()).contains(&o)
-                && l.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 3
+                && l.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 3;
+            if draining {
+                *da.lock().unwrap() = Some(Instant::now());
+            }
+            draining
         })
         .then_compute_output(|r| {
             health_output(
@@ -291,7 +353,7 @@ async fn old_targets_are_terminated_only_after_draining() {
                 .unwrap()
                 .as_str()
                 .to_string();
-            s.lock().unwrap().push(state);
+            s.lock().unwrap().push((Instant::now(), state));
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
@@ -311,6 +373,19 @@ async fn old_targets_are_terminated_only_after_draining() {
     assert!(
         drain_ms >= 20,
         "three looks at 20 ms and more: {drain_ms} ms"
+    );
+    // The instance ran until the last draining look, and was terminated only after it.
+    let drained = (*drained_at.lock().unwrap()).expect("the last draining look");
+    let seen = seen_running.lock().unwrap().clone();
+    let before: Vec<&String> = seen
+        .iter()
+        .filter(|(t, _)| *t < drained)
+        .map(|(_, s)| s)
+        .collect();
+    assert!(!before.is_empty(), "watched while it drained");
+    assert!(
+        before.iter().all(|s| *s == "running"),
+        "terminated before draining finished: {seen:?}"
     );
 }
 
@@ -527,4 +602,221 @@ async fn a_failing_instance_refresh_is_reported_and_recorded() {
         rollback_image(&env.c, SERVICE).await.is_err(),
         "a failed refresh never counts as what serves"
     );
+}
+
+#[tokio::test]
+async fn a_lock_lost_before_the_switch_leaves_every_instance_serving() {
+    let env = env().await;
+    let old = env.deploy(&env.ami_a, 1).await;
+    // The deploy creates its lock (moto), but every read of it finds another deploy's: as if it
+    // had outlived its lock and another deploy had taken it over.
+    let other = lock::LockRecord::new("d-other", SystemTime::now(), Duration::from_secs(3600));
+    let json = serde_json::to_string(&other).unwrap();
+    let read = mock!(aws_sdk_ssm::Client::get_parameter)
+        .match_requests(|r| r.name() == Some(lock::parameter(SERVICE).as_str()))
+        .then_output(move || {
+            aws_sdk_ssm::operation::get_parameter::GetParameterOutput::builder()
+                .parameter(
+                    aws_sdk_ssm::types::Parameter::builder()
+                        .name(lock::parameter(SERVICE))
+                        .value(json.clone())
+                        .build(),
+                )
+                .build()
+        });
+    let c = with_ssm(&env, &[&read]);
+    let p = env
+        .prepare(&env.cfg(ImageRef::Ami(env.ami_b.clone()), 1))
+        .await;
+    let e = format!(
+        "{:#}",
+        deploy_until(&c, &p, &opts(), std::future::pending())
+            .await
+            .unwrap_err()
+    );
+    assert!(
+        e.contains("is no longer deploy")
+            && e.contains("d-other")
+            && e.contains("step 5 was not run"),
+        "{e}"
+    );
+    let running = env.running().await;
+    assert!(
+        running.contains(&old.instances[0]),
+        "old untouched: {running:?}"
+    );
+    assert_eq!(running.len(), 2, "the new one serves too: {running:?}");
+    let h = env.history().await;
+    assert_eq!(h[0].outcome, Outcome::SucceededWithErrors);
+    assert!(h[0].replaced.is_empty());
+    assert!(h[0]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("step 5 was not run"));
+    assert_eq!(env.targets().await.len(), 2, "both registered");
+}
+
+fn console(
+    outcome: &str,
+    error: Option<&str>,
+) -> aws_sdk_ec2::operation::get_console_output::GetConsoleOutputOutput {
+    use base64::Engine;
+    let result = serde_json::json!({ "outcome": outcome, "error": error, "total_ms": 4312 });
+    let text = format!(
+        "[    4.2] cloud-init: skipped\r\nstackless-init: boot {outcome} in 4312 ms\r\n{esc}[0mstackless-init-result: {result}\r\n",
+        esc = '\u{1b}'
+    );
+    aws_sdk_ec2::operation::get_console_output::GetConsoleOutputOutput::builder()
+        .output(base64::engine::general_purpose::STANDARD.encode(text))
+        .build()
+}
+
+#[tokio::test]
+async fn ready_agent_waits_for_the_agents_result_on_the_console() {
+    let env = env().await;
+    let old = env.deploy(&env.ami_a, 1).await;
+    // Nothing on the console at first, then the agent's result.
+    let out = mock!(aws_sdk_ec2::Client::get_console_output)
+        .match_requests(|r| r.latest() == Some(true))
+        .sequence()
+        .output(|| {
+            aws_sdk_ec2::operation::get_console_output::GetConsoleOutputOutput::builder().build()
+        })
+        .output(|| console("ready", None))
+        .repeatedly()
+        .build();
+    let c = with_ec2(&env, &[&out]);
+    let mut cfg = env.cfg(ImageRef::Ami(env.ami_b.clone()), 1);
+    cfg.ready = config::ReadyMode::Agent;
+    let p = env.prepare(&cfg).await;
+    assert!(
+        p.describe().contains("the agent reports ready"),
+        "{}",
+        p.describe()
+    );
+    let r = deploy_until(&c, &p, &opts(), std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, Outcome::Succeeded);
+    assert!(out.num_calls() >= 2, "looked until the result came");
+    assert_eq!(r.replaced, old.instances);
+}
+
+#[tokio::test]
+async fn an_agent_that_reports_failed_rolls_back_in_step_3() {
+    let env = env().await;
+    let old = env.deploy(&env.ami_a, 1).await;
+    let out = mock!(aws_sdk_ec2::Client::get_console_output)
+        .then_output(|| console("failed", Some("user-data:3:5: unknown key `colour`")));
+    let c = with_ec2(&env, &[&out]);
+    let mut cfg = env.cfg(ImageRef::Ami(env.ami_b.clone()), 1);
+    cfg.ready = config::ReadyMode::Agent;
+    let p = env.prepare(&cfg).await;
+    let e = format!(
+        "{:#}",
+        deploy_until(&c, &p, &opts(), std::future::pending())
+            .await
+            .unwrap_err()
+    );
+    assert!(
+        e.contains("step 3/6 wait until they run and are ready")
+            && e.contains(": the agent reported failed: user-data:3:5: unknown key `colour`")
+            && e.contains("instance i-")
+            && e.contains("rolled back: terminated the new instances"),
+        "{e}"
+    );
+    let running = env.running().await;
+    assert_eq!(running, old.instances, "only the old one runs");
+    let h = env.history().await;
+    assert_eq!(h[0].outcome, Outcome::RolledBack);
+    assert_eq!(env.lock().await, None);
+}
+
+#[tokio::test]
+async fn a_rollback_after_a_cut_short_boot_keeps_looking_for_its_instances() {
+    let env = env().await;
+    let old = env.deploy(&env.ami_a, 1).await;
+    // Two subnets: the first RunInstances boots (moto), the second fails, so the deploy never
+    // learns the first one's id. The tag lookup finds nothing twice (eventual consistency).
+    let second = env.subnets[1].clone();
+    let boot = mock!(aws_sdk_ec2::Client::run_instances)
+        .match_requests(move |r| r.subnet_id() == Some(second.as_str()))
+        .then_error(|| {
+            aws_sdk_ec2::operation::run_instances::RunInstancesError::generic(
+                aws_sdk_ec2::error::ErrorMetadata::builder()
+                    .code("InsufficientInstanceCapacity")
+                    .message("no capacity")
+                    .build(),
+            )
+        });
+    let unseen = mock!(aws_sdk_ec2::Client::describe_instances)
+        .match_requests(|r| {
+            r.filters()
+                .iter()
+                .any(|f| f.name() == Some(&format!("tag:{}", instances::DEPLOY_ID)))
+        })
+        .sequence()
+        .output(|| {
+            aws_sdk_ec2::operation::describe_instances::DescribeInstancesOutput::builder().build()
+        })
+        .times(2)
+        .build();
+    let c = with_ec2(&env, &[&boot, &unseen]);
+    let mut cfg = env.cfg(ImageRef::Ami(env.ami_b.clone()), 2);
+    cfg.timeouts.lookup = Duration::from_secs(5);
+    let p = env.prepare(&cfg).await;
+    let e = format!(
+        "{:#}",
+        deploy_until(&c, &p, &opts(), std::future::pending())
+            .await
+            .unwrap_err()
+    );
+    assert!(
+        e.contains("step 2/6 boot the new instances")
+            && e.contains("rolled back: terminated the new instances i-"),
+        "{e}"
+    );
+    assert_eq!(unseen.num_calls(), 2, "looked again after finding nothing");
+    assert_eq!(
+        env.running().await,
+        old.instances,
+        "the booted one was found and removed"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_refresh_without_auto_rollback_is_recorded_failed() {
+    let env = env().await;
+    asg_env(&env).await;
+    let start = start_rule(Arc::new(Mutex::new(None)));
+    let follow = mock!(aws_sdk_autoscaling::Client::describe_instance_refreshes)
+        .sequence()
+        .output(|| refresh(InstanceRefreshStatus::InProgress, 50, ""))
+        .output(|| {
+            refresh(
+                InstanceRefreshStatus::Failed,
+                50,
+                "instances failed their health checks",
+            )
+        })
+        .build();
+    let c = with_asg(&env, &[&start, &follow]);
+    let mut cfg = asg_cfg(&env);
+    cfg.asg.as_mut().unwrap().auto_rollback = false;
+    let p = prepare(&c, &cfg, env.images_dir.path(), "asg")
+        .await
+        .unwrap();
+    let e = format!(
+        "{:#}",
+        deploy_until(&c, &p, &opts(), std::future::pending())
+            .await
+            .unwrap_err()
+    );
+    assert!(
+        e.contains("ended Failed") && e.contains("may run the new image"),
+        "{e}"
+    );
+    let h = env.history().await;
+    assert_eq!(h[0].outcome, Outcome::Failed, "half the group may run it");
 }

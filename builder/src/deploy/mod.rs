@@ -32,7 +32,7 @@ use crate::target::aws::waiter::Wait;
 use crate::user_data::{self, Payload};
 use anyhow::{anyhow, bail, Context, Result};
 use aws_sdk_ec2::error::ProvideErrorMetadata;
-use config::{DeployConfig, ImageRef};
+use config::{DeployConfig, ImageRef, ReadyMode};
 use history::{Outcome, Record};
 use instances::Instance;
 use serde::Serialize;
@@ -228,14 +228,30 @@ pub async fn prepare(
             .unwrap_or_default()
             + Duration::from_secs(120)
     });
-    let lock_ttl = cfg.lock_ttl.unwrap_or_else(|| {
-        let sum = if cfg.asg.is_some() {
-            cfg.timeouts.refresh
-        } else {
-            cfg.timeouts.sum(drain) + cfg.timeouts.healthy // the rollback's own drain and waits
-        };
-        (sum + Duration::from_secs(600)).max(Duration::from_secs(3600))
-    });
+    // The lock must outlast the deploy: a lock that expires while the deploy runs lets another
+    // deploy take it over, and the two would terminate each other's instances.
+    let (longest, parts) = if cfg.asg.is_some() {
+        (
+            cfg.timeouts.refresh,
+            format!("refresh {}", human(cfg.timeouts.refresh)),
+        )
+    } else {
+        (
+            cfg.timeouts.longest(drain),
+            cfg.timeouts.describe_longest(drain),
+        )
+    };
+    let lock_ttl = match cfg.lock_ttl {
+        Some(ttl) if ttl < longest => bail!(
+            "the deploy lock's lifetime {} (--lock-ttl or [timeouts] lock) is below the sum of the step deadlines {} ({parts}): \
+             another deploy could take the lock over while this one still runs. Give at least {}, or leave it out for the default",
+            human(ttl),
+            human_up(longest),
+            human_up(longest)
+        ),
+        Some(ttl) => ttl,
+        None => (longest + Duration::from_secs(600)).max(Duration::from_secs(3600)),
+    };
     let lock_held = lock::read(&c.ssm, &cfg.service)
         .await?
         .map(|(raw, rec)| rec.map(|r| r.describe()).unwrap_or(raw));
@@ -262,6 +278,13 @@ pub async fn prepare(
 
 fn human(d: Duration) -> String {
     humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+}
+
+/// Rounded up to the second: for a least value.
+fn human_up(d: Duration) -> String {
+    human(Duration::from_secs(
+        d.as_secs() + u64::from(d.subsec_nanos() > 0),
+    ))
 }
 
 fn ids(v: &[Instance]) -> Vec<String> {
@@ -407,8 +430,15 @@ impl Prepared {
         if let Some(u) = &c.health_url {
             ready.push_str(&format!(" and {u} answers 200 ({})", human(t.ready)));
         }
-        if c.status_checks {
-            ready.push_str(&format!(" and the status checks pass ({})", human(t.ready)));
+        match c.ready {
+            ReadyMode::Agent => ready.push_str(&format!(
+                " and the agent reports ready on their consoles ({})",
+                human(t.ready)
+            )),
+            ReadyMode::StatusChecks => {
+                ready.push_str(&format!(" and the status checks pass ({})", human(t.ready)))
+            }
+            ReadyMode::None => {}
         }
         s.push_str(&ready);
         s.push('\n');
@@ -416,20 +446,21 @@ impl Prepared {
             s.push_str("    4/6 no target groups: nothing to register\n");
         } else {
             s.push_str(&format!(
-                "    4/6 register them with {} and wait until all are healthy ({})\n",
+                "    4/6 register them with {} and wait until all are healthy ({}; unhealthy tolerated for {} after registration)\n",
                 self.groups
                     .iter()
                     .map(|g| g.name.as_str())
                     .collect::<Vec<_>>()
                     .join(" "),
-                human(t.healthy)
+                human(t.healthy),
+                human(t.unhealthy_grace)
             ));
         }
         if self.old.is_empty() {
             s.push_str("    5/6 no old instances to remove\n");
         } else {
             s.push_str(&format!(
-                "    5/6 deregister {}, wait for draining ({}), terminate them ({})\n",
+                "    5/6 if the lock is still this deploy's: deregister {}, wait for draining ({}), terminate them ({})\n",
                 ids(&self.old).join(" "),
                 human(self.drain),
                 human(t.terminate)
@@ -557,6 +588,25 @@ pub async fn deploy_until(
         asg: None,
     };
 
+    // Step 5 removes instances: only while this deploy still holds the lock. A deploy that lost
+    // it (it outlived its lifetime and another deploy took it over) must not terminate what the
+    // other deploy may have booted, nor its own new instances, which serve now.
+    let mut result = result;
+    if result.is_ok() {
+        // Every new instance must still be healthy in every group when the old ones go.
+        result = target_groups::confirm_healthy(&c.elb, &cfg.target_groups, &live.new_ids, opts)
+            .await
+            .with_context(|| steps.label(4, "register with the target groups"));
+    }
+    let mut lost_lock = None;
+    if result.is_ok() {
+        if let Err(e) =
+            lock::still_ours(&c.ssm, &cfg.service, &p.deploy_id, SystemTime::now()).await
+        {
+            lost_lock = Some(e.context(LostLock));
+        }
+    }
+
     if let Err(e) = result {
         // Before the switch: remove the new instances, keep the old ones.
         // An interrupt comes without the step it cut short.
@@ -629,15 +679,34 @@ pub async fn deploy_until(
     // The new instances serve: from here on an interrupt no longer undoes the deploy.
     record.instances = live.new_ids.clone();
     let mut errors = Vec::new();
-    let replaced = steps
-        .run(
-            5,
-            "deregister and terminate the old instances",
-            replace_old(c, p, opts),
-        )
-        .await;
+    let replaced = match lost_lock {
+        // Another deploy may own the service now: leave every instance as it is.
+        Some(e) => Err(e),
+        None => {
+            steps
+                .run(
+                    5,
+                    "deregister and terminate the old instances",
+                    replace_old(c, p, opts),
+                )
+                .await
+        }
+    };
     match replaced {
         Ok(old) => record.replaced = old,
+        Err(e) if e.downcast_ref::<LostLock>().is_some() => {
+            record.outcome = Outcome::SucceededWithErrors;
+            let old = ids(&p.old);
+            let msg = format!(
+                "{e:#}; step 5 was not run: the new instances {} serve, and the old ones {} were left untouched, serving too. \
+                 Once no other deploy of {} runs, remove the old ones by hand or with the next deploy",
+                live.new_ids.join(" "),
+                if old.is_empty() { "(none)".to_string() } else { old.join(" ") },
+                cfg.service
+            );
+            tracing::error!("{msg}");
+            errors.push(msg);
+        }
         Err(e) => {
             record.outcome = Outcome::SucceededWithErrors;
             errors.push(format!(
@@ -686,10 +755,21 @@ impl std::fmt::Display for Interrupted {
     }
 }
 
+/// Marks the lock found lost just before step 5.
+#[derive(Debug)]
+struct LostLock;
+impl std::fmt::Display for LostLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the deploy lock was lost before step 5")
+    }
+}
+
 /// What steps 2 to 4 got to, for the rollback.
 #[derive(Debug, Default)]
 struct Live {
     new_ids: Vec<String>,
+    /// Step 2 finished: every new instance is in `new_ids`.
+    launched: bool,
     /// Registration started: the rollback deregisters and waits for draining.
     registered: bool,
     /// The label of the step that was running, for the error.
@@ -726,6 +806,7 @@ async fn go_live(
             instances::launch(&c.ec2, &launch),
         )
         .await?;
+    live.launched = true;
     let new_ids = live.new_ids.clone();
 
     live.failed_step = steps.label(3, "wait until they run and are ready");
@@ -735,8 +816,12 @@ async fn go_live(
             if let Some(url) = &cfg.health_url {
                 instances::wait_health_url(&running, url, t.ready, opts).await?;
             }
-            if cfg.status_checks {
-                instances::wait_status_checks(&c.ec2, &new_ids, t.ready, opts).await?;
+            match cfg.ready {
+                ReadyMode::Agent => instances::wait_agent(&c.ec2, &new_ids, t.ready, opts).await?,
+                ReadyMode::StatusChecks => {
+                    instances::wait_status_checks(&c.ec2, &new_ids, t.ready, opts).await?
+                }
+                ReadyMode::None => {}
             }
             Ok(())
         })
@@ -749,7 +834,15 @@ async fn go_live(
             for arn in &cfg.target_groups {
                 target_groups::register(&c.elb, arn, &new_ids).await?;
             }
-            target_groups::wait_healthy(&c.elb, &cfg.target_groups, &new_ids, t.healthy, opts).await
+            target_groups::wait_healthy(
+                &c.elb,
+                &cfg.target_groups,
+                &new_ids,
+                t.healthy,
+                t.unhealthy_grace,
+                opts,
+            )
+            .await
         })
         .await?;
     live.failed_step.clear();
@@ -764,13 +857,49 @@ async fn rollback_new(
     opts: &DeployOptions,
     live: &Live,
 ) -> Result<Vec<String>> {
+    let mut errors = Vec::new();
     let mut all: BTreeSet<String> = live.new_ids.iter().cloned().collect();
-    all.extend(instances::find_by_deploy(&c.ec2, &p.deploy_id).await?);
+    // A boot cut short may have started instances whose ids it never saw, and EC2 is eventually
+    // consistent: look by the deploy tag until all the deploy asked for are found, or for
+    // [timeouts] lookup. Once step 2 finished, every id is known and one look is enough.
+    let want = p.config.count as usize;
+    let until = Instant::now()
+        + if live.launched {
+            Duration::ZERO
+        } else {
+            p.config.timeouts.lookup
+        };
+    let mut pause = opts.poll;
+    let lookup_error = loop {
+        // A failed lookup must not keep the known new instances alive: go on with those.
+        let error = match instances::find_by_deploy(&c.ec2, &p.deploy_id).await {
+            Ok(found) => {
+                all.extend(found);
+                None
+            }
+            Err(e) => Some(e),
+        };
+        if all.len() >= want || Instant::now() >= until {
+            break error;
+        }
+        tokio::time::sleep(pause.min(until.saturating_duration_since(Instant::now()))).await;
+        pause = (pause * 3 / 2).min(opts.max_poll);
+    };
+    if let Some(e) = lookup_error {
+        errors.push(format!(
+            "{e:#}; instances of this deploy not known by id may be left (tagged {}={})",
+            instances::DEPLOY_ID,
+            p.deploy_id
+        ));
+    }
     let all: Vec<String> = all.into_iter().collect();
     if all.is_empty() {
-        return Ok(all);
+        return if errors.is_empty() {
+            Ok(all)
+        } else {
+            Err(anyhow!("{}", errors.join("; ")))
+        };
     }
-    let mut errors = Vec::new();
     if live.registered {
         for arn in &p.config.target_groups {
             if let Err(e) = target_groups::deregister(&c.elb, arn, &all).await {
@@ -840,6 +969,7 @@ async fn deploy_asg_until(
         .await?;
     let mut refresh: Option<String> = None;
     let mut version: Option<i64> = None;
+    let last_status = std::sync::Mutex::new(None);
     let result = {
         tokio::pin!(stop);
         let go = async {
@@ -869,7 +999,14 @@ async fn deploy_asg_until(
                 .run(
                     4,
                     "follow the instance refresh",
-                    asg::follow(&c.asg, &group.name, &id, cfg.timeouts.refresh, opts),
+                    asg::follow(
+                        &c.asg,
+                        &group.name,
+                        &id,
+                        cfg.timeouts.refresh,
+                        opts,
+                        &last_status,
+                    ),
                 )
                 .await
         };
@@ -908,13 +1045,21 @@ async fn deploy_asg_until(
     if let Err(e) = result {
         let mut msg = format!("{e:#}");
         // Interrupted or timed out while the refresh runs: hand it back to EC2 Auto Scaling.
-        if refresh.is_some() && !msg.contains("the instance refresh ended") {
+        let stop_requested = refresh.is_some() && !msg.contains("the instance refresh ended");
+        if stop_requested {
             match asg::stop_refresh(&c.asg, &group.name, a.auto_rollback).await {
                 Ok(note) => msg.push_str(&format!("; {note}")),
                 Err(se) => msg.push_str(&format!("; {se:#}")),
             }
         }
-        record.outcome = Outcome::RolledBack;
+        let last = last_status.lock().ok().and_then(|l| l.clone());
+        record.outcome = asg::failed_outcome(refresh.is_some(), last.as_ref(), stop_requested);
+        if record.outcome == Outcome::Failed {
+            msg.push_str(&format!(
+                "; part of {} may run the new image {}: look at its instances before deploying again",
+                group.name, p.ami
+            ));
+        }
         record.error = Some(msg.clone());
         err = Some(anyhow!("{msg}"));
     } else if let Ok(g) = asg::describe(&c.asg, &group.name).await {
@@ -951,6 +1096,14 @@ pub async fn rollback_image(c: &Clients, service: &str) -> Result<(Record, Recor
     match history::previous_image(&records) {
         Some((current, previous)) => Ok((current.clone(), previous.clone())),
         None => {
+            if let Some((last, from)) = history::last_rollback(&records) {
+                bail!(
+                    "{service} runs {} since rollback {}, which rolled away from {from}; rolling back again would bring {from} back, \
+                     and no older successful image is left to go back to. Deploy the image you want with `builder deploy {service} --ami ...`",
+                    last.image,
+                    last.deploy_id
+                )
+            }
             if records.iter().any(|r| r.outcome.serves_new_image()) {
                 bail!(
                     "{service} has only ever been deployed successfully with one image ({}): there is no previous image to go back to",

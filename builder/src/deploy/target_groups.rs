@@ -7,8 +7,9 @@ use crate::target::aws::waiter::Check;
 use anyhow::{bail, Context, Result};
 use aws_sdk_elasticloadbalancingv2::types::{TargetDescription, TargetHealthStateEnum};
 use serde::Serialize;
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// A target group as the deploy needs it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -220,11 +221,16 @@ pub async fn deregister(
     Ok(())
 }
 
-/// What one look at the new targets found.
+/// What one look at the new targets in one group found. An `unhealthy` target is tolerated
+/// while `since_registration` is within `grace`, unless it had been healthy before (`ever_healthy`,
+/// updated here): a first boot that still applies its state often fails a few health checks.
 pub fn judge_healthy(
     arn: &str,
     ids: &[String],
     seen: &BTreeMap<String, (String, String)>,
+    since_registration: Duration,
+    grace: Duration,
+    ever_healthy: &mut BTreeSet<String>,
 ) -> Check<()> {
     let mut waiting = Vec::new();
     for id in ids {
@@ -237,15 +243,38 @@ pub fn judge_healthy(
         } else {
             format!(" ({why})")
         };
+        let fail = |extra: String| {
+            Check::Failed(format!(
+                "target {id} is {state} in {arn}{why}{extra}: check the group's health check (path, port, matcher) and the service on the instance"
+            ))
+        };
         match TargetHealthStateEnum::from(state.as_str()) {
-            TargetHealthStateEnum::Healthy => {}
+            TargetHealthStateEnum::Healthy => {
+                ever_healthy.insert(id.clone());
+            }
             TargetHealthStateEnum::Initial => waiting.push(format!("{id} initial{why}")),
-            TargetHealthStateEnum::Unhealthy
-            | TargetHealthStateEnum::Draining
-            | TargetHealthStateEnum::Unavailable => {
-                return Check::Failed(format!(
-                    "target {id} is {state} in {arn}{why}: check the group's health check (path, port, matcher) and the service on the instance"
+            TargetHealthStateEnum::Unhealthy if ever_healthy.contains(id) => {
+                return fail(" after having been healthy".into())
+            }
+            TargetHealthStateEnum::Unhealthy if since_registration < grace => {
+                waiting.push(format!(
+                    "{id} unhealthy{why}, tolerated for {} more ([timeouts] unhealthy_grace)",
+                    human(grace - since_registration)
                 ))
+            }
+            TargetHealthStateEnum::Unhealthy => {
+                return fail(if grace.is_zero() {
+                    String::new()
+                } else {
+                    format!(
+                        " {} after its registration ([timeouts] unhealthy_grace {})",
+                        human(since_registration),
+                        human(grace)
+                    )
+                })
+            }
+            TargetHealthStateEnum::Draining | TargetHealthStateEnum::Unavailable => {
+                return fail(String::new())
             }
             _ => waiting.push(format!("{id} {state}{why}")),
         }
@@ -257,27 +286,107 @@ pub fn judge_healthy(
     }
 }
 
-/// Waits until every new instance is healthy in every group. `unhealthy` fails at once.
+fn human(d: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+}
+
+/// Waits until every new instance is healthy in every group, judging every group on each look
+/// (a target that turns unhealthy in one group while another is still waited for fails the
+/// step). `unhealthy` fails once `grace` after the registration has passed, or at once after the
+/// target had been healthy.
 pub async fn wait_healthy(
     elb: &aws_sdk_elasticloadbalancingv2::Client,
     arns: &[String],
     ids: &[String],
     timeout: Duration,
+    grace: Duration,
     opts: &DeployOptions,
 ) -> Result<()> {
-    for arn in arns {
-        opts.wait(format!("{} to be healthy in {arn}", ids.join(" ")), timeout)
-            .hint("raise [timeouts] healthy, or look at the target group's health check and the service on the instances")
-            .until(|| async {
-                match health_detail(elb, arn, Some(ids)).await {
-                    Ok(seen) => Ok(judge_healthy(arn, ids, &seen)),
-                    Err(e) if throttled(&e) => Ok(Check::Waiting("throttled".into())),
-                    Err(e) => Err(e),
-                }
-            })
-            .await?;
+    if arns.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let registered = Instant::now();
+    let ever_healthy: Mutex<BTreeMap<String, BTreeSet<String>>> = Mutex::new(BTreeMap::new());
+    opts.wait(
+        format!("{} to be healthy in {}", ids.join(" "), arns.join(" ")),
+        timeout,
+    )
+    .hint("raise [timeouts] healthy, or look at the target group's health check and the service on the instances")
+    .until(|| async {
+        let mut waiting = Vec::new();
+        for arn in arns {
+            let seen = match health_detail(elb, arn, Some(ids)).await {
+                Ok(seen) => seen,
+                Err(e) if throttled(&e) => {
+                    waiting.push(format!("{arn}: throttled"));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let mut ever = ever_healthy.lock().expect("not poisoned");
+            let ever = ever.entry(arn.clone()).or_default();
+            match judge_healthy(arn, ids, &seen, registered.elapsed(), grace, ever) {
+                Check::Ready(()) => {}
+                Check::Waiting(w) if arns.len() > 1 => waiting.push(format!("{w} in {arn}")),
+                Check::Waiting(w) => waiting.push(w),
+                failed => return Ok(failed),
+            }
+        }
+        Ok(if waiting.is_empty() {
+            Check::Ready(())
+        } else {
+            Check::Waiting(waiting.join("; "))
+        })
+    })
+    .await
+}
+
+/// One more look just before the switch: every new instance must still be healthy in every group.
+/// Throttled reads are retried for a minute; anything but `healthy` fails.
+pub async fn confirm_healthy(
+    elb: &aws_sdk_elasticloadbalancingv2::Client,
+    arns: &[String],
+    ids: &[String],
+    opts: &DeployOptions,
+) -> Result<()> {
+    if arns.is_empty() {
+        return Ok(());
+    }
+    opts.wait(
+        format!(
+            "{} to be still healthy in {}",
+            ids.join(" "),
+            arns.join(" ")
+        ),
+        Duration::from_secs(60),
+    )
+    .until(|| async {
+        for arn in arns {
+            let seen = match health_detail(elb, arn, Some(ids)).await {
+                Ok(seen) => seen,
+                Err(e) if throttled(&e) => return Ok(Check::Waiting(format!("{arn}: throttled"))),
+                Err(e) => return Err(e),
+            };
+            for id in ids {
+                let (state, why) = seen
+                    .get(id)
+                    .cloned()
+                    .unwrap_or_else(|| ("not listed".into(), String::new()));
+                if state != "healthy" {
+                    let why = if why.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({why})")
+                    };
+                    return Ok(Check::Failed(format!(
+                        "just before the switch, target {id} is {state} in {arn}{why}"
+                    )));
+                }
+            }
+        }
+        Ok(Check::Ready(()))
+    })
+    .await
 }
 
 /// Waits until deregistered targets have drained: no longer listed, or `unused`.
@@ -333,21 +442,57 @@ mod tests {
     #[test]
     fn healthy_waits_wait_on_initial_and_fail_on_unhealthy() {
         let ids = vec!["i-1".to_string(), "i-2".to_string()];
+        let zero = Duration::ZERO;
+        let judge = |s: &BTreeMap<String, (String, String)>| {
+            judge_healthy("tg", &ids, s, zero, zero, &mut BTreeSet::new())
+        };
         assert_eq!(
-            judge_healthy("tg", &ids, &seen(&[("i-1", "healthy"), ("i-2", "healthy")])),
+            judge(&seen(&[("i-1", "healthy"), ("i-2", "healthy")])),
             Check::Ready(())
         );
         assert!(matches!(
-            judge_healthy("tg", &ids, &seen(&[("i-1", "healthy"), ("i-2", "initial")])),
+            judge(&seen(&[("i-1", "healthy"), ("i-2", "initial")])),
             Check::Waiting(s) if s == "i-2 initial"
         ));
         assert!(matches!(
-            judge_healthy("tg", &ids, &seen(&[("i-1", "unhealthy"), ("i-2", "healthy")])),
+            judge(&seen(&[("i-1", "unhealthy"), ("i-2", "healthy")])),
             Check::Failed(s) if s.contains("i-1 is unhealthy")
         ));
         assert!(matches!(
-            judge_healthy("tg", &ids, &seen(&[("i-1", "healthy")])),
+            judge(&seen(&[("i-1", "healthy")])),
             Check::Waiting(s) if s.contains("i-2 not listed")
+        ));
+    }
+
+    #[test]
+    fn unhealthy_is_tolerated_within_the_grace_unless_it_had_been_healthy() {
+        let ids = vec!["i-1".to_string()];
+        let grace = Duration::from_secs(300);
+        let mut ever = BTreeSet::new();
+        let unhealthy = seen(&[("i-1", "unhealthy")]);
+        assert!(matches!(
+            judge_healthy("tg", &ids, &unhealthy, Duration::from_secs(60), grace, &mut ever),
+            Check::Waiting(s) if s.contains("i-1 unhealthy, tolerated for 4m more")
+        ));
+        assert!(matches!(
+            judge_healthy("tg", &ids, &unhealthy, Duration::from_secs(301), grace, &mut ever),
+            Check::Failed(s) if s.contains("5m 1s after its registration")
+        ));
+        let healthy = seen(&[("i-1", "healthy")]);
+        assert_eq!(
+            judge_healthy(
+                "tg",
+                &ids,
+                &healthy,
+                Duration::from_secs(90),
+                grace,
+                &mut ever
+            ),
+            Check::Ready(())
+        );
+        assert!(matches!(
+            judge_healthy("tg", &ids, &unhealthy, Duration::from_secs(100), grace, &mut ever),
+            Check::Failed(s) if s.contains("after having been healthy")
         ));
     }
 }

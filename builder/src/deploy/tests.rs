@@ -132,6 +132,8 @@ impl Env {
             drain: Some(Duration::from_secs(10)),
             terminate: Duration::from_secs(20),
             refresh: Duration::from_secs(10),
+            unhealthy_grace: Duration::ZERO,
+            lookup: Duration::from_millis(300),
         };
         c
     }
@@ -344,7 +346,10 @@ async fn plan_changes_nothing() {
         "{text}"
     );
     assert!(
-        text.contains(&format!("5/6 deregister {}", before.instances[0])),
+        text.contains(&format!(
+            "5/6 if the lock is still this deploy's: deregister {}",
+            before.instances[0]
+        )),
         "{text}"
     );
     assert!(text.contains("lock       free"), "{text}");
@@ -612,4 +617,27 @@ fn the_example_deploy_file_and_its_user_data_are_valid() {
     let def = crate::definition::load(&root.join("images"), "preseeded").unwrap();
     let p = crate::user_data::prepare(&ud, &def.defaults_document()).unwrap();
     assert!(p.minion_id.starts_with("web-i-"), "{}", p.minion_id);
+}
+
+#[tokio::test]
+async fn a_lock_lifetime_below_the_deadlines_is_refused() {
+    let env = env().await;
+    let mut cfg = env.cfg(ImageRef::Ami(env.ami_a.clone()), 1);
+    // running 20s + ready 10s + healthy 10s + lookup 300ms + drain 10s + terminate 20s.
+    cfg.lock_ttl = Some(Duration::from_secs(30));
+    let e = format!(
+        "{:#}",
+        prepare(&env.c, &cfg, env.images_dir.path(), "deploy")
+            .await
+            .unwrap_err()
+    );
+    assert!(
+        e.contains("lifetime 30s")
+            && e.contains("step deadlines 1m 11s")
+            && e.contains("lookup 300ms"),
+        "{e}"
+    );
+    cfg.lock_ttl = Some(Duration::from_secs(71));
+    let p = env.prepare(&cfg).await;
+    assert_eq!(p.lock_ttl, Duration::from_secs(71));
 }
