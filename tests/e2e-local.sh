@@ -6,7 +6,7 @@
 #              commit restarts it once with the new text; a salt commit is applied on the next tick;
 #   bare:      salt is installed at first boot, then the same checks pass;
 #   broken user-data: the agent reports the error with its line and column, the boot ends
-#              `failed`, the machine stays up (its console reaches the login prompt).
+#              `failed`, the machine stays up (its serial console reaches the login prompt).
 # Needs root (debootstrap, chroot, mounts) and qemu; scripts/test.sh runs it after the unit tests.
 # Writes the measured figures to out/e2e/summary.json.
 set -euo pipefail
@@ -212,8 +212,10 @@ wait_result broken 1200
 err=$(json_field "$work/broken.result" '["error"]')
 [[ "$err" =~ user-data:4:[0-9]+ ]] || fail "broken: the error does not name line 4 and its column: $err"
 deadline=$(( $(date +%s) + 300 ))
-until sed -n '/stackless-init-result: /,$p' "$work/broken.console" | grep -a -q "login:"; do
-    (( $(date +%s) < deadline )) || fail "broken: the machine did not reach its login prompt after the failure"
+# agetty prints the issue banner (ending in the console's name) right before its prompt; the
+# prompt itself has no newline to end its console line.
+until sed -n '/stackless-init-result: /,$p' "$work/broken.console" | grep -a -q "ttyS0$"; do
+    (( $(date +%s) < deadline )) || fail "broken: the machine did not reach its serial login after the failure"
     kill -0 "$pid" 2>/dev/null || fail "broken: builder boot ended: $(cat "$work/broken.err")"
     sleep 2
 done
