@@ -59,6 +59,57 @@ pub fn clean(line: &str) -> String {
     out
 }
 
+/// Cuts the console's byte stream into lines, and lets a line that waits for its newline (a login
+/// prompt does, for good) be shown before it is complete.
+#[derive(Debug, Default)]
+pub struct Assembler {
+    pending: Vec<u8>,
+    /// How much of `pending` was already shown.
+    shown: usize,
+}
+
+/// A complete console line.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Line {
+    /// The whole line, cleaned: what is parsed and kept.
+    pub text: String,
+    /// The part not shown yet, cleaned: what is echoed.
+    pub unshown: String,
+}
+
+impl Assembler {
+    /// Adds bytes from the console; returns the lines they completed.
+    pub fn push(&mut self, data: &[u8]) -> Vec<Line> {
+        let mut out = Vec::new();
+        for &b in data {
+            if b == b'\n' {
+                let text = clean(&String::from_utf8_lossy(&self.pending));
+                let unshown = clean(&String::from_utf8_lossy(&self.pending[self.shown..]));
+                out.push(Line { text, unshown });
+                self.pending.clear();
+                self.shown = 0;
+            } else {
+                self.pending.push(b);
+            }
+        }
+        out
+    }
+
+    /// The part of the incomplete line not shown yet, now marked shown.
+    pub fn take_partial(&mut self) -> Option<String> {
+        if self.shown == self.pending.len() {
+            return None;
+        }
+        let part = clean(&String::from_utf8_lossy(&self.pending[self.shown..]));
+        self.shown = self.pending.len();
+        Some(part)
+    }
+
+    pub fn has_unshown(&self) -> bool {
+        self.shown < self.pending.len()
+    }
+}
+
 /// The agent's result, if this console line carries it. Kernel messages can interleave with a
 /// line on the serial port, so the prefix may appear anywhere in it.
 pub fn parse_result(line: &str) -> Option<Result<AgentResult, String>> {
@@ -92,6 +143,36 @@ mod tests {
         assert_eq!(ready.exit_code(), 0);
         let degraded: AgentResult = serde_json::from_str("{\"outcome\":\"degraded\"}").unwrap();
         assert_eq!(degraded.exit_code(), 2);
+    }
+
+    #[test]
+    fn lines_are_cut_and_a_prompt_can_be_shown_before_its_newline() {
+        let mut a = Assembler::default();
+        assert_eq!(
+            a.push(b"one\r\ntw"),
+            vec![Line {
+                text: "one".into(),
+                unshown: "one".into()
+            }]
+        );
+        assert!(a.has_unshown());
+        assert_eq!(
+            a.push(b"o\ndebian login: "),
+            vec![Line {
+                text: "two".into(),
+                unshown: "two".into()
+            }]
+        );
+        assert_eq!(a.take_partial().as_deref(), Some("debian login: "));
+        assert_eq!(a.take_partial(), None);
+        assert_eq!(
+            a.push(b"[ 9.1] late\n"),
+            vec![Line {
+                text: "debian login: [ 9.1] late".into(),
+                unshown: "[ 9.1] late".into()
+            }]
+        );
+        assert!(!a.has_unshown());
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub mod qemu;
 pub mod relay;
 
 use anyhow::{anyhow, bail, Context, Result};
-use console::{clean, parse_result, AgentResult};
+use console::{parse_result, AgentResult, Assembler};
 use qemu::{Accel, GuestForward, PortForward, QemuSpec};
 use serde::Serialize;
 use stackless_init::imds::emulator::{Emulator, EmulatorConfig};
@@ -21,7 +21,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
 /// The guest's address on qemu's user-mode network (what EC2 calls the private IPv4).
@@ -188,7 +188,9 @@ pub async fn boot(
         let mut child = spawn_qemu(&spec)?;
         let started = Instant::now();
         let stdout = child.stdout.take().context("qemu's console pipe")?;
-        let mut lines = BufReader::new(stdout).split(b'\n');
+        let mut stdout = stdout;
+        let mut chunk = vec![0u8; 16 * 1024];
+        let mut console = Assembler::default();
         let mut recent: VecDeque<String> = VecDeque::with_capacity(40);
         let mut kernel_started = false;
         let deadline = tokio::time::sleep(opts.timeout);
@@ -200,8 +202,9 @@ pub async fn boot(
         let mut restart_tcg = false;
         let ended: Result<()> = loop {
             tokio::select! {
-                line = lines.next_segment() => {
-                    let Some(bytes) = line.context("reading qemu's console")? else {
+                n = stdout.read(&mut chunk) => {
+                    let n = n.context("reading qemu's console")?;
+                    if n == 0 {
                         let status = child.wait().await.context("waiting for qemu")?;
                         if report.result.is_some() {
                             break Ok(());
@@ -212,41 +215,56 @@ pub async fn boot(
                             if stderr.trim().is_empty() { String::new() } else { format!("; qemu said: {}", stderr.trim()) },
                             recent.iter().cloned().collect::<Vec<_>>().join("\n")
                         ));
-                    };
-                    let line = clean(&String::from_utf8_lossy(&bytes));
-                    if line.contains("Linux version") {
-                        kernel_started = true;
                     }
-                    if opts.echo {
-                        eprintln!("{line}");
-                    }
-                    if let Some(f) = log.as_mut() {
-                        let _ = writeln!(f, "{line}");
-                    }
-                    if recent.len() == 40 {
-                        recent.pop_front();
-                    }
-                    recent.push_back(line.clone());
-                    if report.result.is_none() {
-                        if let Some(r) = parse_result(&line) {
+                    let mut reported = false;
+                    for line in console.push(&chunk[..n]) {
+                        if line.text.contains("Linux version") {
+                            kernel_started = true;
+                        }
+                        if opts.echo {
+                            eprintln!("{}", line.unshown);
+                        }
+                        if let Some(f) = log.as_mut() {
+                            let _ = writeln!(f, "{}", line.unshown);
+                        }
+                        if recent.len() == 40 {
+                            recent.pop_front();
+                        }
+                        recent.push_back(line.text.clone());
+                        if report.result.is_some() {
+                            continue;
+                        }
+                        match parse_result(&line.text) {
+                            None => {}
                             // Kernel messages can garble a console line; the agent's state is
                             // still there, and the deadline still applies.
-                            let r = match r {
-                                Ok(r) => r,
-                                Err(e) => {
-                                    tracing::warn!("{e}; still waiting");
-                                    continue;
-                                }
-                            };
-                            report.boot_to_result_ms = Some(started.elapsed().as_millis() as u64);
-                            report.result = Some(r);
-                            if !opts.keep_running {
-                                break Ok(());
+                            Some(Err(e)) => tracing::warn!("{e}; still waiting"),
+                            Some(Ok(r)) => {
+                                report.boot_to_result_ms = Some(started.elapsed().as_millis() as u64);
+                                report.result = Some(r);
+                                reported = true;
                             }
-                            eprintln!(
-                                "builder: the agent reported; the machine stays up{}. Ctrl-C stops it.",
-                                ports_note(&opts.ports)
-                            );
+                        }
+                    }
+                    if reported {
+                        if !opts.keep_running {
+                            break Ok(());
+                        }
+                        eprintln!(
+                            "builder: the agent reported; the machine stays up{}. Ctrl-C stops it.",
+                            ports_note(&opts.ports)
+                        );
+                    }
+                }
+                // A line without its newline for a moment (a login prompt) is shown as it is.
+                _ = tokio::time::sleep(Duration::from_millis(300)), if console.has_unshown() => {
+                    if let Some(part) = console.take_partial() {
+                        if opts.echo {
+                            eprint!("{part}");
+                        }
+                        if let Some(f) = log.as_mut() {
+                            let _ = write!(f, "{part}");
+                            let _ = f.flush();
                         }
                     }
                 }
