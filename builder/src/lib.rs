@@ -7,6 +7,7 @@ pub mod definition;
 pub mod deploy;
 pub mod pipeline;
 pub mod render;
+pub mod signals;
 pub mod target;
 pub mod transfer;
 pub mod user_data;

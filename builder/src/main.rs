@@ -682,7 +682,7 @@ async fn boot_command(cli: &Cli, a: &BootArgs) -> Result<u8> {
     opts.keep_running = a.keep_running;
     opts.echo = !a.no_console && !cli.quiet;
     opts.console_log = a.console_log.clone();
-    let report = boot::boot(&opts, interrupted()).await?;
+    let report = boot::boot(&opts, stackless_builder::signals::interrupted()).await?;
     if cli.output == Output::Json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -711,18 +711,6 @@ async fn boot_command(cli: &Cli, a: &BootArgs) -> Result<u8> {
         }
     }
     Ok(report.exit_code())
-}
-
-/// Ctrl-C or SIGTERM.
-async fn interrupted() -> &'static str {
-    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => "interrupted (Ctrl-C)",
-        _ = term.recv() => "interrupted (SIGTERM)",
-    }
 }
 
 fn init_logging(verbose: u8, quiet: bool) {

@@ -5,6 +5,7 @@
 use crate::communicator::{run_checked, Communicator};
 use crate::definition::ImageDef;
 use crate::render::{self, RenderInputs, Rendered};
+use crate::signals::interrupted;
 use crate::target::{Artifact, Build, Target};
 use crate::transfer;
 use anyhow::{anyhow, Context, Result};
@@ -114,18 +115,6 @@ pub fn new_build_id() -> (String, String) {
 
 fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
-}
-
-/// Waits for Ctrl-C or SIGTERM.
-async fn interrupted() -> &'static str {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => "interrupted (Ctrl-C)",
-        _ = term.recv() => "interrupted (SIGTERM)",
-    }
 }
 
 /// Bakes `def` on `target`, stopping and cleaning up on Ctrl-C or SIGTERM. The artifact's id is

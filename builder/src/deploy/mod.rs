@@ -27,6 +27,7 @@ mod mock_tests;
 mod tests;
 
 use crate::definition;
+use crate::signals::interrupted;
 use crate::target::aws::source;
 use crate::target::aws::waiter::Wait;
 use crate::user_data::{self, Payload};
@@ -516,18 +517,6 @@ fn human_ms(ms: u64) -> String {
         format!("{ms} ms")
     } else {
         format!("{:.1} s", ms as f64 / 1000.0)
-    }
-}
-
-/// Waits for Ctrl-C or SIGTERM.
-pub async fn interrupted() -> &'static str {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => "interrupted (Ctrl-C)",
-        _ = term.recv() => "interrupted (SIGTERM)",
     }
 }
 
