@@ -366,11 +366,7 @@ pub async fn wait_health_url(
                     Err(e) => last.push(format!("{id}: {e}")),
                 }
             }
-            Ok(if last.is_empty() {
-                Check::Ready(())
-            } else {
-                Check::Waiting(last.join("; "))
-            })
+            Ok(Check::unless_waiting(last))
         })
         .await
 }
@@ -426,11 +422,7 @@ pub async fn wait_status_checks(
                 waiting.push(format!("{id}: instance {inst}, system {sys}"));
             }
         }
-        Ok(if waiting.is_empty() {
-            Check::Ready(())
-        } else {
-            Check::Waiting(waiting.join("; "))
-        })
+        Ok(Check::unless_waiting(waiting))
     })
     .await
 }
@@ -541,11 +533,7 @@ pub async fn wait_agent(
                     },
                 }
             }
-            Ok(if waiting.is_empty() {
-                Check::Ready(())
-            } else {
-                Check::Waiting(waiting.join("; "))
-            })
+            Ok(Check::unless_waiting(waiting))
         })
         .await
 }

@@ -332,11 +332,7 @@ pub async fn wait_healthy(
                 failed => return Ok(failed),
             }
         }
-        Ok(if waiting.is_empty() {
-            Check::Ready(())
-        } else {
-            Check::Waiting(waiting.join("; "))
-        })
+        Ok(Check::unless_waiting(waiting))
     })
     .await
 }

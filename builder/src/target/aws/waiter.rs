@@ -20,6 +20,17 @@ pub enum Check<T> {
     Failed(String),
 }
 
+impl Check<()> {
+    /// Ready when nothing is left waiting; else waiting on all of it, in one line.
+    pub fn unless_waiting(waiting: Vec<String>) -> Check<()> {
+        if waiting.is_empty() {
+            Check::Ready(())
+        } else {
+            Check::Waiting(waiting.join("; "))
+        }
+    }
+}
+
 /// One wait: what for, how long at most, how often to look.
 #[derive(Debug, Clone)]
 pub struct Wait {
