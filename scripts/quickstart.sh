@@ -11,6 +11,8 @@
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
+# shellcheck source=scripts/lib/examples.sh
+source scripts/lib/examples.sh
 keep=0
 [[ "${1:-}" == "--keep-running" ]] && keep=1
 say() { echo "quickstart: $*" >&2; }
@@ -41,17 +43,10 @@ say "    baked in $(( $(date +%s) - t0 )) s: $(python3 -c 'import json; print(js
 
 say "4/6 serving examples/salt and examples/config from a git daemon"
 qs="$repo/out/quickstart"
-rm -rf "$qs" && mkdir -p "$qs/git"
-for r in salt config; do
-    git init -q --bare -b main "$qs/git/$r.git"
-    git clone -q "$qs/git/$r.git" "$qs/$r" 2>/dev/null
-    cp -r "examples/$r/." "$qs/$r/"
-    git -C "$qs/$r" add -A
-    git -C "$qs/$r" -c user.name=quickstart -c user.email=quickstart@localhost commit -q -m "$r: from examples/"
-    git -C "$qs/$r" push -q origin main
-done
-git_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-web_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+rm -rf "$qs"
+example_repos "$qs"
+git_port=$(free_port)
+web_port=$(free_port)
 git daemon --reuseaddr --export-all --base-path="$qs/git" --listen=127.0.0.1 --port="$git_port" "$qs/git" \
     >"$qs/git-daemon.log" 2>&1 &
 daemon=$!
@@ -59,14 +54,8 @@ boot=""
 trap 'kill -TERM $daemon ${boot} 2>/dev/null || true' EXIT
 trap 'exit 130' INT TERM
 
-# The example user-data; a machine whose HTTPS goes through an intercepting proxy hands its
-# extra CAs to the instance too (user-data `ca_certificates`).
 ud="$qs/user-data.toml"
-{
-    extra=$(cat /usr/local/share/ca-certificates/*.crt 2>/dev/null || true)
-    if [[ -n "$extra" ]]; then printf 'ca_certificates = """\n%s\n"""\n' "$extra"; fi
-    cat examples/user-data.toml
-} >"$ud"
+example_user_data "$ud"
 
 say "5/6 booting it in qemu (the console is in $qs/console.log)"
 "$builder" boot out/preseeded --user-data "$ud" --keep-running --no-console \

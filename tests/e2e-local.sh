@@ -12,6 +12,8 @@
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
+# shellcheck source=scripts/lib/examples.sh
+source scripts/lib/examples.sh
 builder="${BUILDER:-$repo/target/debug/builder}"
 init="${STACKLESS_INIT_STATIC:-$repo/target/x86_64-unknown-linux-musl/release/stackless-init}"
 accel="${STACKLESS_E2E_ACCEL:-auto}"
@@ -34,7 +36,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 step_detail() { # name step -> the detail of that boot step in the agent's result
     python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(next((s.get("detail") or "" for s in d["status"]["boot"]["steps"] if s["name"]==sys.argv[2]), "no such step"))' "$work/$1.result" "$2"
 }
@@ -74,33 +75,18 @@ done
 
 # 2. A salt repository and a config repository, served by a git daemon on loopback.
 git_port=$(free_port)
-mkdir -p "$work/git"
-for r in salt config; do
-    git init -q --bare -b main "$work/git/$r.git"
-    git clone -q "$work/git/$r.git" "$work/$r" 2>/dev/null
-    cp -r "examples/$r/." "$work/$r/"
-    git -C "$work/$r" add -A
-    git -C "$work/$r" -c user.name=e2e -c user.email=e2e@localhost commit -q -m "$r: first"
-    git -C "$work/$r" push -q origin main
-done
+example_repos "$work"
 git daemon --reuseaddr --export-all --base-path="$work/git" --listen=127.0.0.1 --port="$git_port" \
     "$work/git" >"$work/git-daemon.log" 2>&1 &
 pids+=($!)
 commit() { # repo file content message
     printf '%s\n' "$3" >"$work/$1/$2"
-    git -C "$work/$1" add -A
-    git -C "$work/$1" -c user.name=e2e -c user.email=e2e@localhost commit -q -m "$4"
-    git -C "$work/$1" push -q origin main
+    example_commit "$work/$1" "$4"
 }
 
-# The example user-data, plus the host's extra CAs: this machine's HTTPS goes through an
-# intercepting proxy, and the bare image pip-installs salt at first boot.
+# The example user-data, with this machine's extra CAs (its HTTPS is intercepted).
 ud="$work/user-data.toml"
-{
-    extra=$(cat /usr/local/share/ca-certificates/*.crt 2>/dev/null || true)
-    if [[ -n "$extra" ]]; then printf 'ca_certificates = """\n%s\n"""\n' "$extra"; fi
-    cat examples/user-data.toml
-} >"$ud"
+example_user_data "$ud"
 "$builder" -q user-data "$ud" >/dev/null || fail "the e2e user-data does not validate"
 
 # Boots IMAGE in the background, kept running; NAME names its files; sets $pid.
@@ -169,8 +155,7 @@ wait_http "$port" /starts 2 10 "preseeded: restarted exactly once"
 say "preseeded: pushing a salt commit"
 t0=$(date +%s)
 sed -i 's/salt-v1/salt-v2/' "$work/salt/web/init.sls"
-git -C "$work/salt" -c user.name=e2e -c user.email=e2e@localhost commit -q -am "state v2"
-git -C "$work/salt" push -q origin main
+example_commit "$work/salt" "state v2"
 wait_http "$port" /state salt-v2 300 "preseeded: the salt change applied on the next tick"
 salt_s=$(( $(date +%s) - t0 ))
 stop_boot "$pid"
