@@ -187,8 +187,7 @@ pub async fn boot(
         tracing::info!(image = %report.image, instance = %opts.identity.instance_id, accel = accel.as_str(), imds = %emulator.addr(), "booting");
         let mut child = spawn_qemu(&spec)?;
         let started = Instant::now();
-        let stdout = child.stdout.take().context("qemu's console pipe")?;
-        let mut stdout = stdout;
+        let mut stdout = child.stdout.take().context("qemu's console pipe")?;
         let mut chunk = vec![0u8; 16 * 1024];
         let mut console = Assembler::default();
         let mut recent: VecDeque<String> = VecDeque::with_capacity(40);
@@ -352,7 +351,6 @@ fn spawn_qemu(spec: &QemuSpec) -> Result<Child> {
 }
 
 async fn read_stderr(child: &mut Child) -> String {
-    use tokio::io::AsyncReadExt;
     let mut s = String::new();
     if let Some(mut e) = child.stderr.take() {
         let _ = tokio::time::timeout(Duration::from_secs(2), e.read_to_string(&mut s)).await;
@@ -362,9 +360,10 @@ async fn read_stderr(child: &mut Child) -> String {
 
 /// Refuses user-data the emulator could not serve (EC2's 16 KB limit).
 pub fn check_user_data_size(data: &[u8]) -> Result<()> {
-    if data.len() > 16 * 1024 {
+    let limit = stackless_init::userdata::EC2_USER_DATA_LIMIT;
+    if data.len() > limit {
         bail!(
-            "the user-data is {} bytes; EC2 accepts at most 16384 (gzip it: stackless-init reads gzip-compressed user-data)",
+            "the user-data is {} bytes; EC2 accepts at most {limit} (gzip it: stackless-init reads gzip-compressed user-data)",
             data.len()
         );
     }

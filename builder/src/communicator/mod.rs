@@ -23,6 +23,12 @@ pub trait Communicator: Send + Sync {
     fn describe(&self) -> String;
 }
 
+/// The last `n` lines of `s`, for error messages.
+pub fn last_lines(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// Runs a command and fails, with its output, unless it exits 0.
 pub async fn run_checked(
     c: &dyn Communicator,
@@ -32,16 +38,7 @@ pub async fn run_checked(
 ) -> Result<CommandOutput> {
     let out = c.run(what, command, timeout).await?;
     if out.exit_code != 0 {
-        let tail = |s: &str| {
-            s.lines()
-                .rev()
-                .take(20)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
+        let tail = |s: &str| last_lines(s, 20);
         bail!(
             "{what} failed on {} (exit {}){}\n--- stdout (last lines) ---\n{}\n--- stderr (last lines) ---\n{}",
             c.describe(),

@@ -8,6 +8,7 @@
 
 use super::aws_error;
 use super::waiter::{Check, Wait};
+use crate::communicator::last_lines as tail;
 use crate::communicator::{CommandOutput, Communicator};
 use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
@@ -51,11 +52,6 @@ fn at_limit(s: &str, limit: usize) -> bool {
     s.chars().count() + 64 >= limit
         || t.ends_with("---Output truncated---")
         || t.ends_with("---Error truncated----")
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 impl SsmCommunicator {

@@ -1,16 +1,11 @@
 //! Running host programs (debootstrap, mount, mke2fs, qemu-img) with a deadline, failing with
 //! what was being done and the program's last words.
 
+use crate::communicator::last_lines as tail;
 use anyhow::{anyhow, bail, Context, Result};
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::process::Command;
-
-/// The last `n` lines of `s`.
-pub fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
 
 /// Runs `program args` and fails unless it exits 0 within `timeout`. Returns stdout.
 pub async fn run(what: &str, program: &str, args: &[&str], timeout: Duration) -> Result<String> {
