@@ -24,6 +24,8 @@ cargo test --workspace --locked "$@"
 # skips it while iterating).
 if [[ -z "${STACKLESS_SKIP_E2E:-}" ]]; then
     echo "== end to end: bake locally, boot in qemu (tests/e2e-local.sh)" >&2
-    cargo build --locked --quiet -p builder
-    tests/e2e-local.sh
+    # The builder binary `cargo test` built for the integration tests: a `cargo build -p
+    # builder` here would build the AWS SDK a third time (its features differ from the
+    # workspace's test build).
+    BUILDER="$repo/target/debug/builder" tests/e2e-local.sh
 fi

@@ -5,6 +5,7 @@
 #   preseeded: ready, highstate passed, the web program answers with the configured text; a config
 #              commit restarts it once with the new text; a salt commit is applied on the next tick;
 #   bare:      salt is installed at first boot, then the same checks pass;
+#   KVM that aborts or hangs (a stand-in qemu): auto falls back to TCG and still reaches ready;
 #   broken user-data: the agent reports the error with its line and column, the boot ends
 #              `failed`, the machine stays up (its serial console reaches the login prompt).
 # Needs root (debootstrap, chroot, mounts) and qemu; scripts/test.sh runs it after the unit tests.
@@ -165,6 +166,46 @@ pre_agent_ms=$(json_field "$work/preseeded.json" '["result"]["total_ms"]')
 used_accel=$(json_field "$work/preseeded.json" '["accel"]')
 say "preseeded: ready in ${pre_ready_ms} ms (agent ${pre_agent_ms} ms) under $used_accel; config change live in ${config_s} s, salt change in ${salt_s} s"
 accel="$used_accel" # the probe's verdict holds for the rest of the run
+
+# 5b. Whatever the host's KVM does, auto reaches ready: a stand-in qemu first on PATH aborts
+# (as on a nested host refusing MSR 0x10a) or hangs when given KVM, and runs the real qemu
+# otherwise. The probe needs a KVM device that opens, which a stand-in file gives on any host.
+real_qemu=$(command -v qemu-system-x86_64) || fail "qemu-system-x86_64 is not installed"
+: >"$work/fake-kvm"
+standin() { # name behaviour-under-kvm
+    mkdir -p "$work/$1-bin"
+    cat >"$work/$1-bin/qemu-system-x86_64" <<STANDIN
+#!/bin/sh
+ulimit -c 0
+case " \$* " in
+    *" -accel kvm "*) $2;;
+esac
+exec "$real_qemu" "\$@"
+STANDIN
+    chmod +x "$work/$1-bin/qemu-system-x86_64"
+}
+standin kvm-aborts 'echo "qemu-system-x86_64: error: failed to set MSR 0x10a to 0xc000069" >&2; echo "qemu-system-x86_64: ../../target/i386/kvm/kvm.c:3849: kvm_buf_set_msrs: Assertion failed." >&2; kill -ABRT $$'
+standin kvm-hangs 'exec sleep 3600'
+for kind in kvm-aborts kvm-hangs; do
+    say "booting preseeded with a qemu whose KVM $kind (auto must fall back to TCG and reach ready)"
+    rc=0
+    PATH="$work/$kind-bin:$PATH" XDG_CACHE_HOME="$work/cache-$kind" STACKLESS_KVM_DEVICE="$work/fake-kvm" \
+        "$builder" --output json boot out/preseeded --user-data "$ud" --accel auto --kvm-probe 10s \
+        --forward "169.254.0.100:9418=127.0.0.1:$git_port" --console-log "$work/$kind.console" \
+        --no-console --timeout 20m >"$work/$kind.json" 2>"$work/$kind.err" || rc=$?
+    [[ "$rc" == 0 ]] || fail "$kind: builder boot exited $rc: $(tail -n 5 "$work/$kind.err")"
+    [[ $(json_field "$work/$kind.json" '["accel"]') == tcg ]] || fail "$kind: $(cat "$work/$kind.json")"
+    [[ $(json_field "$work/$kind.json" '["result"]["outcome"]') == ready ]] || fail "$kind: $(cat "$work/$kind.json")"
+    why=$(json_field "$work/$kind.json" '["kvm_fallback"]')
+    case "$kind" in
+        kvm-aborts) [[ "$why" == *SIGABRT*"MSR 0x10a"* && "$why" == *"-cpu host,-arch-capabilities"* ]] ||
+            fail "$kind: the fallback does not say qemu aborted on both CPU models: $why" ;;
+        kvm-hangs) [[ "$why" == *"printed nothing"* ]] || fail "$kind: the fallback does not say KVM was silent: $why" ;;
+    esac
+    python3 -c 'import json,sys; v=json.load(open(sys.argv[1])); sys.exit(v["kvm_cpu"] is not None)' \
+        "$work/cache-$kind/stackless/accel-verdict.json" || fail "$kind: the verdict was not cached as KVM unusable"
+    say "$kind: ready in $(json_field "$work/$kind.json" '["boot_to_result_ms"]') ms under TCG; $why"
+done
 
 # 6. bare: salt is installed at first boot, then the same checks.
 port=$(free_port)

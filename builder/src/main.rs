@@ -161,9 +161,21 @@ struct BootArgs {
     /// Guest CPUs.
     #[arg(long, default_value_t = 2)]
     cpus: u32,
-    /// kvm, tcg, or auto (KVM when /dev/kvm is usable and the guest kernel starts under it).
+    /// kvm, tcg, or auto: KVM when the guest kernel starts under it on this host (probed once
+    /// per host and cached: any failure before the kernel's banner falls back to TCG).
     #[arg(long, default_value = "auto")]
     accel: String,
+    /// Under auto, how long a KVM guest may stay silent before KVM counts as unusable.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    kvm_probe: std::time::Duration,
+    /// The KVM device auto checks before trying KVM.
+    #[arg(
+        long,
+        env = "STACKLESS_KVM_DEVICE",
+        default_value = "/dev/kvm",
+        hide = true
+    )]
+    kvm_device: PathBuf,
     /// Longest wait for the agent's report.
     #[arg(long, default_value = "20m", value_parser = humantime::parse_duration)]
     timeout: std::time::Duration,
@@ -678,6 +690,9 @@ async fn boot_command(cli: &Cli, a: &BootArgs) -> Result<u8> {
         "tcg" => Some(Accel::Tcg),
         other => bail!("--accel {other:?}: expected auto, kvm or tcg"),
     };
+    opts.kvm_probe = a.kvm_probe;
+    opts.kvm_device = a.kvm_device.clone();
+    opts.cache_dir = Some(stackless_builder::target::local::base::default_cache_dir());
     opts.timeout = a.timeout;
     opts.keep_running = a.keep_running;
     opts.echo = !a.no_console && !cli.quiet;
@@ -692,7 +707,7 @@ async fn boot_command(cli: &Cli, a: &BootArgs) -> Result<u8> {
         };
         match &report.result {
             Some(r) => println!(
-                "{}: {}{} (boot to result {}, agent {}; {} under {})",
+                "{}: {}{} (boot to result {}, agent {}; {} under {}: {})",
                 report.instance_id,
                 r.outcome,
                 r.error
@@ -702,7 +717,8 @@ async fn boot_command(cli: &Cli, a: &BootArgs) -> Result<u8> {
                 secs(report.boot_to_result_ms),
                 secs(r.total_ms),
                 report.image,
-                report.accel
+                report.accel,
+                report.accel_reason
             ),
             None => println!(
                 "{}: no report from the agent within {:?} ({} under {})",

@@ -5,6 +5,7 @@
 //! the guest boots; the run ends when `stackless-init` prints its result line (ready, degraded or
 //! failed), or stays up with `--keep-running`.
 
+pub mod accel;
 pub mod console;
 pub mod image;
 pub mod qemu;
@@ -24,6 +25,9 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
+/// The qemu program of a local boot.
+pub const QEMU: &str = "qemu-system-x86_64";
+
 /// The guest's address on qemu's user-mode network (what EC2 calls the private IPv4).
 pub const GUEST_IP: &str = "169.254.0.15";
 
@@ -38,11 +42,17 @@ pub struct BootOptions {
     pub forwards: Vec<GuestForward>,
     pub memory_mib: u32,
     pub cpus: u32,
-    /// None: KVM when /dev/kvm is usable, TCG otherwise.
+    /// None (auto): KVM when it gets a guest kernel to start here, TCG otherwise (see `accel`).
     pub accel: Option<Accel>,
-    /// A KVM guest whose kernel prints nothing for this long is restarted under TCG (nested
-    /// virtualisation sometimes cannot run a guest kernel at all).
+    /// Under auto, a KVM guest whose kernel prints nothing for this long counts as KVM being
+    /// unusable (nested virtualisation sometimes cannot run a guest kernel at all).
     pub kvm_probe: Duration,
+    /// The qemu program (looked up on PATH unless it has a slash).
+    pub qemu: PathBuf,
+    /// The KVM device auto checks before trying KVM at all.
+    pub kvm_device: PathBuf,
+    /// Where auto keeps its verdict per host; None probes on every boot.
+    pub cache_dir: Option<PathBuf>,
     /// Longest wait for the agent's result.
     pub timeout: Duration,
     /// Stay up after the result until Ctrl-C.
@@ -67,6 +77,9 @@ impl BootOptions {
             cpus: 2,
             accel: None,
             kvm_probe: Duration::from_secs(15),
+            qemu: PathBuf::from(QEMU),
+            kvm_device: PathBuf::from("/dev/kvm"),
+            cache_dir: None,
             timeout: Duration::from_secs(20 * 60),
             keep_running: false,
             echo: true,
@@ -100,6 +113,11 @@ pub struct BootReport {
     pub image: String,
     pub instance_id: String,
     pub accel: &'static str,
+    /// The `-cpu` model under KVM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    /// Why this accelerator: the flag, the cached verdict, or what the probe saw.
+    pub accel_reason: String,
     /// From qemu's start to the agent's result line.
     pub boot_to_result_ms: Option<u64>,
     /// What the agent reported.
@@ -149,11 +167,7 @@ pub async fn boot(
     }];
     forwards.extend(opts.forwards.iter().cloned());
 
-    let mut accel = match opts.accel {
-        Some(a) => a,
-        None if qemu::kvm_usable() => Accel::Kvm,
-        None => Accel::Tcg,
-    };
+    let mut choice = choose_accel(opts).await;
     let mut log = match &opts.console_log {
         Some(p) => Some(std::io::LineWriter::new(
             std::fs::File::create(p)
@@ -164,16 +178,25 @@ pub async fn boot(
     let mut report = BootReport {
         image: img.describe(),
         instance_id: opts.identity.instance_id.clone(),
-        accel: accel.as_str(),
+        accel: choice.accel.as_str(),
+        cpu: choice.cpu.clone(),
+        accel_reason: choice.reason.clone(),
         boot_to_result_ms: None,
         result: None,
         timed_out: false,
         kvm_fallback: None,
     };
+    if choice.accel == Accel::Tcg && choice.cached {
+        // Said once per boot, so a slow TCG boot is never a mystery.
+        tracing::info!("booting under TCG: {}", choice.reason);
+    }
+    // What each KVM attempt that failed before the guest kernel started ran into.
+    let mut kvm_failures: Vec<String> = Vec::new();
     tokio::pin!(stop);
     loop {
         let spec = QemuSpec {
-            accel,
+            accel: choice.accel,
+            cpu: choice.cpu.clone(),
             memory_mib: opts.memory_mib,
             cpus: opts.cpus,
             kernel: img.kernel.clone(),
@@ -184,8 +207,8 @@ pub async fn boot(
             forwards: forwards.clone(),
             relay: opts.relay.clone(),
         };
-        tracing::info!(image = %report.image, instance = %opts.identity.instance_id, accel = accel.as_str(), imds = %emulator.addr(), "booting");
-        let mut child = spawn_qemu(&spec)?;
+        tracing::info!(image = %report.image, instance = %opts.identity.instance_id, accel = choice.accel.as_str(), cpu = ?choice.cpu, imds = %emulator.addr(), "booting");
+        let mut child = spawn_qemu(&opts.qemu, &spec)?;
         let started = Instant::now();
         let mut stdout = child.stdout.take().context("qemu's console pipe")?;
         let mut chunk = vec![0u8; 16 * 1024];
@@ -194,11 +217,11 @@ pub async fn boot(
         let mut kernel_started = false;
         let deadline = tokio::time::sleep(opts.timeout);
         tokio::pin!(deadline);
-        // Only an automatically chosen KVM is probed; an explicit --accel kvm is left alone.
-        let probing = accel == Accel::Kvm && opts.accel.is_none();
+        // Only an automatically chosen KVM is judged; an explicit --accel kvm fails loudly.
+        let probing = choice.probing;
         let probe = tokio::time::sleep(opts.kvm_probe);
         tokio::pin!(probe);
-        let mut restart_tcg = false;
+        let mut kvm_failed: Option<accel::KvmFailure> = None;
         let ended: Result<()> = loop {
             tokio::select! {
                 n = stdout.read(&mut chunk) => {
@@ -209,6 +232,10 @@ pub async fn boot(
                             break Ok(());
                         }
                         let stderr = read_stderr(&mut child).await;
+                        if probing && !kernel_started {
+                            kvm_failed = Some(accel::KvmFailure::Exited { status: status.to_string(), stderr });
+                            break Ok(());
+                        }
                         break Err(anyhow!(
                             "qemu ended ({status}) before the agent reported{}\n--- last console lines ---\n{}",
                             if stderr.trim().is_empty() { String::new() } else { format!("; qemu said: {}", stderr.trim()) },
@@ -217,8 +244,11 @@ pub async fn boot(
                     }
                     let mut reported = false;
                     for line in console.push(&chunk[..n]) {
-                        if line.text.contains("Linux version") {
+                        if !kernel_started && line.text.contains("Linux version") {
                             kernel_started = true;
+                            if probing {
+                                choice.kernel_started();
+                            }
                         }
                         if opts.echo {
                             eprintln!("{}", line.unshown);
@@ -268,7 +298,7 @@ pub async fn boot(
                     }
                 }
                 _ = &mut probe, if probing && !kernel_started => {
-                    restart_tcg = true;
+                    kvm_failed = Some(accel::KvmFailure::Silent(opts.kvm_probe));
                     break Ok(());
                 }
                 _ = &mut deadline, if report.result.is_none() => {
@@ -276,7 +306,7 @@ pub async fn boot(
                     break Ok(());
                 }
                 why = &mut stop => {
-                    let _ = child.kill().await;
+                    kill_whole(&mut child).await;
                     if report.result.is_some() {
                         tracing::info!("{why}; stopped the machine");
                         break Ok(());
@@ -285,20 +315,34 @@ pub async fn boot(
                 }
             }
         };
-        let _ = child.kill().await;
-        let _ = child.wait().await;
+        kill_whole(&mut child).await;
         if let Some(f) = log.as_mut() {
             let _ = f.flush();
         }
-        if restart_tcg {
+        if let Some(failure) = kvm_failed {
+            // Nothing reached the disk: the guest kernel never started, so the same overlay
+            // boots again.
+            let cpu = choice.cpu.clone().unwrap_or_else(|| accel::HOST_CPU.into());
+            kvm_failures.push(failure.describe(&cpu));
+            if let Some(next) = accel::next_cpu(&cpu, &failure) {
+                tracing::info!(
+                    "{}; trying KVM again with -cpu {next}",
+                    failure.describe(&cpu)
+                );
+                choice.cpu = Some(next);
+                report.cpu = choice.cpu.clone();
+                continue;
+            }
             let why = format!(
-                "KVM did not get the guest kernel to print anything in {:?} (nested virtualisation?); booting again under TCG",
-                opts.kvm_probe
+                "KVM is unusable here: {}; booting under TCG",
+                kvm_failures.join("; then ")
             );
             tracing::warn!("{why}");
-            report.kvm_fallback = Some(why);
-            accel = Accel::Tcg;
-            report.accel = accel.as_str();
+            choice.kvm_unusable(kvm_failures.join("; then "));
+            report.kvm_fallback = Some(why.clone());
+            report.accel_reason = why;
+            report.accel = choice.accel.as_str();
+            report.cpu = None;
             continue;
         }
         ended?;
@@ -306,6 +350,145 @@ pub async fn boot(
     }
     drop(emulator);
     Ok(report)
+}
+
+/// The accelerator a boot starts with, why, and (under auto) the verdict cache it keeps true.
+struct AccelChoice {
+    accel: Accel,
+    /// `-cpu` under KVM.
+    cpu: Option<String>,
+    /// KVM chosen by auto: its failures before the guest kernel starts fall back to TCG.
+    probing: bool,
+    reason: String,
+    /// The choice came from the cache.
+    cached: bool,
+    cache: Option<(accel::VerdictCache, accel::HostKey)>,
+}
+
+impl AccelChoice {
+    fn fixed(accel: Accel, reason: &str) -> AccelChoice {
+        AccelChoice {
+            accel,
+            cpu: (accel == Accel::Kvm).then(|| accel::HOST_CPU.to_string()),
+            probing: false,
+            reason: reason.to_string(),
+            cached: false,
+            cache: None,
+        }
+    }
+
+    /// The guest kernel started under KVM: remember the CPU model that got it there.
+    fn kernel_started(&mut self) {
+        if let (Some((cache, host)), Some(cpu)) = (&self.cache, &self.cpu) {
+            if !self.cached {
+                let reason = format!("the guest kernel started under KVM with -cpu {cpu}");
+                cache.store(&accel::Verdict::new(
+                    host.clone(),
+                    Some(cpu.clone()),
+                    reason,
+                ));
+            }
+        }
+    }
+
+    /// KVM failed every way worth trying: TCG from now on, and on this host until it changes.
+    fn kvm_unusable(&mut self, why: String) {
+        if let Some((cache, host)) = &self.cache {
+            cache.store(&accel::Verdict::new(host.clone(), None, why));
+        }
+        self.accel = Accel::Tcg;
+        self.cpu = None;
+        self.probing = false;
+    }
+}
+
+/// `--accel auto`: TCG when the KVM device does not open; else the cached verdict for this host;
+/// else KVM with `-cpu host`, judged until the guest kernel prints its banner.
+async fn choose_accel(opts: &BootOptions) -> AccelChoice {
+    match opts.accel {
+        Some(Accel::Tcg) => return AccelChoice::fixed(Accel::Tcg, "--accel tcg"),
+        Some(Accel::Kvm) => return AccelChoice::fixed(Accel::Kvm, "--accel kvm"),
+        None => {}
+    }
+    if let Err(e) = accel::kvm_device_usable(&opts.kvm_device) {
+        return AccelChoice::fixed(Accel::Tcg, &format!("KVM is unusable here: {e}"));
+    }
+    let qemu = opts.qemu.to_string_lossy();
+    let cache = match (&opts.cache_dir, qemu_version(&qemu).await) {
+        (Some(dir), Some(version)) => Some((
+            accel::VerdictCache::in_dir(dir),
+            accel::HostKey::current(&version),
+        )),
+        _ => None,
+    };
+    if let Some((c, host)) = &cache {
+        if let Some(v) = c.load(host) {
+            let mut choice = AccelChoice {
+                accel: Accel::Tcg,
+                cpu: None,
+                probing: false,
+                reason: String::new(),
+                cached: true,
+                cache: cache.clone(),
+            };
+            match v.kvm_cpu {
+                Some(cpu) => {
+                    choice.reason = format!(
+                        "KVM works here with -cpu {cpu} (verdict of {} cached in {})",
+                        v.probed_at,
+                        c.path.display()
+                    );
+                    choice.accel = Accel::Kvm;
+                    choice.cpu = Some(cpu);
+                    // Still judged: a host can change in ways the key does not see.
+                    choice.probing = true;
+                }
+                None => {
+                    choice.reason = format!(
+                        "KVM is unusable here: {} (verdict of {} cached in {}; delete it to probe again)",
+                        v.reason,
+                        v.probed_at,
+                        c.path.display()
+                    );
+                }
+            }
+            return choice;
+        }
+    }
+    AccelChoice {
+        accel: Accel::Kvm,
+        cpu: Some(accel::HOST_CPU.into()),
+        probing: true,
+        reason: "probing KVM: the guest kernel must start under it".into(),
+        cached: false,
+        cache,
+    }
+}
+
+/// `qemu --version`'s first line, None when qemu does not answer (the boot then says why).
+async fn qemu_version(qemu: &str) -> Option<String> {
+    crate::target::local::process::run(
+        "asking qemu its version",
+        qemu,
+        &["--version"],
+        Duration::from_secs(20),
+    )
+    .await
+    .ok()
+    .and_then(|out| out.lines().next().map(|l| l.trim().to_string()))
+    .filter(|l| !l.is_empty())
+}
+
+/// Kills qemu's whole process group (a wrapper script's children too) and reaps it.
+async fn kill_whole(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        // SAFETY: killpg only sends a signal; qemu leads its own group (process_group(0)).
+        unsafe {
+            libc::killpg(pid as libc::pid_t, libc::SIGKILL);
+        }
+    }
+    let _ = child.kill().await;
+    let _ = child.wait().await;
 }
 
 fn ports_note(ports: &[PortForward]) -> String {
@@ -319,10 +502,10 @@ fn ports_note(ports: &[PortForward]) -> String {
     format!(" ({})", list.join(", "))
 }
 
-fn spawn_qemu(spec: &QemuSpec) -> Result<Child> {
+fn spawn_qemu(program: &std::path::Path, spec: &QemuSpec) -> Result<Child> {
     let args = qemu::args(spec);
-    tracing::debug!("qemu-system-x86_64 {}", args.join(" "));
-    let mut cmd = Command::new("qemu-system-x86_64");
+    tracing::debug!("{} {}", program.display(), args.join(" "));
+    let mut cmd = Command::new(program);
     cmd.args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -343,9 +526,9 @@ fn spawn_qemu(spec: &QemuSpec) -> Result<Child> {
     cmd.spawn()
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                anyhow!("qemu-system-x86_64 is not installed; run scripts/install-local-deps.sh (qemu from bookworm-backports)")
+                anyhow!("{} is not installed; run scripts/install-local-deps.sh (qemu from bookworm-backports)", program.display())
             } else {
-                anyhow!("starting qemu-system-x86_64: {e}")
+                anyhow!("starting {}: {e}", program.display())
             }
         })
 }
@@ -369,3 +552,6 @@ pub fn check_user_data_size(data: &[u8]) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -28,15 +28,6 @@ impl Accel {
     }
 }
 
-/// KVM is usable when /dev/kvm opens for reading and writing.
-pub fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
-
 /// A guest address whose connections reach a host service (through `builder relay`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestForward {
@@ -89,6 +80,8 @@ pub fn parse_port_forward(s: &str) -> Result<PortForward, String> {
 #[derive(Debug, Clone)]
 pub struct QemuSpec {
     pub accel: Accel,
+    /// `-cpu` under KVM (TCG keeps qemu's default model).
+    pub cpu: Option<String>,
     pub memory_mib: u32,
     pub cpus: u32,
     pub kernel: PathBuf,
@@ -122,7 +115,12 @@ pub fn args(spec: &QemuSpec) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
     match spec.accel {
-        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        Accel::Kvm => push(&[
+            "-accel",
+            "kvm",
+            "-cpu",
+            spec.cpu.as_deref().unwrap_or("host"),
+        ]),
         Accel::Tcg => push(&["-accel", "tcg"]),
     }
     push(&[
@@ -216,6 +214,7 @@ mod tests {
     fn the_command_line_boots_the_kernel_with_forwards() {
         let spec = QemuSpec {
             accel: Accel::Tcg,
+            cpu: None,
             memory_mib: 1024,
             cpus: 2,
             kernel: "/o/vmlinuz".into(),

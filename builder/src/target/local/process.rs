@@ -1,5 +1,6 @@
 //! Running host programs (debootstrap, mount, mke2fs, qemu-img) with a deadline, failing with
-//! what was being done and the program's last words.
+//! what was being done and the program's last words. Each runs in its own process group, killed
+//! whole at its deadline (debootstrap's dpkg, a wrapper's children).
 
 use crate::communicator::last_lines as tail;
 use anyhow::{anyhow, bail, Context, Result};
@@ -14,6 +15,7 @@ pub async fn run(what: &str, program: &str, args: &[&str], timeout: Duration) ->
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true);
     let child = cmd.spawn().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -22,10 +24,21 @@ pub async fn run(what: &str, program: &str, args: &[&str], timeout: Duration) ->
             anyhow!("{what}: starting `{program}`: {e}")
         }
     })?;
-    let out = tokio::time::timeout(timeout, child.wait_with_output())
-        .await
-        .map_err(|_| anyhow!("{what}: `{program}` did not finish within {timeout:?}"))?
-        .with_context(|| format!("{what}: waiting for `{program}`"))?;
+    let pid = child.id();
+    let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(out) => out.with_context(|| format!("{what}: waiting for `{program}`"))?,
+        Err(_) => {
+            if let Some(pid) = pid {
+                // SAFETY: killpg only sends a signal, to the group the child leads.
+                unsafe {
+                    libc::killpg(pid as libc::pid_t, libc::SIGKILL);
+                }
+            }
+            bail!(
+                "{what}: `{program}` did not finish within {timeout:?}; killed it and its children"
+            )
+        }
+    };
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -99,5 +112,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("did not finish within"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_program_past_its_deadline_dies_with_its_children() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("grandchild.pid");
+        let script = format!("sleep 300 & echo $! > {}; wait", pidfile.display());
+        let e = run(
+            "waiting",
+            "sh",
+            &["-c", &script],
+            Duration::from_millis(500),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("killed it and its children"), "{e}");
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // Gone, or a zombie waiting for its new parent to reap it: never still sleeping.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat.rsplit(')').next().unwrap_or("").trim().chars().next();
+            if stat.is_empty() || state == Some('Z') {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the grandchild {pid} outlived the deadline: {stat}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
