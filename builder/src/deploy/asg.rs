@@ -4,11 +4,11 @@
 //! fails); the builder starts it and follows it to the end.
 
 use super::config::AsgConfig;
-use super::history::Outcome;
-use super::{aws_code, is_throttling, DeployOptions};
+use super::history::{self, Outcome, Record};
+use super::{aws_code, is_throttling, lock, Clients, DeployOptions, Prepared, Steps};
 use crate::target::aws::aws_error;
 use crate::target::aws::waiter::Check;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use aws_sdk_autoscaling::types::{
     DesiredConfiguration, InstanceRefreshStatus, LaunchTemplateSpecification, RefreshPreferences,
     RefreshStrategy,
@@ -16,7 +16,8 @@ use aws_sdk_autoscaling::types::{
 use aws_sdk_ec2::types::RequestLaunchTemplateData;
 use base64::Engine;
 use serde::Serialize;
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, SystemTime};
 
 /// The group's launch template as it is now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -290,6 +291,150 @@ pub async fn stop_refresh(
             .map_err(aws_error)
             .with_context(|| format!("cancelling the instance refresh of {group} (needs autoscaling:CancelInstanceRefresh)"))?;
         Ok(format!("cancelled the instance refresh of {group}; instances already replaced keep the new image"))
+    }
+}
+
+/// `--asg`: a launch template version and an instance refresh, followed to the end.
+pub(super) async fn deploy_until(
+    c: &Clients,
+    p: &Prepared,
+    opts: &DeployOptions,
+    stop: impl Future<Output = &'static str>,
+) -> Result<Record> {
+    let cfg = &p.config;
+    let (Some(group), Some(a)) = (&p.asg, &cfg.asg) else {
+        bail!("an --asg deploy without its group");
+    };
+    let started = SystemTime::now();
+    let mut steps = Steps::new(5);
+    let rec = lock::LockRecord::new(&p.deploy_id, started, p.lock_ttl);
+    steps
+        .run(
+            1,
+            "take the deploy lock",
+            lock::acquire(&c.ssm, &cfg.service, &rec, started),
+        )
+        .await?;
+    let mut refresh: Option<String> = None;
+    let mut version: Option<i64> = None;
+    let last_status = std::sync::Mutex::new(None);
+    let result = {
+        tokio::pin!(stop);
+        let go = async {
+            let v = steps
+                .run(
+                    2,
+                    "add a launch template version",
+                    new_version(
+                        &c.ec2,
+                        group,
+                        &p.ami,
+                        p.user_data.as_ref().map(|u| u.bytes.as_slice()),
+                        &p.deploy_id,
+                    ),
+                )
+                .await?;
+            version = Some(v);
+            let id = steps
+                .run(
+                    3,
+                    "start the instance refresh",
+                    start_refresh(&c.asg, group, v, a),
+                )
+                .await?;
+            refresh = Some(id.clone());
+            steps
+                .run(
+                    4,
+                    "follow the instance refresh",
+                    follow(
+                        &c.asg,
+                        &group.name,
+                        &id,
+                        cfg.timeouts.refresh,
+                        opts,
+                        &last_status,
+                    ),
+                )
+                .await
+        };
+        tokio::select! {
+            r = go => r,
+            why = &mut stop => Err(anyhow!("{why}")),
+        }
+    };
+    let mut record = Record {
+        deploy_id: p.deploy_id.clone(),
+        service: cfg.service.clone(),
+        image: p.ami.clone(),
+        image_ref: p.image_ref.clone(),
+        kind: p.kind.clone(),
+        outcome: Outcome::Succeeded,
+        instances: Vec::new(),
+        replaced: group.instances.clone(),
+        owner: lock::owner(),
+        started: lock::stamp(started),
+        finished: String::new(),
+        steps: Vec::new(),
+        error: None,
+        asg: Some(format!(
+            "{} launch template {} version {} refresh {}",
+            group.name,
+            if group.launch_template_id.is_empty() {
+                &group.launch_template_name
+            } else {
+                &group.launch_template_id
+            },
+            version.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+            refresh.as_deref().unwrap_or("-")
+        )),
+    };
+    let mut err = None;
+    if let Err(e) = result {
+        let mut msg = format!("{e:#}");
+        // Interrupted or timed out while the refresh runs: hand it back to EC2 Auto Scaling.
+        let stop_requested = refresh.is_some() && !msg.contains("the instance refresh ended");
+        if stop_requested {
+            match stop_refresh(&c.asg, &group.name, a.auto_rollback).await {
+                Ok(note) => msg.push_str(&format!("; {note}")),
+                Err(se) => msg.push_str(&format!("; {se:#}")),
+            }
+        }
+        let last = last_status.lock().ok().and_then(|l| l.clone());
+        record.outcome = failed_outcome(refresh.is_some(), last.as_ref(), stop_requested);
+        if record.outcome == Outcome::Failed {
+            msg.push_str(&format!(
+                "; part of {} may run the new image {}: look at its instances before deploying again",
+                group.name, p.ami
+            ));
+        }
+        record.error = Some(msg.clone());
+        err = Some(anyhow!("{msg}"));
+    } else if let Ok(g) = describe(&c.asg, &group.name).await {
+        record.instances = g.instances;
+    }
+    record.finished = lock::stamp(SystemTime::now());
+    record.steps = steps.done.clone();
+    let recorded = steps
+        .run(5, "record the deploy", history::record(&c.ssm, &record))
+        .await;
+    let released = lock::release(&c.ssm, &cfg.service, &p.deploy_id).await;
+    let mut errors: Vec<String> = Vec::new();
+    if let Err(e) = recorded {
+        errors.push(format!("{e:#}"));
+    }
+    if let Err(e) = released {
+        errors.push(format!("{e:#}"));
+    }
+    match (err, errors.is_empty()) {
+        (Some(e), true) => Err(e),
+        (Some(e), false) => Err(e.context(errors.join("; "))),
+        (None, true) => Ok(record),
+        (None, false) => Err(anyhow!(
+            "the instance refresh of {} succeeded, but: {}",
+            group.name,
+            errors.join("; ")
+        )),
     }
 }
 

@@ -6,7 +6,7 @@
 //! the tests still assert real outcomes there.
 
 use super::config::{AsgConfig, ImageRef};
-use super::history::Outcome;
+use super::history::{Outcome, Record};
 use super::tests::{env, opts, Env, SERVICE};
 use super::*;
 use aws_sdk_autoscaling::operation::describe_instance_refreshes::DescribeInstanceRefreshesOutput;

@@ -4,7 +4,7 @@
 //! draining, throttling, instance refreshes) is in mock_tests.rs.
 
 use super::config::{DeployConfig, DeployFile, ImageRef, Overrides};
-use super::history::Outcome;
+use super::history::{Outcome, Record};
 use super::*;
 use crate::testing::Moto;
 use std::collections::BTreeMap;
