@@ -11,6 +11,3 @@ pub mod signals;
 pub mod target;
 pub mod transfer;
 pub mod user_data;
-
-#[cfg(test)]
-pub(crate) mod testing;

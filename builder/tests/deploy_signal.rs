@@ -6,90 +6,14 @@
 //!
 //! The test refuses any endpoint but loopback, so it can never touch a real AWS account.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const SERVICE: &str = "web";
-const REGION: &str = "eu-west-1";
-
-/// `moto_server` from the repository's virtualenv (scripts/install-test-deps.sh), else PATH.
-fn moto_server_bin() -> PathBuf {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server");
-    if venv.exists() {
-        return venv;
-    }
-    std::env::var_os("PATH")
-        .and_then(|path| {
-            std::env::split_paths(&path)
-                .map(|d| d.join("moto_server"))
-                .find(|p| p.exists())
-        })
-        .expect("moto_server not found: run scripts/install-test-deps.sh (moto[server]==5.2.5)")
-}
-
-/// A running moto_server on a free loopback port; killed on drop.
-struct Moto {
-    child: Child,
-    endpoint: String,
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(moto_server_bin())
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting moto_server");
-        let moto = Moto {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        };
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "moto_server did not start on {}",
-                moto.endpoint
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        moto
-    }
-
-    /// An SDK configuration for this moto alone (static test credentials, one attempt).
-    async fn sdk_config(&self) -> aws_config::SdkConfig {
-        assert!(
-            self.endpoint.starts_with("http://127.0.0.1:"),
-            "this test only runs against a local moto, not {}",
-            self.endpoint
-        );
-        aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new(REGION))
-            .endpoint_url(&self.endpoint)
-            .credentials_provider(aws_sdk_ec2::config::Credentials::new(
-                "testing", "testing", None, None, "moto",
-            ))
-            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(1))
-            .load()
-            .await
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use testkit::{Moto, REGION};
 
 /// A health endpoint on loopback answering 503 to every request, counting them.
 struct HealthServer {
@@ -151,29 +75,12 @@ struct World {
 async fn world(config: &aws_config::SdkConfig) -> World {
     let ec2 = aws_sdk_ec2::Client::new(config);
     let elb = aws_sdk_elasticloadbalancingv2::Client::new(config);
-    let vpc = ec2
-        .describe_vpcs()
-        .send()
-        .await
-        .unwrap()
-        .vpcs()
-        .iter()
-        .find(|v| v.is_default() == Some(true))
-        .and_then(|v| v.vpc_id())
-        .unwrap()
-        .to_string();
-    let mut subnets: Vec<String> = ec2
-        .describe_subnets()
-        .send()
-        .await
-        .unwrap()
-        .subnets()
-        .iter()
-        .filter(|s| s.vpc_id() == Some(vpc.as_str()))
-        .filter_map(|s| s.subnet_id())
-        .map(str::to_string)
-        .collect();
-    subnets.sort();
+    let testkit::DeployWorld {
+        vpc,
+        subnets,
+        target_group: tg,
+        amis,
+    } = testkit::DeployWorld::create(config).await;
     let subnet = subnets[0].clone();
     let security_group = ec2
         .create_security_group()
@@ -186,38 +93,6 @@ async fn world(config: &aws_config::SdkConfig) -> World {
         .group_id()
         .unwrap()
         .to_string();
-    let tg = elb
-        .create_target_group()
-        .name("web")
-        .protocol(aws_sdk_elasticloadbalancingv2::types::ProtocolEnum::Http)
-        .port(8080)
-        .vpc_id(&vpc)
-        .target_type(aws_sdk_elasticloadbalancingv2::types::TargetTypeEnum::Instance)
-        .send()
-        .await
-        .unwrap()
-        .target_groups()[0]
-        .target_group_arn()
-        .unwrap()
-        .to_string();
-    let mut amis: Vec<String> = ec2
-        .describe_images()
-        .owners("amazon")
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name("architecture")
-                .values("x86_64")
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap()
-        .images()
-        .iter()
-        .filter_map(|i| i.image_id())
-        .map(str::to_string)
-        .collect();
-    amis.sort();
     // The instance an earlier deploy left serving: tagged as the service's, registered.
     let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
     let old = ec2

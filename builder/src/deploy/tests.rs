@@ -6,9 +6,9 @@
 use super::config::{DeployConfig, DeployFile, ImageRef, Overrides};
 use super::history::{Outcome, Record};
 use super::*;
-use crate::testing::Moto;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use testkit::Moto;
 
 pub(super) const SERVICE: &str = "web";
 
@@ -28,75 +28,16 @@ pub(super) async fn env() -> Env {
     let moto = Moto::start();
     let config = moto.sdk_config().await;
     let c = Clients::new(&config);
-    let vpc = c
-        .ec2
-        .describe_vpcs()
-        .send()
-        .await
-        .unwrap()
-        .vpcs()
-        .iter()
-        .find(|v| v.is_default() == Some(true))
-        .and_then(|v| v.vpc_id())
-        .unwrap()
-        .to_string();
-    let mut subnets: Vec<String> = c
-        .ec2
-        .describe_subnets()
-        .send()
-        .await
-        .unwrap()
-        .subnets()
-        .iter()
-        .filter(|s| s.vpc_id() == Some(vpc.as_str()))
-        .filter_map(|s| s.subnet_id())
-        .map(str::to_string)
-        .collect();
-    subnets.sort();
-    subnets.truncate(2);
-    let tg = c
-        .elb
-        .create_target_group()
-        .name("web")
-        .protocol(aws_sdk_elasticloadbalancingv2::types::ProtocolEnum::Http)
-        .port(8080)
-        .vpc_id(&vpc)
-        .target_type(aws_sdk_elasticloadbalancingv2::types::TargetTypeEnum::Instance)
-        .send()
-        .await
-        .unwrap()
-        .target_groups()[0]
-        .target_group_arn()
-        .unwrap()
-        .to_string();
-    let mut amis: Vec<String> = c
-        .ec2
-        .describe_images()
-        .owners("amazon")
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name("architecture")
-                .values("x86_64")
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap()
-        .images()
-        .iter()
-        .filter_map(|i| i.image_id())
-        .map(str::to_string)
-        .collect();
-    amis.sort();
+    let w = testkit::DeployWorld::create(&config).await;
     let images_dir = tempfile::tempdir().unwrap();
     Env {
         _moto: moto,
         config,
         c,
-        tg,
-        subnets,
-        ami_a: amis[0].clone(),
-        ami_b: amis[1].clone(),
+        tg: w.target_group,
+        subnets: w.subnets,
+        ami_a: w.amis[0].clone(),
+        ami_b: w.amis[1].clone(),
         images_dir,
     }
 }
@@ -608,7 +549,7 @@ fn deploy_ids_sort_by_time() {
 
 #[test]
 fn the_example_deploy_file_and_its_user_data_are_valid() {
-    let root = crate::testing::repo_root();
+    let root = testkit::repo_root();
     let c = config::load(&root.join("deploy"), "web", &Overrides::default()).unwrap();
     assert_eq!(c.image, ImageRef::Definition("preseeded".into()));
     assert_eq!(c.count, 2);

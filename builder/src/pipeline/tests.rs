@@ -4,9 +4,9 @@
 use super::*;
 use crate::definition;
 use crate::target::aws::{tags, AwsOptions, AwsTarget};
-use crate::testing::ssm_shim::{create_instance_profile, ShimOptions, SsmShim};
-use crate::testing::Moto;
 use aws_sdk_ec2::types::Filter;
+use testkit::ssm_shim::{create_instance_profile, ShimOptions, SsmShim};
+use testkit::Moto;
 
 const PROFILE: &str = "stackless-test-builder";
 

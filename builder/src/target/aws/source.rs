@@ -154,7 +154,7 @@ pub async fn describe(ec2: &aws_sdk_ec2::Client, id: &str) -> Result<SourceImage
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::Moto;
+    use testkit::Moto;
 
     fn image(id: &str, name: &str, created: &str) -> Image {
         Image::builder()

@@ -5,11 +5,11 @@ use super::*;
 use crate::communicator::run_checked;
 use crate::definition;
 use crate::render::StagedFile;
-use crate::testing::ssm_shim::{create_instance_profile, ShimOptions, SsmShim};
-use crate::testing::Moto;
 use crate::transfer;
 use aws_sdk_ec2::types::{HttpTokensState, InstanceAttributeName};
 use base64::Engine;
+use testkit::ssm_shim::{create_instance_profile, ShimOptions, SsmShim};
+use testkit::Moto;
 
 const PROFILE: &str = "stackless-test-builder";
 

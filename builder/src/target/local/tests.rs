@@ -11,7 +11,7 @@ async fn an_existing_image_is_found_only_for_the_same_inputs_and_a_disk_that_exi
     let disk = out.join("b-1/disk.qcow2");
     let manifest = out.join("manifest-local.json");
     let mut t = LocalTarget::new(LocalOptions::new(out.clone(), manifest.clone()));
-    let def = crate::definition::load(&crate::testing::repo_root().join("images"), "bare").unwrap();
+    let def = crate::definition::load(&testkit::repo_root().join("images"), "bare").unwrap();
     assert!(
         t.find_existing(&def, "h1").await.unwrap().is_none(),
         "no manifest yet"
@@ -63,7 +63,7 @@ fn only_the_newest_builds_are_kept() {
 
 #[test]
 fn the_generalising_script_removes_the_ca_this_target_stages() {
-    let def = crate::definition::load(&crate::testing::repo_root().join("images"), "bare").unwrap();
+    let def = crate::definition::load(&testkit::repo_root().join("images"), "bare").unwrap();
     let r = crate::render::render(
         &def,
         &crate::render::RenderInputs {

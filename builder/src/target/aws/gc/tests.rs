@@ -1,8 +1,8 @@
 use super::*;
 use crate::target::aws::image::create_and_wait_with;
 use crate::target::aws::image::test_support::*;
-use crate::testing::Moto;
 use aws_sdk_ec2::types::{ResourceType, TagSpecification};
+use testkit::Moto;
 
 const HOUR: Duration = Duration::from_secs(3600);
 

@@ -7,10 +7,10 @@
 use crate::definition::{self, ImageDef};
 use crate::target::aws::image::ImageWaits;
 use crate::target::Build;
-use crate::testing::Moto;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use testkit::Moto;
 
 /// One request as the shim saw it.
 #[derive(Debug, Clone)]

@@ -1,7 +1,7 @@
 use super::test_support::*;
 use super::*;
-use crate::testing::Moto;
 use std::time::Instant;
+use testkit::Moto;
 
 #[tokio::test]
 async fn creates_an_available_image_tagged_with_its_snapshots() {

@@ -3,9 +3,9 @@ use crate::target::aws::image::test_support::*;
 use crate::target::aws::image::{create_and_wait_with, ImageInfo};
 use crate::target::aws::publish::PARAMETER_DATA_TYPE;
 use crate::target::Build;
-use crate::testing::Moto;
 use aws_sdk_ssm::types::ParameterType;
 use std::time::Duration;
+use testkit::Moto;
 
 /// Bakes an image; moto's creation dates have whole seconds, so each bake waits one out to keep
 /// "newest" well defined.

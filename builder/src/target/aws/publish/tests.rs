@@ -2,8 +2,8 @@ use super::*;
 use crate::target::aws::image::test_support::*;
 use crate::target::aws::image::{create_and_wait_with, tag_map};
 use crate::target::aws::tags;
-use crate::testing::Moto;
 use std::time::{Duration, Instant};
+use testkit::Moto;
 
 const ACCOUNT: &str = "111122223333";
 const PARAMETER: &str = "/stackless/test/bare";

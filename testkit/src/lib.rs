@@ -1,0 +1,176 @@
+//! Test support shared by the builder's unit tests and its integration tests (which cannot see
+//! the crate's `#[cfg(test)]` items): a real `moto_server` on a free loopback port, the SSM Run
+//! Command shim in front of it, and the world a deploy runs in. Tests refuse to run against
+//! anything but a local endpoint, so they can never touch a real AWS account.
+
+pub mod ssm_shim;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn repo_root() -> PathBuf {
+    // testkit/ sits at the workspace root, beside builder/ and init/.
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// `moto_server` from the repository's virtualenv (scripts/install-test-deps.sh), else PATH.
+pub fn moto_server_bin() -> PathBuf {
+    let venv = repo_root().join(".venv/bin/moto_server");
+    if venv.exists() {
+        return venv;
+    }
+    if let Some(p) = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join("moto_server"))
+            .find(|p| p.exists())
+    }) {
+        return p;
+    }
+    panic!("moto_server not found: run scripts/install-test-deps.sh (moto[server]==5.2.5)");
+}
+
+/// A running moto_server; killed on drop.
+pub struct Moto {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(moto_server_bin())
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting moto_server");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let start = Instant::now();
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "moto_server did not start on {endpoint}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Moto { child, endpoint }
+    }
+
+    /// An SDK configuration pointing every service at this moto (static test credentials,
+    /// one attempt: moto answers at once or not at all).
+    pub async fn sdk_config(&self) -> aws_config::SdkConfig {
+        assert!(
+            self.endpoint.starts_with("http://127.0.0.1:"),
+            "tests only run against a local moto"
+        );
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(REGION))
+            .endpoint_url(&self.endpoint)
+            .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+                "testing", "testing", None, None, "moto",
+            ))
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(1))
+            .load()
+            .await
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The region every moto test uses.
+pub const REGION: &str = "eu-west-1";
+
+/// What a deploy needs in moto: the default VPC, two of its subnets, a target group `web` on
+/// port 8080, and Amazon's x86_64 images (sorted, so tests pick the same ones every run).
+pub struct DeployWorld {
+    pub vpc: String,
+    pub subnets: Vec<String>,
+    pub target_group: String,
+    pub amis: Vec<String>,
+}
+
+impl DeployWorld {
+    pub async fn create(config: &aws_config::SdkConfig) -> DeployWorld {
+        let ec2 = aws_sdk_ec2::Client::new(config);
+        let elb = aws_sdk_elasticloadbalancingv2::Client::new(config);
+        let vpc = ec2
+            .describe_vpcs()
+            .send()
+            .await
+            .unwrap()
+            .vpcs()
+            .iter()
+            .find(|v| v.is_default() == Some(true))
+            .and_then(|v| v.vpc_id())
+            .expect("moto's default VPC")
+            .to_string();
+        let mut subnets: Vec<String> = ec2
+            .describe_subnets()
+            .send()
+            .await
+            .unwrap()
+            .subnets()
+            .iter()
+            .filter(|s| s.vpc_id() == Some(vpc.as_str()))
+            .filter_map(|s| s.subnet_id())
+            .map(str::to_string)
+            .collect();
+        subnets.sort();
+        subnets.truncate(2);
+        let target_group = elb
+            .create_target_group()
+            .name("web")
+            .protocol(aws_sdk_elasticloadbalancingv2::types::ProtocolEnum::Http)
+            .port(8080)
+            .vpc_id(&vpc)
+            .target_type(aws_sdk_elasticloadbalancingv2::types::TargetTypeEnum::Instance)
+            .send()
+            .await
+            .unwrap()
+            .target_groups()[0]
+            .target_group_arn()
+            .unwrap()
+            .to_string();
+        let mut amis: Vec<String> = ec2
+            .describe_images()
+            .owners("amazon")
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name("architecture")
+                    .values("x86_64")
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap()
+            .images()
+            .iter()
+            .filter_map(|i| i.image_id())
+            .map(str::to_string)
+            .collect();
+        amis.sort();
+        assert!(amis.len() >= 2, "moto lists fewer than two x86_64 images");
+        DeployWorld {
+            vpc,
+            subnets,
+            target_group,
+            amis,
+        }
+    }
+}
