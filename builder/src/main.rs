@@ -149,12 +149,12 @@ struct BootArgs {
     #[arg(long)]
     instance_id: Option<String>,
     /// Forward a host port on 127.0.0.1 to a guest port: HOST:GUEST (repeatable).
-    #[arg(long = "port", value_parser = stackless_builder::boot::qemu::parse_port_forward)]
-    ports: Vec<stackless_builder::boot::qemu::PortForward>,
+    #[arg(long = "port", value_parser = stackless_builder::vm::qemu::parse_port_forward)]
+    ports: Vec<stackless_builder::vm::qemu::PortForward>,
     /// Let the guest reach a host service: GUEST_IP:PORT=HOST:PORT, such as
     /// 169.254.0.100:9418=127.0.0.1:9418 for a git daemon (repeatable).
-    #[arg(long = "forward", value_parser = stackless_builder::boot::qemu::parse_guest_forward)]
-    forwards: Vec<stackless_builder::boot::qemu::GuestForward>,
+    #[arg(long = "forward", value_parser = stackless_builder::vm::qemu::parse_guest_forward)]
+    forwards: Vec<stackless_builder::vm::qemu::GuestForward>,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 1024)]
     memory: u32,
@@ -286,7 +286,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Relay { addr } = &cli.command {
         // No logging: stdout and stdin belong to the guest's connection.
-        return match stackless_builder::boot::relay::relay(addr) {
+        return match stackless_builder::vm::relay::relay(addr) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("builder: {e:#}");
@@ -661,14 +661,14 @@ fn user_data(cli: &Cli, file: &Path, image: Option<&str>, out: Option<&Path>) ->
 }
 
 async fn boot_command(cli: &Cli, a: &BootArgs) -> Result<u8> {
-    use stackless_builder::boot::{self, qemu::Accel, BootOptions};
+    use stackless_builder::vm::{self, qemu::Accel, BootOptions};
     let relay =
         std::env::current_exe().context("finding the builder binary (for qemu's relays)")?;
     let mut opts = BootOptions::new(a.image.clone(), relay);
     if let Some(f) = &a.user_data {
         let raw =
             std::fs::read(f).with_context(|| format!("reading the user-data {}", f.display()))?;
-        boot::check_user_data_size(&raw)?;
+        vm::check_user_data_size(&raw)?;
         // Broken user-data still boots: the point may be to see how the agent reports it.
         if let Err(e) = stackless_init::userdata::load(&f.display().to_string(), &raw) {
             tracing::warn!(
@@ -697,7 +697,7 @@ async fn boot_command(cli: &Cli, a: &BootArgs) -> Result<u8> {
     opts.keep_running = a.keep_running;
     opts.echo = !a.no_console && !cli.quiet;
     opts.console_log = a.console_log.clone();
-    let report = boot::boot(&opts, stackless_builder::signals::interrupted()).await?;
+    let report = vm::boot(&opts, stackless_builder::signals::interrupted()).await?;
     if cli.output == Output::Json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

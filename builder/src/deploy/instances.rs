@@ -2,7 +2,7 @@
 //! the deploy), waiting until they run and are ready, terminating.
 
 use super::{aws_code, is_throttling, DeployOptions};
-use crate::boot::console::{self, AgentResult};
+use crate::console::{self, AgentResult};
 use crate::target::aws::waiter::Check;
 use crate::target::aws::{aws_error, tag_filter, tag_spec, tags};
 use anyhow::{Context, Result};

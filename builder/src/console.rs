@@ -1,4 +1,4 @@
-//! Reading the guest's serial console: `stackless-init boot` ends its console report with one
+//! Reading an instance's serial console (a local VM's, or EC2's GetConsoleOutput): `stackless-init boot` ends its console report with one
 //! machine-readable line, `stackless-init-result: {json}`, which tells how the boot ended.
 
 use serde::{Deserialize, Serialize};

@@ -1,4 +1,5 @@
-//! `builder boot out/IMAGE`: boots a locally baked image in qemu the way EC2 would run it. The
+//! `builder boot out/IMAGE`: runs a locally baked image in a qemu virtual machine the way EC2
+//! would run it (named `vm` so it is not confused with the agent's boot sequence). The
 //! project's IMDS emulator serves the user-data and an instance identity on loopback and the
 //! guest reaches it at 169.254.169.254 (guestfwd), host services such as git daemons reach it the
 //! same way, and chosen guest ports are forwarded to the host. The serial console streams while
@@ -6,13 +7,12 @@
 //! failed), or stays up with `--keep-running`.
 
 pub mod accel;
-pub mod console;
-pub mod image;
+pub mod local_image;
 pub mod qemu;
 pub mod relay;
 
+use crate::console::{parse_result, AgentResult, Assembler};
 use anyhow::{anyhow, bail, Context, Result};
-use console::{parse_result, AgentResult, Assembler};
 use qemu::{Accel, GuestForward, PortForward, QemuSpec};
 use serde::Serialize;
 use stackless_init::imds::emulator::{Emulator, EmulatorConfig};
@@ -144,7 +144,7 @@ pub async fn boot(
     opts: &BootOptions,
     stop: impl std::future::Future<Output = &'static str>,
 ) -> Result<BootReport> {
-    let img = image::LocalImage::load(&opts.image)?;
+    let img = local_image::LocalImage::load(&opts.image)?;
     let work = tempfile::Builder::new()
         .prefix("stackless-boot-")
         .tempdir()
