@@ -1,5 +1,6 @@
-//! Reading an instance's serial console (a local VM's, or EC2's GetConsoleOutput): `stackless-init boot` ends its console report with one
-//! machine-readable line, `stackless-init-result: {json}`, which tells how the boot ended.
+//! Reading an instance's serial console (a local VM's, or EC2's GetConsoleOutput):
+//! `stackless-init boot` ends its console report with one machine-readable line,
+//! `stackless-init-result: {json}`, which tells how the boot ended.
 
 use serde::{Deserialize, Serialize};
 
