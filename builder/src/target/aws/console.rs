@@ -17,8 +17,7 @@ pub fn seed_failure(console: &str) -> Option<String> {
         .lines()
         .filter_map(|l| l.find(SEED_FAILURE_PREFIX).map(|at| &l[at..]))
         .map(|l| l.trim_end_matches(['\r', ' ']).to_string())
-        .filter(|l| l.len() > SEED_FAILURE_PREFIX.len())
-        .next_back()
+        .rfind(|l| l.len() > SEED_FAILURE_PREFIX.len())
 }
 
 /// GetConsoleOutput's text: base64 on the wire (the SDK leaves it encoded).
