@@ -65,6 +65,9 @@ pub struct InstanceFile {
     pub lease_minutes: Option<Spanned<i64>>,
     /// How long the seed's SSM agent may take to come online, like `15m`.
     pub ssm_timeout: Option<Spanned<String>>,
+    /// Where the seed downloads the SSM agent when its image has none: the folder holding
+    /// `debian_amd64/amazon-ssm-agent.deb` and the rest; `{region}` is the seed's region.
+    pub ssm_agent_url: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -81,6 +84,8 @@ pub struct ProvisionFile {
     pub timeout: Option<Spanned<String>>,
     /// Extra shell run at the end of provisioning.
     pub script: Option<String>,
+    /// Keep the SSM agent the seed's user-data installed (for images without one) in the image.
+    pub keep_ssm_agent: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -162,6 +167,10 @@ pub struct ImageDef {
     pub lease_minutes: i64,
     /// How long the seed's SSM agent may take to come online.
     pub ssm_wait: Option<std::time::Duration>,
+    /// Where the seed downloads the SSM agent when its image has none (`{region}` filled in).
+    pub ssm_agent_url: String,
+    /// Keep that agent in the image (by default generalising removes it).
+    pub keep_ssm_agent: bool,
     pub packages: Vec<String>,
     pub salt: SaltBake,
     pub salt_version: String,
@@ -182,6 +191,9 @@ pub struct ImageDef {
     pub local_mirror: String,
     pub local_disk_size: String,
 }
+
+/// AWS's regional download of the SSM agent (`{region}` is the seed's region).
+pub const SSM_AGENT_URL: &str = "https://s3.{region}.amazonaws.com/amazon-ssm-{region}/latest";
 
 const VOLUME_TYPES: [&str; 5] = ["gp3", "gp2", "io1", "io2", "standard"];
 
@@ -233,6 +245,20 @@ fn check_file(p: &Parsed) -> Result<(), DefinitionError> {
         }
         if let Some(v) = &i.ssm_timeout {
             duration(p, v)?;
+        }
+        if let Some(v) = &i.ssm_agent_url {
+            let u = v.get_ref();
+            let scheme = u.starts_with("https://") || u.starts_with("http://");
+            if !scheme
+                || u.len() < 10
+                || u.chars()
+                    .any(|c| c.is_whitespace() || "'\\\"`$".contains(c))
+            {
+                return Err(p.err(
+                    v.span().start,
+                    "ssm_agent_url must be an http:// or https:// URL without spaces, quotes, `$` or backslashes",
+                ));
+            }
         }
     }
     if let Some(pr) = &d.provision {
@@ -514,6 +540,10 @@ fn resolve(image: &str, chain: &[Parsed]) -> Result<ImageDef, DefinitionError> {
             .map(|s| s.into_inner())
             .unwrap_or(120),
         ssm_wait: parse_d(pick!(instance.as_ref()?.ssm_timeout)),
+        ssm_agent_url: pick!(instance.as_ref()?.ssm_agent_url)
+            .map(|s| s.into_inner().trim_end_matches('/').to_string())
+            .unwrap_or_else(|| SSM_AGENT_URL.into()),
+        keep_ssm_agent: pick!(provision.as_ref()?.keep_ssm_agent).unwrap_or(false),
         packages: pick!(provision.as_ref()?.packages).unwrap_or_default(),
         salt,
         salt_version,

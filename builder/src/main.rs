@@ -80,9 +80,10 @@ enum Command {
         #[arg(long)]
         manifest: Option<PathBuf>,
     },
-    /// Check definitions and render every template (shell scripts also pass `bash -n`).
+    /// Check definitions and render every template (the scripts also pass `bash -n`, the seed's
+    /// user-data `sh -n` with the lease first).
     Validate { names: Vec<String> },
-    /// Write what a bake would stage and run, for review.
+    /// Write what a bake would stage and run, for review (the seed's user-data too).
     Render {
         image: String,
         #[arg(long)]
@@ -340,9 +341,16 @@ async fn run(cli: Cli) -> Result<()> {
                 let r = render::render(&def, &placeholder_inputs(cli.templates.as_deref()))?;
                 render::check_shell(&format!("{name}: provision.sh"), &r.provision)?;
                 render::check_shell(&format!("{name}: generalize.sh"), &r.generalize)?;
+                render::check_seed_user_data(
+                    &format!("{name}: seed-user-data.sh"),
+                    &r.seed_user_data,
+                    def.lease_minutes,
+                )?;
                 println!(
-                    "{name}: ok ({} files, from {})",
+                    "{name}: ok ({} files; seed user-data {} bytes, its lease {} minutes; from {})",
                     r.files.len(),
+                    r.seed_user_data.len(),
+                    def.lease_minutes,
                     files_of(&def)
                 );
             }

@@ -95,6 +95,7 @@ pub fn input_hash(def: &ImageDef, source: &str, rendered: &Rendered) -> String {
     }
     h.update(rendered.provision.as_bytes());
     h.update(rendered.generalize.as_bytes());
+    h.update(rendered.seed_user_data.as_bytes());
     hex::encode(h.finalize())
 }
 
@@ -155,12 +156,13 @@ pub async fn bake_until(
     )?;
     let hash = input_hash(def, &source, &for_hash);
     let (id, timestamp) = new_build_id();
-    let build = Build {
+    let mut build = Build {
         image_name: def.image_name(&id, &timestamp),
         id,
         timestamp,
         input_hash: hash.clone(),
         source,
+        seed_user_data: String::new(),
     };
     tracing::info!(build = %build.id, image = %build.image_name, input_hash = %hash, "bake");
 
@@ -187,6 +189,12 @@ pub async fn bake_until(
     )?;
     render::check_shell("provision.sh", &rendered.provision)?;
     render::check_shell("generalize.sh", &rendered.generalize)?;
+    render::check_seed_user_data(
+        "the seed's user-data",
+        &rendered.seed_user_data,
+        def.lease_minutes,
+    )?;
+    build.seed_user_data = rendered.seed_user_data.clone();
 
     let result = {
         let run = run_phases(target, def, &build, &rendered, &mut phases);

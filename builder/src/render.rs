@@ -46,7 +46,24 @@ const BUILTIN: &[(&str, &str)] = &[
         "user-data.example.toml.tera",
         include_str!("../../templates/user-data.example.toml.tera"),
     ),
+    (
+        "seed-user-data.sh.tera",
+        include_str!("../../templates/seed-user-data.sh.tera"),
+    ),
+    (
+        SSM_AGENT_KEY,
+        include_str!("../../templates/ssm-agent-key.asc"),
+    ),
 ];
+
+/// The template file holding the public key the SSM agent's signature is checked against.
+pub const SSM_AGENT_KEY: &str = "ssm-agent-key.asc";
+
+/// EC2 takes at most 16 KB of user-data.
+pub const USER_DATA_LIMIT: usize = 16 * 1024;
+
+/// The line the seed's user-data prints on the console when it fails; the builder looks for it.
+pub const SEED_FAILURE_PREFIX: &str = "stackless-seed: FAILED:";
 
 /// A file staged on the machine: `name` under the staging folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +86,9 @@ pub struct Rendered {
     pub files: Vec<StagedFile>,
     pub provision: String,
     pub generalize: String,
+    /// The AWS seed's user-data: the lease first, then the SSM agent's install where the image
+    /// has none (`sh`, run by cloud-init).
+    pub seed_user_data: String,
 }
 
 /// What a render needs besides the definition.
@@ -91,6 +111,8 @@ struct TemplateContext<'a> {
     init_sha256: String,
     bootstrap_sha256: String,
     build_ca: bool,
+    /// The SSM agent's signing key, unarmored and base64 (what `base64 -d` turns into a keyring).
+    ssm_agent_key: String,
 }
 
 fn engine(templates: Option<&Path>) -> Result<tera::Tera> {
@@ -122,6 +144,15 @@ fn tera_error(e: &tera::Error) -> String {
 
 pub fn render(def: &ImageDef, inputs: &RenderInputs) -> Result<Rendered> {
     let tera = engine(inputs.templates)?;
+    let key_text = tera
+        .render(SSM_AGENT_KEY, &tera::Context::new())
+        .map_err(|e| anyhow::anyhow!("reading {SSM_AGENT_KEY}: {}", tera_error(&e)))?;
+    let ssm_agent_key = public_key_base64(&key_text).with_context(|| {
+        format!(
+            "{SSM_AGENT_KEY} (the key the seed checks the SSM agent's signature with; AWS's is in the \
+             builder's templates/{SSM_AGENT_KEY})"
+        )
+    })?;
     if def.salt == crate::definition::SaltBake::Onedir && inputs.bootstrap.is_none() {
         bail!(
             "{}: salt = \"onedir\" needs the salt-bootstrap script",
@@ -138,6 +169,7 @@ pub fn render(def: &ImageDef, inputs: &RenderInputs) -> Result<Rendered> {
             .map(|b| hex::encode(Sha256::digest(b)))
             .unwrap_or_default(),
         build_ca: inputs.build_ca,
+        ssm_agent_key,
     };
     let mut tctx = tera::Context::from_serialize(&ctx).context("building the template context")?;
     let one = |name: &str, tctx: &tera::Context| -> Result<String> {
@@ -201,6 +233,18 @@ pub fn render(def: &ImageDef, inputs: &RenderInputs) -> Result<Rendered> {
     }
     let provision = one("provision.sh.tera", &tctx)?;
     let generalize = one("generalize.sh.tera", &tctx)?;
+    let seed_user_data = format!(
+        "{}{}",
+        crate::target::aws::instance::lease_user_data(def.lease_minutes),
+        one("seed-user-data.sh.tera", &tctx)?
+    );
+    if seed_user_data.len() > USER_DATA_LIMIT {
+        bail!(
+            "{}: the seed's user-data is {} bytes; EC2 takes at most {USER_DATA_LIMIT} (seed-user-data.sh.tera)",
+            def.image,
+            seed_user_data.len()
+        );
+    }
     // The rendered defaults must be what the agent accepts.
     let init_toml = String::from_utf8_lossy(&files[2].content).into_owned();
     stackless_init::userdata::parse("init.toml", &init_toml)
@@ -209,18 +253,111 @@ pub fn render(def: &ImageDef, inputs: &RenderInputs) -> Result<Rendered> {
         files,
         provision,
         generalize,
+        seed_user_data,
     })
+}
+
+/// The body of an ASCII-armored OpenPGP public key, checked (armor, CRC-24 checksum, a public key
+/// packet first) and returned as base64 lines. Text before the BEGIN line is ignored (comments).
+pub fn public_key_base64(armored: &str) -> Result<String> {
+    use base64::Engine;
+    const BEGIN: &str = "-----BEGIN PGP PUBLIC KEY BLOCK-----";
+    const END: &str = "-----END PGP PUBLIC KEY BLOCK-----";
+    let mut lines = armored.lines().map(str::trim_end);
+    if !lines.any(|l| l == BEGIN) {
+        bail!("no `{BEGIN}` line: not an armored OpenPGP public key");
+    }
+    // Armor headers (`Version: ...`) up to the first blank line.
+    let mut lines = lines.skip_while(|l| !l.is_empty()).skip(1);
+    let mut body = Vec::new();
+    let mut crc = None;
+    let mut ended = false;
+    for l in lines.by_ref() {
+        if l == END {
+            ended = true;
+            break;
+        }
+        if let Some(c) = l.strip_prefix('=') {
+            crc = Some(c.to_string());
+        } else if !l.is_empty() {
+            body.push(l.to_string());
+        }
+    }
+    if !ended {
+        bail!("no `{END}` line");
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let bytes = b64
+        .decode(body.concat())
+        .context("the key's body is not base64")?;
+    if let Some(c) = crc {
+        let want = b64
+            .decode(&c)
+            .context("the key's checksum line is not base64")?;
+        let got = crc24(&bytes).to_be_bytes();
+        if want.as_slice() != &got[1..] {
+            bail!("the key's checksum does not match its body: the key is damaged");
+        }
+    }
+    // A public key packet: old format tag 6 (0x98..0x9b) or new format (0xc6).
+    match bytes.first() {
+        Some(0x98..=0x9b | 0xc6) => {}
+        _ => bail!("the block does not start with a public key packet"),
+    }
+    Ok(body.join("\n"))
+}
+
+/// OpenPGP's armor checksum (RFC 4880, 6.1).
+fn crc24(data: &[u8]) -> u32 {
+    let mut crc: u32 = 0xB7_04CE;
+    for b in data {
+        crc ^= u32::from(*b) << 16;
+        for _ in 0..8 {
+            crc <<= 1;
+            if crc & 0x100_0000 != 0 {
+                crc ^= 0x186_4CFB;
+            }
+        }
+    }
+    crc & 0xFF_FFFF
+}
+
+/// `sh -n` (dash on Debian) on a POSIX sh script.
+pub fn check_sh(name: &str, script: &str) -> Result<()> {
+    syntax_check("sh", name, script)
+}
+
+/// Checks the seed's user-data: `sh -n` clean, and the lease is its first command (a failure in
+/// anything after it must not leave the seed running).
+pub fn check_seed_user_data(name: &str, script: &str, lease_minutes: i64) -> Result<()> {
+    check_sh(name, script)?;
+    let first = script
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'));
+    let lease = format!("shutdown -h +{lease_minutes}");
+    if !script.starts_with("#!/bin/sh\n") || first != Some(lease.as_str()) {
+        bail!(
+            "{name}: the lease (`{lease}`) must be the first command after `#!/bin/sh`; found {:?}",
+            first.unwrap_or("nothing")
+        );
+    }
+    Ok(())
 }
 
 /// `bash -n` on a script: a syntax error fails validation before any machine starts.
 pub fn check_shell(name: &str, script: &str) -> Result<()> {
+    syntax_check("bash", name, script)
+}
+
+fn syntax_check(shell: &str, name: &str, script: &str) -> Result<()> {
     use std::io::Write;
-    let mut child = std::process::Command::new("bash")
+    let mut child = std::process::Command::new(shell)
         .arg("-n")
         .stdin(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .context("running bash -n")?;
+        .with_context(|| format!("running {shell} -n"))?;
     child
         .stdin
         .take()
@@ -229,10 +366,10 @@ pub fn check_shell(name: &str, script: &str) -> Result<()> {
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!(
-            "{name} does not pass `bash -n`: {}",
+            "{name} does not pass `{shell} -n`: {}",
             String::from_utf8_lossy(&out.stderr)
                 .trim()
-                .replace("bash: ", "")
+                .replace(&format!("{shell}: "), "")
         );
     }
     Ok(())
@@ -249,6 +386,11 @@ pub fn write_out(r: &Rendered, out: &Path) -> Result<()> {
         .collect();
     all.push(("provision.sh".into(), 0o755, r.provision.as_bytes()));
     all.push(("generalize.sh".into(), 0o755, r.generalize.as_bytes()));
+    all.push((
+        "seed-user-data.sh".into(),
+        0o644,
+        r.seed_user_data.as_bytes(),
+    ));
     for (name, mode, content) in all {
         let p = out.join(name);
         std::fs::write(&p, content).with_context(|| format!("writing {}", p.display()))?;

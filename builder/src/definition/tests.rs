@@ -185,3 +185,43 @@ fn values_that_reach_shell_or_supervisord_are_checked() {
         .message
         .contains("one line"));
 }
+
+#[test]
+fn the_ssm_agent_settings_default_to_aws_and_removal() {
+    let bare = load(&repo_images(), "bare").unwrap();
+    assert_eq!(bare.ssm_agent_url, SSM_AGENT_URL);
+    assert!(!bare.keep_ssm_agent);
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "a",
+        "[source]\nami = \"ami-1\"\n[instance]\nssm_agent_url = \"http://127.0.0.1:8000/ssm/\"\n[provision]\nkeep_ssm_agent = true\n",
+    );
+    let a = load(dir.path(), "a").unwrap();
+    assert_eq!(
+        a.ssm_agent_url, "http://127.0.0.1:8000/ssm",
+        "no trailing slash"
+    );
+    assert!(a.keep_ssm_agent);
+    write(dir.path(), "b", "extends = \"a\"\n");
+    let b = load(dir.path(), "b").unwrap();
+    assert_eq!(
+        (b.ssm_agent_url.as_str(), b.keep_ssm_agent),
+        (a.ssm_agent_url.as_str(), true)
+    );
+    for bad in [
+        "ftp://x/y",
+        "https://x/'y'",
+        "https://x/$(reboot)",
+        "https://x y/z",
+    ] {
+        write(
+            dir.path(),
+            "c",
+            &format!("[source]\nami = \"ami-1\"\n[instance]\nssm_agent_url = {bad:?}\n"),
+        );
+        let e = load(dir.path(), "c").unwrap_err();
+        assert_eq!(e.line, 4, "{bad}: {e}");
+        assert!(e.message.contains("ssm_agent_url"), "{e}");
+    }
+}

@@ -101,6 +101,7 @@ impl Env {
         let opts = AwsOptions {
             ssm_wait: Duration::from_secs(20),
             command_poll: Duration::from_millis(50),
+            console_poll: Duration::from_millis(50),
             instance_wait: Duration::from_secs(30),
             delete_wait: Duration::from_secs(10),
             progress: false,

@@ -118,7 +118,93 @@ fn render_out_writes_everything_for_review() {
         "stackless-init",
         "supervisord.conf",
         "user-data.example.toml",
+        "seed-user-data.sh",
     ] {
         assert!(dir.path().join(f).exists(), "{f}");
     }
+}
+
+#[test]
+fn the_seed_user_data_passes_sh_n_and_starts_with_the_lease() {
+    for name in ["bare", "preseeded"] {
+        let d = def(name);
+        let r = render(&d, &inputs(b"bin")).unwrap();
+        let ud = &r.seed_user_data;
+        check_seed_user_data("seed-user-data.sh", ud, d.lease_minutes).unwrap();
+        check_shell("seed-user-data.sh", ud).unwrap();
+        // The lease is the first thing after the shebang, before anything that could fail.
+        assert!(ud.starts_with("#!/bin/sh\nshutdown -h +120\n"), "{ud}");
+        let lease_at = ud.find("shutdown -h +").unwrap();
+        for later in ["has_agent", "fetch", "dpkg", "gpgv", "systemctl"] {
+            assert!(
+                ud.find(later).unwrap() > lease_at,
+                "{later} before the lease"
+            );
+        }
+        assert!(ud.contains(&format!("agent_url='{}'", definition::SSM_AGENT_URL)));
+        assert!(ud.contains(SEED_FAILURE_PREFIX));
+        // AWS's key, unarmored for gpgv.
+        assert!(ud.contains("mQENBGTtIoIBCAD2M1aoGIE0FXynAHM/jtuvdAVVaX3Q4ZejTqrX+Jq8ElAMhxyO"));
+        assert!(!ud.contains("BEGIN PGP"));
+        assert!(ud.len() < USER_DATA_LIMIT);
+    }
+}
+
+#[test]
+fn a_seed_user_data_without_the_lease_first_is_refused() {
+    let ok = "#!/bin/sh\n# comment\nshutdown -h +30\necho hi\n";
+    check_seed_user_data("x", ok, 30).unwrap();
+    let late = "#!/bin/sh\necho first\nshutdown -h +30\n";
+    let e = check_seed_user_data("x", late, 30).unwrap_err().to_string();
+    assert!(
+        e.contains("must be the first command") && e.contains("echo first"),
+        "{e}"
+    );
+    let e = check_seed_user_data("x", "#!/bin/sh\nshutdown -h +30\nif then\n", 30)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sh -n"), "{e}");
+}
+
+#[test]
+fn the_generalising_script_removes_the_seeds_ssm_agent_unless_kept() {
+    let mut d = def("bare");
+    assert!(!d.keep_ssm_agent, "removed by default");
+    let r = render(&d, &inputs(b"bin")).unwrap();
+    check_shell("generalize.sh", &r.generalize).unwrap();
+    assert!(r
+        .generalize
+        .contains("/var/lib/stackless-seed/installed-ssm-agent"));
+    assert!(r.generalize.contains("dpkg --purge amazon-ssm-agent"));
+    assert!(r
+        .generalize
+        .contains("ExecStop=/usr/local/sbin/stackless-remove-ssm-agent"));
+    d.keep_ssm_agent = true;
+    let r = render(&d, &inputs(b"bin")).unwrap();
+    check_shell("generalize.sh", &r.generalize).unwrap();
+    assert!(r.generalize.contains("keep_ssm_agent = true"));
+    assert!(!r.generalize.contains("dpkg --purge amazon-ssm-agent"));
+}
+
+#[test]
+fn the_agent_key_is_checked_and_can_be_replaced() {
+    let aws = include_str!("../../../templates/ssm-agent-key.asc");
+    let body = public_key_base64(aws).unwrap();
+    assert!(
+        body.starts_with("mQENBGTtIoIB") && body.ends_with("+pw="),
+        "{body}"
+    );
+    // A damaged body fails the armor checksum.
+    let damaged = aws.replace("mQENBGTtIoIB", "mQENBGTtIoIC");
+    let e = public_key_base64(&damaged).unwrap_err().to_string();
+    assert!(e.contains("checksum"), "{e}");
+    let e = public_key_base64("just text").unwrap_err().to_string();
+    assert!(e.contains("BEGIN PGP PUBLIC KEY BLOCK"), "{e}");
+    // A user's templates folder replaces the key (tests put their own there).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(SSM_AGENT_KEY), "not a key").unwrap();
+    let mut i = inputs(b"bin");
+    i.templates = Some(dir.path());
+    let e = format!("{:#}", render(&def("bare"), &i).unwrap_err());
+    assert!(e.contains(SSM_AGENT_KEY), "{e}");
 }

@@ -24,6 +24,9 @@ pub struct Build {
     pub input_hash: String,
     /// The resolved source (an AMI id, or the local release).
     pub source: String,
+    /// The AWS seed's user-data (`Rendered::seed_user_data`: the lease, then the SSM agent).
+    #[serde(skip)]
+    pub seed_user_data: String,
 }
 
 /// What a bake produced.

@@ -19,7 +19,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// The user-data lease: cloud-init runs it at first boot and the machine powers itself off after
-/// `minutes`, which (with `InstanceInitiatedShutdownBehavior=terminate`) terminates it.
+/// `minutes`, which (with `InstanceInitiatedShutdownBehavior=terminate`) terminates it. The seed's
+/// user-data (`render::Rendered::seed_user_data`) starts with it.
 pub fn lease_user_data(minutes: i64) -> String {
     format!("#!/bin/sh\nshutdown -h +{minutes}\n")
 }
@@ -34,8 +35,16 @@ pub async fn launch(
     security_group: &str,
     tags: &BTreeMap<String, String>,
 ) -> Result<String> {
-    let user_data =
-        base64::engine::general_purpose::STANDARD.encode(lease_user_data(def.lease_minutes));
+    if !build
+        .seed_user_data
+        .starts_with(&lease_user_data(def.lease_minutes))
+    {
+        anyhow::bail!(
+            "internal: build {} carries no seed user-data starting with the lease",
+            build.id
+        );
+    }
+    let user_data = base64::engine::general_purpose::STANDARD.encode(&build.seed_user_data);
     let volume_size = i32::try_from(def.volume_size).context("volume_size does not fit")?;
     let mut req = ec2
         .run_instances()

@@ -7,6 +7,7 @@
 //! what the build made, found both from what was recorded and by the build's tag, so a call that
 //! was cancelled half-way (an instance whose id never came back) is still cleaned up.
 
+pub mod console;
 pub mod gc;
 pub mod image;
 pub mod images;
@@ -39,6 +40,9 @@ pub struct AwsOptions {
     /// The first pause between GetCommandInvocation (and DescribeInstanceInformation) calls; it
     /// grows up to 8 times this, at most 10 s.
     pub command_poll: Duration,
+    /// How often the seed's console is read (GetConsoleOutput) while waiting for SSM, for the
+    /// user-data's failure line.
+    pub console_poll: Duration,
     /// How long the seed may take to run, stop or terminate.
     pub instance_wait: Duration,
     /// How long a security group may stay in use (by an instance shutting down) before its
@@ -53,6 +57,7 @@ impl Default for AwsOptions {
         AwsOptions {
             ssm_wait: Duration::from_secs(15 * 60),
             command_poll: Duration::from_secs(1),
+            console_poll: Duration::from_secs(15),
             instance_wait: Duration::from_secs(15 * 60),
             delete_wait: Duration::from_secs(5 * 60),
             progress: true,
@@ -297,7 +302,11 @@ impl Target for AwsTarget {
             self.opts.command_poll,
             self.opts.progress,
         );
-        comm.wait_online(self.opts.ssm_wait)
+        // The seed's user-data installs the SSM agent where the image has none; when that fails
+        // it says so on the console, and waiting longer for SSM would be in vain.
+        let console =
+            console::ConsoleWatch::new(self.ec2.clone(), id.clone(), self.opts.console_poll);
+        comm.wait_online_watching(self.opts.ssm_wait, || console.failure())
             .await
             .with_context(|| format!("reaching seed instance {id} in {region} over SSM"))?;
         Ok(Arc::new(comm))

@@ -80,6 +80,16 @@ impl SsmCommunicator {
 
     /// Waits until the instance's SSM agent has registered and pings Online.
     pub async fn wait_online(&self, timeout: Duration) -> Result<()> {
+        self.wait_online_watching(timeout, || async { None }).await
+    }
+
+    /// `wait_online`, failing at once when `fail_early` (asked before each look) returns a reason:
+    /// the seed's own failure line on its console, say.
+    pub async fn wait_online_watching<F, Fut>(&self, timeout: Duration, fail_early: F) -> Result<()>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Option<String>>,
+    {
         let id = self.instance_id.as_str();
         Wait::new(format!("{id} to come online in SSM"), timeout)
             .interval(self.poll, self.max_poll())
@@ -87,10 +97,14 @@ impl SsmCommunicator {
             .hint(format!(
                 "the SSM agent on {id} never reported in. Check that the instance profile ([instance] instance_profile) \
                  has the AmazonSSMManagedInstanceCore policy, that the subnet reaches the SSM endpoints (a public IP or a \
-                 NAT gateway, or VPC endpoints for ssm, ssmmessages and ec2messages), and that the source image runs the \
-                 SSM agent; the instance's console output (`aws ec2 get-console-output --instance-id {id}`) shows its boot"
+                 NAT gateway, or VPC endpoints for ssm, ssmmessages and ec2messages), and that the SSM agent runs (the \
+                 seed's user-data installs it where the source image has none, from S3: that needs a route out or an S3 \
+                 gateway endpoint); the instance's console output (`aws ec2 get-console-output --instance-id {id}`) shows its boot"
             ))
             .until(|| async {
+                if let Some(why) = fail_early().await {
+                    return Ok(Check::Failed(why));
+                }
                 let out = self
                     .ssm
                     .describe_instance_information()

@@ -60,10 +60,27 @@ team = "platform"
     }
 }
 
+/// The seed's user-data as a bake renders it.
+fn seed_user_data(def: &crate::definition::ImageDef) -> String {
+    crate::render::render(
+        def,
+        &crate::render::RenderInputs {
+            templates: None,
+            init_binary: b"x",
+            bootstrap: None,
+            build_id: "b-test",
+            build_ca: false,
+        },
+    )
+    .unwrap()
+    .seed_user_data
+}
+
 fn opts() -> AwsOptions {
     AwsOptions {
         ssm_wait: Duration::from_secs(20),
         command_poll: Duration::from_millis(50),
+        console_poll: Duration::from_millis(50),
         instance_wait: Duration::from_secs(30),
         delete_wait: Duration::from_secs(10),
         progress: false,
@@ -83,6 +100,7 @@ impl Env {
             image_name: self.def.image_name(id, "20240102030405"),
             input_hash: "0".repeat(64),
             source,
+            seed_user_data: seed_user_data(&self.def),
         }
     }
 
@@ -223,11 +241,12 @@ async fn start_launches_a_locked_down_seed_reachable_over_ssm_and_cleanup_remove
     let ud = base64::engine::general_purpose::STANDARD
         .decode(ud.user_data().unwrap().value().unwrap())
         .unwrap();
-    assert_eq!(
-        String::from_utf8(ud).unwrap(),
-        "#!/bin/sh\nshutdown -h +45\n",
-        "the lease"
+    let ud = String::from_utf8(ud).unwrap();
+    assert!(
+        ud.starts_with("#!/bin/sh\nshutdown -h +45\n"),
+        "the lease first: {ud}"
     );
+    assert_eq!(ud, seed_user_data(&env.def), "the rendered seed user-data");
     let sd = attr(InstanceAttributeName::InstanceInitiatedShutdownBehavior)
         .await
         .unwrap();

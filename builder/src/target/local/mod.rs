@@ -294,4 +294,6 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
 }
 
 #[cfg(test)]
+mod seed_tests;
+#[cfg(test)]
 mod tests;
