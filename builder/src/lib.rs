@@ -1,14 +1,15 @@
 //! builder: bakes stackless images (a seed instance on AWS over SSM, or a local chroot) and
 //! deploys them. The library is the engine; `main.rs` parses arguments.
 
+pub mod aws;
 pub mod communicator;
 pub mod console;
 pub mod definition;
 pub mod deploy;
 pub mod pipeline;
+pub mod platform;
 pub mod render;
 pub mod signals;
-pub mod target;
 pub mod transfer;
 pub mod user_data;
 pub mod vm;

@@ -5,9 +5,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use stackless_builder::definition::{self, ImageDef};
 use stackless_builder::deploy;
 use stackless_builder::pipeline::{self, BakeOptions};
+use stackless_builder::platform::aws::{self, AwsOptions, AwsTarget};
+use stackless_builder::platform::local::{LocalOptions, LocalTarget};
 use stackless_builder::render::{self, RenderInputs};
-use stackless_builder::target::aws::{self, AwsOptions, AwsTarget};
-use stackless_builder::target::local::{LocalOptions, LocalTarget};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -486,7 +486,7 @@ async fn run(cli: Cli) -> Result<()> {
                             .and_then(|d| d.ssm_parameter.clone())
                     };
                     let rows =
-                        aws::images::list(&ec2, &ssm, image.as_deref(), &parameter_of).await?;
+                        aws::catalog::list(&ec2, &ssm, image.as_deref(), &parameter_of).await?;
                     if cli.output == Output::Json {
                         println!("{}", serde_json::to_string(&rows.iter().map(|r| serde_json::json!({
                             "image_id": r.image_id, "name": r.name, "image": r.image, "created": r.created,
@@ -508,7 +508,7 @@ async fn run(cli: Cli) -> Result<()> {
                     dry_run,
                 } => {
                     let def = load(&cli, image)?;
-                    let r = aws::images::prune(&ec2, &ssm, &def, *keep, *dry_run).await?;
+                    let r = aws::catalog::prune(&ec2, &ssm, &def, *keep, *dry_run).await?;
                     let verb = if *dry_run {
                         "would deregister"
                     } else {
@@ -700,7 +700,7 @@ async fn boot_command(cli: &Cli, a: &BootArgs) -> Result<u8> {
     };
     opts.kvm_probe = a.kvm_probe;
     opts.kvm_device = a.kvm_device.clone();
-    opts.cache_dir = Some(stackless_builder::target::local::base::default_cache_dir());
+    opts.cache_dir = Some(stackless_builder::platform::local::base::default_cache_dir());
     opts.timeout = a.timeout;
     opts.keep_running = a.keep_running;
     opts.echo = !a.no_console && !cli.quiet;

@@ -4,9 +4,9 @@
 
 use crate::communicator::{run_checked, Communicator};
 use crate::definition::ImageDef;
+use crate::platform::{Artifact, Build, Target};
 use crate::render::{self, RenderInputs, Rendered};
 use crate::signals::interrupted;
-use crate::target::{Artifact, Build, Target};
 use crate::transfer;
 use anyhow::{anyhow, Context, Result};
 use serde::Serialize;

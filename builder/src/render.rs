@@ -235,7 +235,7 @@ pub fn render(def: &ImageDef, inputs: &RenderInputs) -> Result<Rendered> {
     let generalize = one("generalize.sh.tera", &tctx)?;
     let seed_user_data = format!(
         "{}{}",
-        crate::target::aws::instance::lease_user_data(def.lease_minutes),
+        crate::platform::aws::instance::lease_user_data(def.lease_minutes),
         one("seed-user-data.sh.tera", &tctx)?
     );
     if seed_user_data.len() > USER_DATA_LIMIT {

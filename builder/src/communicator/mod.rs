@@ -1,6 +1,9 @@
 //! How commands reach the machine being baked: SSM Run Command on AWS, a chroot locally. Both
 //! run the very same command stream (see `transfer`), so the local build exercises the AWS path.
 
+pub mod chroot;
+pub mod ssm;
+
 use anyhow::{bail, Result};
 use async_trait::async_trait;
 use std::time::Duration;

@@ -5,9 +5,10 @@
 
 use super::config::AsgConfig;
 use super::history::{self, Outcome, Record};
-use super::{aws_code, is_throttling, lock, Clients, DeployOptions, Prepared, Steps};
-use crate::target::aws::aws_error;
-use crate::target::aws::waiter::Check;
+use super::{lock, Clients, DeployOptions, Prepared, Steps};
+use crate::aws::aws_error;
+use crate::aws::waiter::Check;
+use crate::aws::{error_code as aws_code, is_throttling};
 use anyhow::{anyhow, bail, Context, Result};
 use aws_sdk_autoscaling::types::{
     DesiredConfiguration, InstanceRefreshStatus, LaunchTemplateSpecification, RefreshPreferences,

@@ -4,8 +4,8 @@
 //! such: `rollback` picks the last *successful* image before the current one. The newest
 //! [`KEEP`] records are kept.
 
-use super::aws_code;
-use crate::target::aws::aws_error;
+use crate::aws::aws_error;
+use crate::aws::error_code as aws_code;
 use anyhow::{Context, Result};
 use aws_sdk_ssm::types::ParameterType;
 use serde::{Deserialize, Serialize};
@@ -132,16 +132,14 @@ pub async fn record(ssm: &aws_sdk_ssm::Client, record: &Record) -> Result<()> {
 pub async fn list(ssm: &aws_sdk_ssm::Client, service: &str) -> Result<Vec<Record>> {
     let path = prefix(service);
     let mut out = Vec::new();
-    let mut token = None;
-    loop {
-        let page = match ssm
-            .get_parameters_by_path()
-            .path(&path)
-            .recursive(false)
-            .set_next_token(token)
-            .send()
-            .await
-        {
+    let mut pages = ssm
+        .get_parameters_by_path()
+        .path(&path)
+        .recursive(false)
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = match page {
             Ok(p) => p,
             Err(e) if aws_code(&e) == Some("ParameterNotFound") => break,
             Err(e) => {
@@ -158,13 +156,6 @@ pub async fn list(ssm: &aws_sdk_ssm::Client, service: &str) -> Result<Vec<Record
                 Ok(r) => out.push(r),
                 Err(e) => tracing::warn!("skipping the unreadable deploy record {name}: {e}"),
             }
-        }
-        token = page
-            .next_token()
-            .filter(|t| !t.is_empty())
-            .map(str::to_string);
-        if token.is_none() {
-            break;
         }
     }
     out.sort_by(|a, b| b.deploy_id.cmp(&a.deploy_id));

@@ -1,10 +1,12 @@
 //! The service's instances: finding the old ones, booting the new ones (tagged with the service and
 //! the deploy), waiting until they run and are ready, terminating.
 
-use super::{aws_code, is_throttling, DeployOptions};
+use super::DeployOptions;
+use crate::aws::waiter::Check;
+use crate::aws::{aws_error, tag_filter, tag_spec};
+use crate::aws::{error_code as aws_code, is_throttling};
 use crate::console::{self, AgentResult};
-use crate::target::aws::waiter::Check;
-use crate::target::aws::{aws_error, tag_filter, tag_spec, tags};
+use crate::platform::aws::tags;
 use anyhow::{Context, Result};
 use aws_sdk_ec2::types::{
     Filter, HttpTokensState, IamInstanceProfileSpecification, InstanceMetadataEndpointState,
@@ -63,25 +65,17 @@ async fn describe(
     what: &str,
 ) -> Result<Vec<Instance>> {
     let mut out = Vec::new();
-    let mut token = None;
-    loop {
-        let page = ec2
-            .describe_instances()
-            .set_filters(Some(filters.clone()))
-            .set_next_token(token)
-            .send()
-            .await
+    let mut pages = ec2
+        .describe_instances()
+        .set_filters(Some(filters))
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page
             .map_err(aws_error)
             .with_context(|| format!("looking for {what} (needs ec2:DescribeInstances)"))?;
         for r in page.reservations() {
             out.extend(r.instances().iter().map(from_sdk));
-        }
-        token = page
-            .next_token()
-            .filter(|t| !t.is_empty())
-            .map(str::to_string);
-        if token.is_none() {
-            break;
         }
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -545,63 +539,10 @@ pub async fn terminate(
     timeout: Duration,
     opts: &DeployOptions,
 ) -> Result<()> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    match ec2
-        .terminate_instances()
-        .set_instance_ids(Some(ids.to_vec()))
-        .send()
-        .await
-    {
-        Ok(_) => {}
-        Err(e) if aws_code(&e) == Some("InvalidInstanceID.NotFound") && ids.len() == 1 => {
-            return Ok(())
-        }
-        Err(e) => {
-            return Err(aws_error(e)).with_context(|| {
-                format!(
-                    "terminating {} (needs ec2:TerminateInstances)",
-                    ids.join(" ")
-                )
-            })
-        }
-    }
-    opts.wait(format!("{} to terminate", ids.join(" ")), timeout)
-        .hint("raise [timeouts] terminate; the instances are terminating and will go on their own")
-        .until(|| async {
-            let out = match ec2
-                .describe_instances()
-                .set_instance_ids(Some(ids.to_vec()))
-                .send()
-                .await
-            {
-                Ok(o) => o,
-                Err(e) if aws_code(&e) == Some("InvalidInstanceID.NotFound") => {
-                    return Ok(Check::Ready(()))
-                }
-                Err(e) if is_throttling(aws_code(&e)) => {
-                    return Ok(Check::Waiting("throttled".into()))
-                }
-                Err(e) => return Err(aws_error(e)).context("describing terminating instances"),
-            };
-            let left: Vec<String> = out
-                .reservations()
-                .iter()
-                .flat_map(|r| r.instances())
-                .map(from_sdk)
-                .filter(|i| i.state != InstanceStateName::Terminated.as_str())
-                .map(|i| format!("{} {}", i.id, i.state))
-                .collect();
-            Ok(if left.is_empty() {
-                Check::Ready(())
-            } else {
-                Check::Waiting(left.join(", "))
-            })
-        })
-        .await?;
-    tracing::info!("terminated {}", ids.join(" "));
-    Ok(())
+    let wait = opts
+        .wait(format!("{} to terminate", ids.join(" ")), timeout)
+        .hint("raise [timeouts] terminate; the instances are terminating and will go on their own");
+    crate::aws::instances::terminate(ec2, ids, wait).await
 }
 
 #[cfg(test)]

@@ -6,8 +6,8 @@
 //! create. (SSM has no conditional delete: the taker re-reads the lock just before deleting it and
 //! only deletes the stale value it saw, which leaves a window of one API round trip.)
 
-use super::aws_code;
-use crate::target::aws::aws_error;
+use crate::aws::aws_error;
+use crate::aws::error_code as aws_code;
 use anyhow::{bail, Context, Result};
 use aws_sdk_ssm::types::ParameterType;
 use serde::{Deserialize, Serialize};

@@ -37,33 +37,11 @@ mod mock_tests;
 #[cfg(test)]
 mod tests;
 
-use crate::target::aws::waiter::Wait;
+use crate::aws::waiter::Wait;
 use anyhow::{Context, Result};
-use aws_sdk_ec2::error::ProvideErrorMetadata;
 use instances::Instance;
 use std::future::Future;
 use std::time::{Duration, Instant, SystemTime};
-
-/// The error code of an SDK error, if the service answered.
-pub(crate) fn aws_code<E: ProvideErrorMetadata>(e: &E) -> Option<&str> {
-    e.code()
-}
-
-/// Codes AWS answers with when it throttles: waits keep going on them.
-pub(crate) fn is_throttling(code: Option<&str>) -> bool {
-    matches!(
-        code,
-        Some(
-            "Throttling"
-                | "ThrottlingException"
-                | "ThrottledException"
-                | "RequestLimitExceeded"
-                | "RequestThrottled"
-                | "TooManyRequestsException"
-                | "SlowDown"
-        )
-    )
-}
 
 /// The AWS clients a deploy uses.
 #[derive(Clone, Debug)]

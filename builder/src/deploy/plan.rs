@@ -7,7 +7,7 @@ use super::{
     asg, history, human, human_up, ids, instances, lock, new_deploy_id, target_groups, Clients,
 };
 use crate::definition;
-use crate::target::aws::source;
+use crate::platform::aws::source;
 use crate::user_data::{self, Payload};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;

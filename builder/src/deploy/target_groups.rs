@@ -1,9 +1,10 @@
 //! ELBv2 target groups: what they are, registering the new instances and waiting until every one
 //! is healthy in every group, deregistering and waiting for connection draining.
 
-use super::{aws_code, is_throttling, DeployOptions};
-use crate::target::aws::aws_error;
-use crate::target::aws::waiter::Check;
+use super::DeployOptions;
+use crate::aws::aws_error;
+use crate::aws::waiter::Check;
+use crate::aws::{error_code as aws_code, is_throttling};
 use anyhow::{bail, Context, Result};
 use aws_sdk_elasticloadbalancingv2::types::{TargetDescription, TargetHealthStateEnum};
 use serde::Serialize;

@@ -499,7 +499,7 @@ async fn an_image_name_resolves_through_its_ssm_parameter_and_user_data_is_check
         .await
         .unwrap();
     assert_eq!(
-        env.tags(&r.instances[0]).await[crate::target::aws::tags::IMAGE],
+        env.tags(&r.instances[0]).await[crate::platform::aws::tags::IMAGE],
         "web"
     );
 

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::definition;
-use crate::target::aws::{tags, AwsOptions, AwsTarget};
+use crate::platform::aws::{tags, AwsOptions, AwsTarget};
 use aws_sdk_ec2::types::Filter;
 use testkit::ssm_shim::{create_instance_profile, ShimOptions, SsmShim};
 use testkit::Moto;

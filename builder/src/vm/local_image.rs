@@ -75,7 +75,7 @@ impl LocalImage {
                 .details
                 .get("cmdline")
                 .cloned()
-                .unwrap_or_else(|| crate::target::local::disk::KERNEL_CMDLINE.to_string()),
+                .unwrap_or_else(|| crate::platform::local::disk::KERNEL_CMDLINE.to_string()),
             manifest,
             image_name: m.image_name,
             build_id: m.build_id,
@@ -88,7 +88,7 @@ impl LocalImage {
 
     /// A copy-on-write overlay over the disk: the boot writes there, the image stays as baked.
     pub async fn overlay(&self, to: &Path) -> Result<()> {
-        crate::target::local::process::run(
+        crate::platform::local::process::run(
             "creating the boot's disk overlay",
             "qemu-img",
             &[

@@ -467,7 +467,7 @@ async fn choose_accel(opts: &BootOptions) -> AccelChoice {
 
 /// `qemu --version`'s first line, None when qemu does not answer (the boot then says why).
 async fn qemu_version(qemu: &str) -> Option<String> {
-    crate::target::local::process::run(
+    crate::platform::local::process::run(
         "asking qemu its version",
         qemu,
         &["--version"],

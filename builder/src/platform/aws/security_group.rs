@@ -2,8 +2,9 @@
 //! out), the default allow-all egress so the agent reaches SSM, tagged with the build so `gc`
 //! finds it if the builder dies.
 
-use super::waiter::{Check, Wait};
-use super::{aws_error, tag_filter, tag_spec, tags};
+use super::tags;
+use crate::aws::waiter::{Check, Wait};
+use crate::aws::{aws_error, tag_filter, tag_spec};
 use anyhow::{bail, Context, Result};
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::{Filter, ResourceType};

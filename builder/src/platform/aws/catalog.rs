@@ -4,11 +4,12 @@
 //! Only images owned by this account and tagged by the builder are ever considered; prune never
 //! removes the image the definition's SSM parameter points at.
 
-use super::image::{self, aws_error, tag_map};
+use super::ami::{self as image, tag_map};
 use super::publish::{current_parameter, COPY_TAG_PREFIX};
 use super::tags;
+use crate::aws::aws_error;
 use crate::definition::ImageDef;
-use crate::target::Artifact;
+use crate::platform::Artifact;
 use anyhow::{Context, Result};
 use aws_sdk_ec2::types::{Filter, Image, ImageState};
 use serde::Serialize;
@@ -35,7 +36,7 @@ async fn owned_images(
         .send()
         .try_collect()
         .await
-        .map_err(|e| aws_error(&e))
+        .map_err(|e| aws_error(e))
         .with_context(|| format!("listing {what} (the builder needs ec2:DescribeImages)"))?;
     images.sort_by(|a, b| {
         (

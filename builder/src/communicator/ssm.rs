@@ -6,8 +6,8 @@
 //! explicitly. And GetCommandInvocation returns at most 24,000 characters of stdout and 8,000 of
 //! stderr, so output that reaches those sizes is flagged as cut.
 
-use super::aws_error;
-use super::waiter::{Check, Wait};
+use crate::aws::aws_error;
+use crate::aws::waiter::{Check, Wait};
 use crate::communicator::last_lines as tail;
 use crate::communicator::{CommandOutput, Communicator};
 use anyhow::{bail, Context, Result};

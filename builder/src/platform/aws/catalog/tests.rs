@@ -1,8 +1,8 @@
 use super::*;
-use crate::target::aws::image::test_support::*;
-use crate::target::aws::image::{create_and_wait_with, ImageInfo};
-use crate::target::aws::publish::PARAMETER_DATA_TYPE;
-use crate::target::Build;
+use crate::platform::aws::ami::test_support::*;
+use crate::platform::aws::ami::{create_and_wait_with, ImageInfo};
+use crate::platform::aws::publish::PARAMETER_DATA_TYPE;
+use crate::platform::Build;
 use aws_sdk_ssm::types::ParameterType;
 use std::time::Duration;
 use testkit::Moto;

@@ -9,18 +9,17 @@
 //! is mounted under it.
 
 pub mod base;
-pub mod chroot;
 pub mod disk;
 pub mod mounts;
 pub mod process;
 
+use crate::communicator::chroot::{ChrootCommunicator, BUILD_CA_IN_ROOT, HOST_CA_BUNDLE};
 use crate::communicator::{run_checked, Communicator};
 use crate::definition::ImageDef;
-use crate::target::{Artifact, Build, Target};
+use crate::platform::{Artifact, Build, Target};
 use anyhow::{Context, Result};
 use async_trait::async_trait;
 use base::BaseSpec;
-use chroot::{ChrootCommunicator, BUILD_CA_IN_ROOT, HOST_CA_BUNDLE};
 use mounts::{remove_tree, Mounts};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};

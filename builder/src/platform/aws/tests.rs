@@ -2,10 +2,13 @@
 //! shim in front of it that really runs what the builder sends (see testing/ssm_shim.rs).
 
 use super::*;
+use crate::aws::tag_spec;
 use crate::communicator::run_checked;
+use crate::communicator::ssm;
 use crate::definition;
 use crate::render::StagedFile;
 use crate::transfer;
+use aws_sdk_ec2::types::{Filter, ResourceType, Tag};
 use aws_sdk_ec2::types::{HttpTokensState, InstanceAttributeName};
 use base64::Engine;
 use testkit::ssm_shim::{create_instance_profile, ShimOptions, SsmShim};

@@ -5,12 +5,13 @@
 //! (TagSpecifications), so a run killed half-way leaves an image `builder gc` can find.
 
 use super::tags;
-use super::waiter::{Check, Wait};
+use crate::aws::waiter::{Check, Wait};
+use crate::aws::{aws_error, describe_error, error_code};
 use crate::definition::ImageDef;
-use crate::target::Build;
+use crate::platform::Build;
 use anyhow::{anyhow, bail, Context, Result};
 use aws_sdk_ec2::config::http::HttpResponse;
-use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, Filter, Image, ImageState, InstanceStateName, ResourceType,
     Tag, TagSpecification, VolumeType,
@@ -54,25 +55,6 @@ impl ImageWaits {
             .progress(self.progress)
             .hint("a slow but healthy image may still become available: raise the image wait limit")
     }
-}
-
-/// An SDK error as one line: the service's code and message when it answered, else the whole
-/// chain (a connection that failed, a timeout).
-pub(crate) fn aws_error<E, R>(e: &SdkError<E, R>) -> anyhow::Error
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
-{
-    match (e.code(), e.message()) {
-        (Some(code), Some(msg)) => anyhow!("{code}: {msg}"),
-        (Some(code), None) => anyhow!("{code}"),
-        _ => anyhow!("{}", DisplayErrorContext(e)),
-    }
-}
-
-/// The service's error code (`InvalidAMIID.NotFound`), if the service answered with one.
-pub(crate) fn error_code<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> Option<&str> {
-    e.code()
 }
 
 fn error_status<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
@@ -157,7 +139,7 @@ pub(crate) async fn describe(ec2: &aws_sdk_ec2::Client, image_id: &str) -> Resul
         {
             Ok(None)
         }
-        Err(e) => Err(aws_error(&e).context(format!("describing image {image_id}"))),
+        Err(e) => Err(aws_error(e).context(format!("describing image {image_id}"))),
     }
 }
 
@@ -226,7 +208,7 @@ pub(crate) async fn ensure_tagged(
         .set_tags(Some(tags.to_vec()))
         .send()
         .await
-        .map_err(|e| aws_error(&e))
+        .map_err(|e| aws_error(e))
         .with_context(|| format!("tagging {}", missing.join(", ")))?;
     Ok(())
 }
@@ -244,7 +226,7 @@ pub(crate) async fn snapshot_tags(
         .set_snapshot_ids(Some(ids.to_vec()))
         .send()
         .await
-        .map_err(|e| aws_error(&e))
+        .map_err(|e| aws_error(e))
         .with_context(|| format!("describing snapshots {}", ids.join(", ")))?;
     Ok(out
         .snapshots()
@@ -281,7 +263,7 @@ async fn inspect_seed(ec2: &aws_sdk_ec2::Client, instance_id: &str) -> Result<Se
         .instance_ids(instance_id)
         .send()
         .await
-        .map_err(|e| aws_error(&e))
+        .map_err(|e| aws_error(e))
         .with_context(|| {
             format!("describing the seed instance {instance_id} before creating the image")
         })?;
@@ -317,7 +299,7 @@ async fn inspect_seed(ec2: &aws_sdk_ec2::Client, instance_id: &str) -> Result<Se
             .set_volume_ids(Some(volumes.clone()))
             .send()
             .await
-            .map_err(|e| aws_error(&e))
+            .map_err(|e| aws_error(e))
             .with_context(|| {
                 format!(
                     "describing the volumes of {instance_id} ({})",
@@ -462,11 +444,11 @@ async fn create_image(
             .message()
             .is_some_and(|m| m.to_ascii_lowercase().contains("snapshot")));
     if !snapshot_refused {
-        return Err(aws_error(&err)).with_context(context);
+        return Err(describe_error(&err)).with_context(context);
     }
     tracing::warn!(
         "CreateImage with snapshot tags failed ({}); retrying with image tags only",
-        aws_error(&err)
+        describe_error(&err)
     );
     match request().send().await {
         Ok(out) => out
@@ -477,9 +459,9 @@ async fn create_image(
         Err(e) if error_code(&e) == Some("InvalidAMIName.Duplicate") => {
             adopt_by_name(ec2, name, build).await.with_context(context)
         }
-        Err(e) => Err(aws_error(&e).context(format!(
+        Err(e) => Err(aws_error(e).context(format!(
             "(the first attempt failed with: {})",
-            aws_error(&err)
+            describe_error(&err)
         )))
         .with_context(context),
     }
@@ -494,7 +476,7 @@ async fn adopt_by_name(ec2: &aws_sdk_ec2::Client, name: &str, build: &Build) -> 
         .filters(Filter::builder().name("name").values(name).build())
         .send()
         .await
-        .map_err(|e| aws_error(&e))
+        .map_err(|e| aws_error(e))
         .with_context(|| format!("looking up the existing image named {name}"))?;
     let image = out
         .images()
@@ -534,7 +516,7 @@ pub async fn deregister_with_snapshots(
                 Some("InvalidAMIID.NotFound" | "InvalidAMIID.Unavailable")
             ) => {}
         Err(e) => {
-            return Err(aws_error(&e)).with_context(|| format!("deregistering image {image_id}"))
+            return Err(aws_error(e)).with_context(|| format!("deregistering image {image_id}"))
         }
     }
     let mut deleted = Vec::new();
@@ -543,7 +525,7 @@ pub async fn deregister_with_snapshots(
         match ec2.delete_snapshot().snapshot_id(snap).send().await {
             Ok(_) => deleted.push(snap.clone()),
             Err(e) if error_code(&e) == Some("InvalidSnapshot.NotFound") => {}
-            Err(e) => failed.push(format!("{snap}: {}", aws_error(&e))),
+            Err(e) => failed.push(format!("{snap}: {}", aws_error(e))),
         }
     }
     if !failed.is_empty() {
@@ -571,7 +553,7 @@ pub async fn deregister_build(ec2: &aws_sdk_ec2::Client, build_id: &str) -> Resu
         )
         .send()
         .await
-        .map_err(|e| aws_error(&e))
+        .map_err(|e| aws_error(e))
         .with_context(|| format!("looking for the images of build {build_id}"))?;
     let mut removed = Vec::new();
     for image in out.images() {

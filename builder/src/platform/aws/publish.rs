@@ -7,10 +7,11 @@
 //! deprecation: an image is complete without it, so a refused EnableImageDeprecation is a warning,
 //! recorded in the artifact's details as `deprecation_failed`.
 
-use super::image::{self, aws_error, error_code, image_tags, ImageInfo, ImageWaits};
-use super::waiter::Check;
+use super::ami::{self as image, image_tags, ImageInfo, ImageWaits};
+use crate::aws::waiter::Check;
+use crate::aws::{aws_error, describe_error, error_code};
 use crate::definition::ImageDef;
-use crate::target::{Artifact, Build};
+use crate::platform::{Artifact, Build};
 use anyhow::{anyhow, bail, Context, Result};
 use aws_sdk_ec2::types::{
     Image, ImageState, LaunchPermission, LaunchPermissionModifications, OperationType,
@@ -261,7 +262,7 @@ impl Publish<'_> {
                         }
                         None => failures.push(format!("{region}: CopyImage returned no image id")),
                     },
-                    Err(e) => failures.push(format!("{region}: {}", aws_error(&e))),
+                    Err(e) => failures.push(format!("{region}: {}", aws_error(e))),
                 }
             }
             if !failures.is_empty() {
@@ -312,7 +313,7 @@ impl Publish<'_> {
                 .set_tags(Some(copy_tags))
                 .send()
                 .await
-                .map_err(|e| aws_error(&e))
+                .map_err(|e| aws_error(e))
                 .with_context(|| format!("recording the copies on image {home_id}"))?;
         }
 
@@ -344,7 +345,7 @@ impl Publish<'_> {
                     // the manifest, and go on.
                     tracing::warn!(
                         "could not set deprecation of {id} in {region} ({}); set it with `aws ec2 enable-image-deprecation --region {region} --image-id {id} --deprecate-at {stamp}`",
-                        aws_error(&e)
+                        describe_error(&e)
                     );
                     failed.push(format!(
                         "{region}/{id}: {}",
@@ -371,7 +372,7 @@ impl Publish<'_> {
                 .description(format!("stackless {} image (build {})", self.def.image, self.build.id))
                 .send()
                 .await
-                .map_err(|e| aws_error(&e))
+                .map_err(|e| aws_error(e))
                 .with_context(|| {
                     format!("publishing {home_id} to the SSM parameter {parameter} (the builder needs ssm:PutParameter on it)")
                 })?;
@@ -404,7 +405,7 @@ impl Publish<'_> {
             .tags(image::tag(super::tags::PUBLISHED, "true"))
             .send()
             .await
-            .map_err(|e| aws_error(&e))
+            .map_err(|e| aws_error(e))
             .with_context(|| format!("tagging {home_id} as published"))?;
         Ok(Artifact {
             id: home_id,
@@ -463,7 +464,7 @@ impl Publish<'_> {
             .copy_request(&client, region, source)
             .send()
             .await
-            .map_err(|e| aws_error(&e))
+            .map_err(|e| aws_error(e))
             .with_context(|| format!("making the {what} of {source} in {region}"))?;
         let id = out
             .image_id()
@@ -529,7 +530,7 @@ impl Publish<'_> {
             .launch_permission(add.build())
             .send()
             .await
-            .map_err(|e| aws_error(&e))
+            .map_err(|e| aws_error(e))
             .with_context(|| {
                 format!(
                     "sharing image {id} in {region} with {}",
@@ -548,7 +549,7 @@ impl Publish<'_> {
             request
                 .send()
                 .await
-                .map_err(|e| aws_error(&e))
+                .map_err(|e| aws_error(e))
                 .with_context(|| {
                     format!(
                         "sharing snapshot {snap} of {id} in {region} with {}",
@@ -570,7 +571,7 @@ pub async fn current_parameter(ssm: &aws_sdk_ssm::Client, name: &str) -> Result<
         {
             Ok(None)
         }
-        Err(e) => Err(aws_error(&e)).with_context(|| format!("reading the SSM parameter {name}")),
+        Err(e) => Err(aws_error(e)).with_context(|| format!("reading the SSM parameter {name}")),
     }
 }
 

@@ -5,8 +5,8 @@
 #![allow(dead_code)]
 
 use crate::definition::{self, ImageDef};
-use crate::target::aws::image::ImageWaits;
-use crate::target::Build;
+use crate::platform::aws::ami::ImageWaits;
+use crate::platform::Build;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -9,11 +9,11 @@
 //! debootstraps the base (minutes), later runs unpack it from ~/.cache/stackless.
 
 use super::base::{self, BaseSpec};
-use super::chroot::ChrootCommunicator;
 use super::mounts::{remove_tree, Mounts};
+use crate::communicator::chroot::ChrootCommunicator;
 use crate::communicator::{CommandOutput, Communicator};
+use crate::platform::aws::console::seed_failure;
 use crate::render::{self, RenderInputs, SSM_AGENT_KEY};
-use crate::target::aws::console::seed_failure;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

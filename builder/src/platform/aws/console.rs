@@ -3,7 +3,7 @@
 //! starting with [`SEED_FAILURE_PREFIX`] on the console, and the bake fails at once naming it
 //! instead of waiting for SSM until `ssm_timeout`.
 
-use super::aws_error;
+use crate::aws::aws_error;
 use crate::render::SEED_FAILURE_PREFIX;
 use anyhow::{Context, Result};
 use base64::Engine;

@@ -10,9 +10,10 @@
 //! Nothing without those tags is ever touched, and a temporary resource whose expiry cannot be
 //! read is skipped, not guessed at.
 
-use super::image::{self, aws_error, error_code, tag_map};
+use super::ami::{self as image, tag_map};
 use super::tags;
-use super::waiter::{Check, Wait};
+use crate::aws::waiter::Wait;
+use crate::aws::{aws_error, error_code};
 use anyhow::{Context, Result};
 use aws_sdk_ec2::types::{Filter, ImageState, InstanceStateName, Tag};
 use serde::Serialize;
@@ -104,7 +105,7 @@ async fn instances(
         .send()
         .try_collect()
         .await
-        .map_err(|e| aws_error(&e))
+        .map_err(|e| aws_error(e))
         .context("gc: listing temporary instances (the builder needs ec2:DescribeInstances)")?;
     let mut doomed = Vec::new();
     for instance in reservations.iter().flat_map(|r| r.instances()) {
@@ -133,58 +134,24 @@ async fn instances(
         return Ok(());
     }
     if !dry_run {
-        ec2.terminate_instances()
-            .set_instance_ids(Some(doomed.clone()))
-            .send()
+        let wait = Wait::new(
+            format!("instances {} to terminate", doomed.join(", ")),
+            Duration::from_secs(15 * 60),
+        )
+        .interval(Duration::from_secs(2), Duration::from_secs(15))
+        .progress(true)
+        .hint("run `builder gc` again later to delete their security groups");
+        crate::aws::instances::terminate(ec2, &doomed, wait)
             .await
-            .map_err(|e| aws_error(&e))
             .with_context(|| {
                 format!(
                     "gc: terminating expired seed instances {}",
                     doomed.join(", ")
                 )
             })?;
-        Wait::new(
-            format!("instances {} to terminate", doomed.join(", ")),
-            Duration::from_secs(15 * 60),
-        )
-        .interval(Duration::from_secs(2), Duration::from_secs(15))
-        .progress(true)
-        .hint("run `builder gc` again later to delete their security groups")
-        .until(|| all_terminated(ec2, &doomed))
-        .await?;
     }
     report.instances_terminated = doomed;
     Ok(())
-}
-
-async fn all_terminated(ec2: &aws_sdk_ec2::Client, ids: &[String]) -> Result<Check<()>> {
-    let out = ec2
-        .describe_instances()
-        .set_instance_ids(Some(ids.to_vec()))
-        .send()
-        .await
-        .map_err(|e| aws_error(&e))
-        .context("gc: checking that the instances terminated")?;
-    let left: Vec<String> = out
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances())
-        .filter(|i| i.state().and_then(|s| s.name()) != Some(&InstanceStateName::Terminated))
-        .map(|i| {
-            let state = i
-                .state()
-                .and_then(|s| s.name())
-                .map(|s| s.as_str())
-                .unwrap_or("unknown");
-            format!("{} {state}", i.instance_id().unwrap_or_default())
-        })
-        .collect();
-    Ok(if left.is_empty() {
-        Check::Ready(())
-    } else {
-        Check::Waiting(left.join(", "))
-    })
 }
 
 async fn groups(
@@ -201,7 +168,7 @@ async fn groups(
         .send()
         .try_collect()
         .await
-        .map_err(|e| aws_error(&e))
+        .map_err(|e| aws_error(e))
         .context(
             "gc: listing temporary security groups (the builder needs ec2:DescribeSecurityGroups)",
         )?;
@@ -235,7 +202,7 @@ async fn groups(
             Err(e) if error_code(&e) == Some("DependencyViolation") => {
                 report.skipped.push(format!("{id}: still in use (an instance or network interface); run `builder gc` again later"))
             }
-            Err(e) => report.skipped.push(format!("{id}: could not be deleted: {}", aws_error(&e))),
+            Err(e) => report.skipped.push(format!("{id}: could not be deleted: {}", aws_error(e))),
         }
     }
     Ok(())
@@ -258,7 +225,7 @@ async fn images(
         .send()
         .try_collect()
         .await
-        .map_err(|e| aws_error(&e))
+        .map_err(|e| aws_error(e))
         .context("gc: listing the builder's images (the builder needs ec2:DescribeImages)")?;
     for img in images {
         let id = img.image_id().unwrap_or_default().to_string();

@@ -1,5 +1,5 @@
 use super::*;
-use crate::target::aws::ssm::SsmCommunicator;
+use crate::communicator::ssm::SsmCommunicator;
 use aws_sdk_ec2::error::ErrorMetadata;
 use aws_sdk_ec2::operation::get_console_output::{GetConsoleOutputError, GetConsoleOutputOutput};
 use aws_sdk_ssm::operation::describe_instance_information::DescribeInstanceInformationOutput;

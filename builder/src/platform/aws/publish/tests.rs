@@ -1,7 +1,7 @@
 use super::*;
-use crate::target::aws::image::test_support::*;
-use crate::target::aws::image::{create_and_wait_with, tag_map};
-use crate::target::aws::tags;
+use crate::platform::aws::ami::test_support::*;
+use crate::platform::aws::ami::{create_and_wait_with, tag_map};
+use crate::platform::aws::tags;
 use std::time::{Duration, Instant};
 use testkit::Moto;
 
@@ -73,7 +73,7 @@ async fn copies_shares_deprecates_and_publishes_the_parameter() {
     for region in ["us-east-2", "eu-central-1"] {
         let copy = &art.regions[region];
         let client = ec2_for(&config, region);
-        let img = crate::target::aws::image::describe(&client, copy)
+        let img = crate::platform::aws::ami::describe(&client, copy)
             .await
             .unwrap()
             .expect("the copy exists in its region");
@@ -92,7 +92,7 @@ async fn copies_shares_deprecates_and_publishes_the_parameter() {
             t.get(COPY_OF),
             Some(&format!("eu-west-1/{}", image.image_id))
         );
-        let snaps = crate::target::aws::image::snapshots_of(&img);
+        let snaps = crate::platform::aws::ami::snapshots_of(&img);
         assert_eq!(art.details[&format!("snapshots.{region}")], snaps.join(","));
         for s in &snaps {
             assert_eq!(
@@ -139,11 +139,11 @@ async fn copies_shares_deprecates_and_publishes_the_parameter() {
             .filter_map(|p| p.user_id())
             .collect();
         assert_eq!(users, [ACCOUNT], "launch permission in {region}");
-        let img = crate::target::aws::image::describe(&client, id)
+        let img = crate::platform::aws::ami::describe(&client, id)
             .await
             .unwrap()
             .unwrap();
-        for s in crate::target::aws::image::snapshots_of(&img) {
+        for s in crate::platform::aws::ami::snapshots_of(&img) {
             let cv = client
                 .describe_snapshot_attribute()
                 .snapshot_id(&s)
@@ -274,7 +274,7 @@ async fn an_encrypted_definition_publishes_an_encrypted_copy_under_the_real_name
 
     assert_ne!(art.id, intermediate.image_id);
     let name = def.image_name(&b.id, &b.timestamp);
-    let home = crate::target::aws::image::describe(&ec2, &art.id)
+    let home = crate::platform::aws::ami::describe(&ec2, &art.id)
         .await
         .unwrap()
         .unwrap();
@@ -284,7 +284,7 @@ async fn an_encrypted_definition_publishes_an_encrypted_copy_under_the_real_name
         Some(&format!("eu-west-1/{}", intermediate.image_id))
     );
     assert!(
-        crate::target::aws::image::describe(&ec2, &intermediate.image_id)
+        crate::platform::aws::ami::describe(&ec2, &intermediate.image_id)
             .await
             .unwrap()
             .is_none(),
@@ -360,7 +360,7 @@ async fn a_copy_that_never_finishes_hits_the_deadline_and_all_copies_are_removed
         );
     }
     assert!(
-        crate::target::aws::image::describe(&ec2, &image.image_id)
+        crate::platform::aws::ami::describe(&ec2, &image.image_id)
             .await
             .unwrap()
             .is_some(),

@@ -3,10 +3,10 @@
 //! shutdown terminates it, so even a builder killed with SIGKILL cannot leave it running.
 
 use super::source::SourceImage;
-use super::waiter::{Check, Wait};
-use super::{aws_error, tag_filter, tag_spec};
+use crate::aws::waiter::{Check, Wait};
+use crate::aws::{aws_error, tag_filter, tag_spec};
 use crate::definition::ImageDef;
-use crate::target::Build;
+use crate::platform::Build;
 use anyhow::{Context, Result};
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::{
@@ -223,36 +223,12 @@ pub async fn terminate(
     timeout: Duration,
     progress: bool,
 ) -> Result<()> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    match ec2
-        .terminate_instances()
-        .set_instance_ids(Some(ids.to_vec()))
-        .send()
-        .await
-    {
-        Ok(_) => {}
-        Err(e) if e.code() == Some("InvalidInstanceID.NotFound") && ids.len() == 1 => return Ok(()),
-        Err(e) => {
-            return Err(aws_error(e)).with_context(|| {
-                format!(
-                    "terminating {} (needs ec2:TerminateInstances)",
-                    ids.join(" ")
-                )
-            });
-        }
-    }
+    let wait = Wait::new(format!("instances {} to terminate", ids.join(" ")), timeout)
+        .interval(Duration::from_secs(2), Duration::from_secs(15))
+        .progress(progress)
+        .hint("raise the wait limit, or look at the instances in the EC2 console");
+    crate::aws::instances::terminate(ec2, ids, wait).await?;
     for id in ids {
-        wait_state(
-            ec2,
-            id,
-            InstanceStateName::Terminated,
-            timeout,
-            progress,
-            None,
-        )
-        .await?;
         tracing::info!("terminated instance {id}");
     }
     Ok(())
@@ -262,31 +238,28 @@ pub async fn terminate(
 /// a RunInstances cancelled half-way may have started one whose id it never saw.
 pub async fn find_by_build(ec2: &aws_sdk_ec2::Client, build_id: &str) -> Result<Vec<String>> {
     let mut ids = Vec::new();
-    let mut token = None;
-    loop {
-        let out = ec2
-            .describe_instances()
-            .filters(tag_filter(super::tags::BUILD_ID, build_id))
-            .filters(
-                Filter::builder()
-                    .name("instance-state-name")
-                    .set_values(Some(
-                        ["pending", "running", "shutting-down", "stopping", "stopped"]
-                            .map(String::from)
-                            .to_vec(),
-                    ))
-                    .build(),
+    let mut pages = ec2
+        .describe_instances()
+        .filters(tag_filter(super::tags::BUILD_ID, build_id))
+        .filters(
+            Filter::builder()
+                .name("instance-state-name")
+                .set_values(Some(
+                    ["pending", "running", "shutting-down", "stopping", "stopped"]
+                        .map(String::from)
+                        .to_vec(),
+                ))
+                .build(),
+        )
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let out = page.map_err(aws_error).with_context(|| {
+            format!(
+                "looking for instances tagged {}={build_id}",
+                super::tags::BUILD_ID
             )
-            .set_next_token(token)
-            .send()
-            .await
-            .map_err(aws_error)
-            .with_context(|| {
-                format!(
-                    "looking for instances tagged {}={build_id}",
-                    super::tags::BUILD_ID
-                )
-            })?;
+        })?;
         for r in out.reservations() {
             for i in r.instances() {
                 if let Some(id) = i.instance_id() {
@@ -294,14 +267,8 @@ pub async fn find_by_build(ec2: &aws_sdk_ec2::Client, build_id: &str) -> Result<
                 }
             }
         }
-        token = out
-            .next_token()
-            .filter(|t| !t.is_empty())
-            .map(str::to_string);
-        if token.is_none() {
-            return Ok(ids);
-        }
     }
+    Ok(ids)
 }
 
 #[cfg(test)]

@@ -3,29 +3,27 @@
 //! `start` resolves the source, creates a temporary security group with no inbound rules,
 //! launches the seed on a lease (IMDSv2 only, tagged with the build, powering itself off after
 //! `lease_minutes`), waits until it runs and its SSM agent is online, and hands back an
-//! [`ssm::SsmCommunicator`]. `snapshot` stops it and calls `image` and `publish`. `cleanup` removes
+//! [`crate::communicator::ssm::SsmCommunicator`]. `snapshot` stops it and calls `image` and `publish`. `cleanup` removes
 //! what the build made, found both from what was recorded and by the build's tag, so a call that
 //! was cancelled half-way (an instance whose id never came back) is still cleaned up.
 
+pub mod ami;
+pub mod catalog;
 pub mod console;
 pub mod gc;
-pub mod image;
-pub mod images;
 pub mod instance;
 pub mod publish;
 pub mod security_group;
 pub mod source;
-pub mod ssm;
 pub mod tags;
-pub mod waiter;
 
+use crate::aws::{aws_error, tag_filter};
 use crate::communicator::Communicator;
 use crate::definition::ImageDef;
-use crate::target::{Artifact, Build, Target};
+use crate::platform::{Artifact, Build, Target};
 use anyhow::{anyhow, Context, Result};
 use async_trait::async_trait;
-use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata};
-use aws_sdk_ec2::types::{Filter, InstanceStateName, ResourceType, Tag, TagSpecification};
+use aws_sdk_ec2::types::InstanceStateName;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -164,38 +162,6 @@ impl AwsTarget {
     }
 }
 
-/// An SDK error as one line: the service's code and message when it answered, else the whole
-/// chain (a connection that failed, a timeout).
-pub(crate) fn aws_error<E>(e: E) -> anyhow::Error
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
-    match (e.code(), e.message()) {
-        (Some(code), Some(msg)) => anyhow!("{code}: {msg}"),
-        (Some(code), None) => anyhow!("{code}"),
-        _ => anyhow!("{}", DisplayErrorContext(&e)),
-    }
-}
-
-/// The filter for resources tagged `key=value`.
-pub(crate) fn tag_filter(key: &str, value: &str) -> Filter {
-    Filter::builder()
-        .name(format!("tag:{key}"))
-        .values(value)
-        .build()
-}
-
-pub(crate) fn tag_spec(kind: ResourceType, tags: &BTreeMap<String, String>) -> TagSpecification {
-    TagSpecification::builder()
-        .resource_type(kind)
-        .set_tags(Some(
-            tags.iter()
-                .map(|(k, v)| Tag::builder().key(k).value(v).build())
-                .collect(),
-        ))
-        .build()
-}
-
 /// The tags of everything temporary a build makes (the seed, its volume, its group): the
 /// definition's own tags, then the builder's, which win.
 pub fn temporary_tags(def: &ImageDef, build: &Build, now: SystemTime) -> BTreeMap<String, String> {
@@ -262,7 +228,7 @@ impl Target for AwsTarget {
         def: &ImageDef,
         input_hash: &str,
     ) -> Result<Option<Artifact>> {
-        images::find_by_input_hash(&self.ec2, def, input_hash).await
+        catalog::find_by_input_hash(&self.ec2, def, input_hash).await
     }
 
     async fn start(&mut self, def: &ImageDef, build: &Build) -> Result<Arc<dyn Communicator>> {
@@ -296,7 +262,7 @@ impl Target for AwsTarget {
         .await
         .with_context(|| format!("starting seed instance {id} in {region}"))?;
 
-        let comm = ssm::SsmCommunicator::new(
+        let comm = crate::communicator::ssm::SsmCommunicator::new(
             self.ssm.clone(),
             id.clone(),
             self.opts.command_poll,
@@ -327,7 +293,7 @@ impl Target for AwsTarget {
         )
         .await
         .with_context(|| format!("stopping seed instance {id} before making the image"))?;
-        let made = image::create_and_wait(&self.ec2, &id, def, build).await?;
+        let made = ami::create_and_wait(&self.ec2, &id, def, build).await?;
         self.created.image = Some(made.image_id.clone());
         self.created.snapshots = made.snapshot_ids.clone();
         let artifact = publish::publish(&self.config, def, build, &made).await?;
@@ -430,7 +396,7 @@ impl Target for AwsTarget {
             }
             // Copies an interrupted publish made in other regions.
             for r in self.copy_regions.clone().iter().filter(|r| **r != region) {
-                match image::deregister_build(&publish::ec2_for(&self.config, r), &build.id).await {
+                match ami::deregister_build(&publish::ec2_for(&self.config, r), &build.id).await {
                     Ok(gone) if !gone.is_empty() => {
                         notes.push(format!("deregistered the copies {} in {r}", gone.join(" ")))
                     }
@@ -439,7 +405,7 @@ impl Target for AwsTarget {
                 }
             }
             for img in images {
-                match image::deregister(&self.ec2, &img).await {
+                match ami::deregister(&self.ec2, &img).await {
                     Ok(()) => {
                         notes.push(format!(
                             "deregistered the half-made image {img} and deleted its snapshots"

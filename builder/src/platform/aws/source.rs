@@ -1,7 +1,7 @@
 //! The source AMI: given by id, found by owner plus name pattern (the newest wins), or read from an
 //! SSM parameter such as the public ones Debian, Canonical and Amazon publish.
 
-use super::aws_error;
+use crate::aws::aws_error;
 use crate::definition::Source;
 use anyhow::{bail, Context, Result};
 use aws_sdk_ec2::types::{Filter, Image, ImageState};
@@ -70,34 +70,24 @@ pub async fn resolve(
             architecture,
         } => {
             let mut images = Vec::new();
-            let mut token = None;
-            loop {
-                let out = ec2
-                    .describe_images()
-                    .owners(owner)
-                    .filters(Filter::builder().name("name").values(name).build())
-                    .filters(
-                        Filter::builder()
-                            .name("architecture")
-                            .values(architecture)
-                            .build(),
-                    )
-                    .filters(Filter::builder().name("state").values("available").build())
-                    .set_next_token(token)
-                    .send()
-                    .await
-                    .map_err(aws_error)
-                    .with_context(|| {
-                        format!("searching images owned by {owner} named {name} in {region}")
-                    })?;
+            let mut pages = ec2
+                .describe_images()
+                .owners(owner)
+                .filters(Filter::builder().name("name").values(name).build())
+                .filters(
+                    Filter::builder()
+                        .name("architecture")
+                        .values(architecture)
+                        .build(),
+                )
+                .filters(Filter::builder().name("state").values("available").build())
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                let out = page.map_err(aws_error).with_context(|| {
+                    format!("searching images owned by {owner} named {name} in {region}")
+                })?;
                 images.extend(out.images().iter().cloned());
-                token = out
-                    .next_token()
-                    .filter(|t| !t.is_empty())
-                    .map(str::to_string);
-                if token.is_none() {
-                    break;
-                }
             }
             match newest(&images) {
                 Some(i) => {

@@ -1,6 +1,6 @@
 use super::*;
-use crate::target::aws::image::create_and_wait_with;
-use crate::target::aws::image::test_support::*;
+use crate::platform::aws::ami::create_and_wait_with;
+use crate::platform::aws::ami::test_support::*;
 use aws_sdk_ec2::types::{ResourceType, TagSpecification};
 use testkit::Moto;
 
