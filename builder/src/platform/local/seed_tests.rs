@@ -3,7 +3,9 @@
 //! present, refused when its signature does not match, and the failure line it prints is the one
 //! the builder picks up from the console. The agent is a tiny package the test builds with
 //! dpkg-deb and signs with a throwaway key it trusts in place of AWS's; both are served from
-//! loopback. The rendered generalize.sh then removes the agent (or keeps it, when told to).
+//! loopback. The rendered generalize.sh then removes the agent (or keeps it, when told to). The
+//! chroot has no metadata service (169.254.169.254 is not routed here), so the region is given
+//! there; the script's IMDSv2 function is run on its own against a stand-in on loopback.
 //!
 //! Needs root (chroot, mounts), debootstrap, dpkg-deb and gpg; skipped otherwise. The first run
 //! debootstraps the base (minutes), later runs unpack it from ~/.cache/stackless.
@@ -468,4 +470,93 @@ async fn the_seed_installs_the_ssm_agent_in_a_debian_root_only_when_absent_and_s
         "not the seed's to remove: {}",
         log(&out)
     );
+}
+
+/// IMDSv2 on loopback: a token for a PUT, the region only for a GET that carries it.
+fn imds() -> (Arc<tiny_http::Server>, u16, std::thread::JoinHandle<()>) {
+    let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
+    let port = server.server_addr().to_ip().unwrap().port();
+    let s = server.clone();
+    let t = std::thread::spawn(move || {
+        for req in s.incoming_requests() {
+            let header = |name: &'static str| {
+                req.headers()
+                    .iter()
+                    .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
+                    .map(|h| h.value.as_str().to_string())
+            };
+            let (code, body) = match (req.method(), req.url()) {
+                (tiny_http::Method::Put, "/latest/api/token")
+                    if header("X-aws-ec2-metadata-token-ttl-seconds").is_some() =>
+                {
+                    (200, "the-token")
+                }
+                (tiny_http::Method::Get, "/latest/meta-data/placement/region")
+                    if header("X-aws-ec2-metadata-token").as_deref() == Some("the-token") =>
+                {
+                    (200, "eu-central-1")
+                }
+                _ => (401, ""),
+            };
+            let _ = req.respond(tiny_http::Response::from_string(body).with_status_code(code));
+        }
+    });
+    (server, port, t)
+}
+
+#[test]
+fn the_seed_asks_imdsv2_for_its_region_with_curl_or_python3() {
+    let r = render_for(
+        "https://example.invalid/{region}",
+        false,
+        Path::new("/nonexistent"),
+    );
+    let ud = &r.seed_user_data;
+    // The script's own function, run on its own.
+    let start = ud.find("imds_region() {").expect("imds_region");
+    let end = start + ud[start..].find("\n}\n").unwrap() + 3;
+    let function = &ud[start..end];
+    let (server, port, thread) = imds();
+    let run = |path: &str| {
+        let out = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!(
+                "{function}imds=http://127.0.0.1:{port}\nimds_region"
+            ))
+            .env("PATH", path)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let mut tried = 0;
+    if have("curl") {
+        let (ok, region, err) = run(&std::env::var("PATH").unwrap());
+        assert!(ok && region == "eu-central-1", "curl: {region} {err}");
+        tried += 1;
+    }
+    // Only python3 on the PATH (cloud-init's own, on any image that runs user-data).
+    let python = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output();
+    if let Some(p) = python.ok().filter(|o| o.status.success()) {
+        let bin = tempfile::tempdir().unwrap();
+        let exe = String::from_utf8_lossy(&p.stdout).trim().to_string();
+        std::os::unix::fs::symlink(exe, bin.path().join("python3")).unwrap();
+        let (ok, region, err) = run(&bin.path().to_string_lossy());
+        assert!(ok && region == "eu-central-1", "python3: {region} {err}");
+        tried += 1;
+        // Neither: it says so.
+        let empty = tempfile::tempdir().unwrap();
+        let (ok, _, err) = run(&empty.path().to_string_lossy());
+        assert!(!ok && err.contains("no curl or python3"), "{err}");
+    }
+    server.unblock();
+    thread.join().unwrap();
+    if tried == 0 {
+        eprintln!("skipped: neither curl nor python3 here");
+    }
 }
