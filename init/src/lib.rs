@@ -11,6 +11,7 @@ pub mod imds;
 pub mod lifecycle;
 pub mod lock;
 pub mod paths;
+pub mod process;
 pub mod repos;
 pub mod resident;
 pub mod salt;
