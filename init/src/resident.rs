@@ -205,6 +205,10 @@ impl Agent {
             let mut due = std::mem::take(&mut self.deferred);
             if self.retry_at.is_some_and(|t| Instant::now() < t) && !due.is_empty() {
                 // Not yet time to retry deferred actions.
+                tracing::trace!(
+                    deferred = due.len(),
+                    "a sync was in progress; retrying the deferred actions shortly"
+                );
                 self.deferred = due;
                 due = Vec::new();
             }
@@ -294,7 +298,11 @@ impl Agent {
         let lock = match SyncLock::try_acquire(&self.layout) {
             Ok(Some(l)) => l,
             Ok(None) => {
-                tracing::debug!("a sync is running; deferring {} action(s)", due.len());
+                let targets: Vec<&str> = due.iter().map(|d| d.target.as_str()).collect();
+                tracing::debug!(
+                    ?targets,
+                    "a sync is in progress (it holds the lock); deferring until it ends"
+                );
                 merge(&mut self.deferred, due);
                 self.retry_at = Some(Instant::now() + DEFER_RETRY);
                 return;
