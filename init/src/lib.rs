@@ -6,6 +6,7 @@
 //! local boots and the builder share it; the shipped agent is built without it.
 
 pub mod actions;
+pub mod aws;
 pub mod boot;
 pub mod fsutil;
 pub mod imds;
