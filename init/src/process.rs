@@ -309,6 +309,23 @@ pub(crate) mod testing {
         }
     }
 
+    /// A TCP server on loopback that accepts one connection and never answers (a hung git
+    /// or HTTP server). Returns its port and a receiver that gets `()` once the client's end
+    /// closes: the client was killed, nothing of it holds the connection any more.
+    pub fn silent_server() -> (u16, std::sync::mpsc::Receiver<()>) {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            while !matches!(conn.read(&mut buf), Ok(0) | Err(_)) {}
+            let _ = tx.send(());
+        });
+        (port, rx)
+    }
+
     /// The path of a fresh pid file in `dir`.
     pub fn pidfile(dir: &Path) -> PathBuf {
         dir.join("grandchild.pid")

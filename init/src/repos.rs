@@ -796,20 +796,13 @@ mod tests {
 
     #[test]
     fn a_hung_git_is_killed_at_its_deadline() {
-        // A git server that accepts and never answers: git waits forever without a deadline.
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let (mut conn, _) = listener.accept().unwrap();
-            let mut buf = [0u8; 4096];
-            // Read until git's end of the connection closes: it dies, nobody holds it.
-            while !matches!(std::io::Read::read(&mut conn, &mut buf), Ok(0) | Err(_)) {}
-            let _ = tx.send(());
-        });
+        // An http server that accepts and never answers: git waits forever without a deadline.
+        // Over http git runs git-remote-http, which holds the connection: it closes only if
+        // that grandchild dies too.
+        let (port, closed) = crate::process::testing::silent_server();
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::new(dir.path());
-        let url = format!("git://127.0.0.1:{port}/repo");
+        let url = format!("http://127.0.0.1:{port}/repo.git");
         let spec = RepoSpec {
             url: url.clone(),
             reference: "main".into(),
@@ -828,8 +821,9 @@ mod tests {
             )) && err.contains("raise [timeouts] git"),
             "{err}"
         );
-        rx.recv_timeout(Duration::from_secs(5))
-            .expect("the killed git still holds its connection");
+        closed
+            .recv_timeout(Duration::from_secs(5))
+            .expect("git-remote-http survived git and still holds its connection");
     }
 
     #[test]
