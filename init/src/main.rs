@@ -66,6 +66,17 @@ enum Command {
         #[arg(long, default_value_t = 1800)]
         lock_wait: u64,
     },
+    /// Read an SSM parameter with the instance role, as the agent does for repository
+    /// credentials, and say whether it worked (never prints the value).
+    CheckParameter {
+        name: String,
+        /// The SSM endpoint (default: AWS_ENDPOINT_URL_SSM, AWS_ENDPOINT_URL, else the region's).
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Seconds IMDS and SSM may take, retries included.
+        #[arg(long, default_value_t = 30)]
+        deadline: u64,
+    },
     /// Block until the boot has finished: exit 0 ready, 1 failed, 2 degraded, 3 timed out.
     Wait {
         /// Give up after this many seconds (default: wait forever).
@@ -89,6 +100,26 @@ fn main() -> ExitCode {
 
 fn run(command: Command, layout: &Layout) -> anyhow::Result<u8> {
     match command {
+        Command::CheckParameter {
+            name,
+            endpoint,
+            deadline,
+        } => {
+            let deadline = Duration::from_secs(deadline);
+            let imds = stackless_init::imds::ImdsClient::from_env(deadline);
+            let mut reader = stackless_init::aws::ssm::ParameterReader::new(
+                imds,
+                endpoint.as_deref(),
+                deadline,
+            )?;
+            let value = reader.get(&name)?;
+            println!(
+                "readable: {name} ({} bytes) from {}",
+                value.expose().len(),
+                reader.endpoint
+            );
+            Ok(0)
+        }
         Command::Boot {
             once,
             imds_deadline,

@@ -69,15 +69,14 @@ impl ImdsClient {
                 detail: format!("the credentials document says Code {code:?}, not \"Success\""),
             });
         }
-        let expiration = chrono::DateTime::parse_from_rfc3339(&doc.expiration)
-            .map_err(|e| ImdsError::Invalid {
+        let expiration =
+            crate::aws::sigv4::parse_utc(&doc.expiration).ok_or_else(|| ImdsError::Invalid {
                 what: what.clone(),
                 detail: format!(
-                    "Expiration {:?} is not an RFC 3339 time: {e}",
+                    "Expiration {:?} is not an RFC 3339 UTC time",
                     doc.expiration
                 ),
-            })?
-            .timestamp();
+            })?;
         Ok(RoleCredentials {
             role,
             credentials: Credentials {

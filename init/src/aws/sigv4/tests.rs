@@ -148,6 +148,23 @@ fn hmac_sha256_rfc4231() {
 #[test]
 fn amz_date_format() {
     assert_eq!(amz_date(1440938160), "20150830T123600Z");
+    // Against chrono over two centuries, leap days included.
+    for secs in (-2_000_000_000i64..5_000_000_000).step_by(86_399 * 37) {
+        let chrono = chrono::DateTime::<chrono::Utc>::from_timestamp(secs, 0).unwrap();
+        assert_eq!(amz_date(secs), chrono.format("%Y%m%dT%H%M%SZ").to_string());
+        let rfc = chrono.format("%Y-%m-%dT%H:%M:%SZ").to_string();
+        assert_eq!(parse_utc(&rfc), Some(secs), "{rfc}");
+    }
+    assert_eq!(parse_utc("2015-08-30T12:36:00.123Z"), Some(1440938160));
+    assert_eq!(parse_utc("2015-08-30T12:36:00+00:00"), Some(1440938160));
+    for bad in [
+        "tomorrow",
+        "2015-08-30T12:36:00",
+        "2015-13-30T12:36:00Z",
+        "2015-08-30T12:36:00+02:00",
+    ] {
+        assert_eq!(parse_utc(bad), None, "{bad}");
+    }
 }
 
 #[test]
