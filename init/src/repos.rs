@@ -7,6 +7,7 @@
 //! point removes the temporary folder and keeps the old `current`. Callers hold the
 //! [`SyncLock`](crate::lock::SyncLock) so syncs never overlap.
 
+use crate::gitauth::GitAuth;
 use crate::paths::Layout;
 use crate::process::{self, Deadline};
 pub use crate::userdata::RepoSpec;
@@ -59,13 +60,39 @@ pub fn sync(
     spec: &RepoSpec,
     timeout: Duration,
 ) -> Result<SyncOutcome> {
+    sync_with_auth(layout, name, spec, timeout, None)
+}
+
+/// [`sync`] for a private repository: git's ls-remote and fetch get `auth`.
+pub fn sync_with_auth(
+    layout: &Layout,
+    name: &str,
+    spec: &RepoSpec,
+    timeout: Duration,
+    auth: Option<&GitAuth>,
+) -> Result<SyncOutcome> {
     let current = current_commit(layout, name);
-    let result = sync_inner(layout, name, spec, current.as_deref(), timeout).with_context(|| {
+    let result = sync_inner(layout, name, spec, current.as_deref(), timeout, auth);
+    let result = result.with_context(|| {
+        let with = spec
+            .credentials
+            .as_ref()
+            .map(|c| format!(" with the credentials of SSM parameter {}", c.parameter()))
+            .unwrap_or_default();
         format!(
-            "syncing repository {name} from {} (ref {})",
+            "syncing repository {name} from {} (ref {}){with}",
             spec.url, spec.reference
         )
     });
+    keep_last(name, result, current)
+}
+
+/// A failed sync keeps the published release when there is one.
+pub fn keep_last(
+    name: &str,
+    result: Result<SyncOutcome>,
+    current: Option<String>,
+) -> Result<SyncOutcome> {
     match (result, current) {
         (Ok(outcome), _) => Ok(outcome),
         (Err(e), Some(commit)) => {
@@ -98,12 +125,13 @@ fn sync_inner(
     spec: &RepoSpec,
     current: Option<&str>,
     timeout: Duration,
+    auth: Option<&GitAuth>,
 ) -> Result<SyncOutcome> {
     validate(name, spec)?;
     let repo_dir = layout.repo_dir(name);
     let releases = repo_dir.join("releases");
 
-    let (sha, fetch_ref) = resolve(spec, timeout)?;
+    let (sha, fetch_ref) = resolve(spec, timeout, auth)?;
     if current == Some(sha.as_str()) {
         return Ok(SyncOutcome::Unchanged { commit: sha });
     }
@@ -115,7 +143,7 @@ fn sync_inner(
         sha
     } else {
         let tmp = TempDir::new(&releases)?;
-        let head = fetch(&tmp.path, &spec.url, &fetch_ref, timeout)?;
+        let head = fetch(&tmp.path, &spec.url, &fetch_ref, timeout, auth)?;
         if head != sha {
             if is_full_sha(&spec.reference) {
                 bail!("fetched commit {head}, not the requested {sha}");
@@ -178,7 +206,7 @@ fn is_full_sha(s: &str) -> bool {
 }
 
 /// Resolves the ref to a commit and the name to fetch it by. A full sha needs no round trip.
-fn resolve(spec: &RepoSpec, timeout: Duration) -> Result<(String, String)> {
+fn resolve(spec: &RepoSpec, timeout: Duration, auth: Option<&GitAuth>) -> Result<(String, String)> {
     let r = spec.reference.as_str();
     let lower = r.to_ascii_lowercase();
     if is_full_sha(&lower) {
@@ -195,6 +223,7 @@ fn resolve(spec: &RepoSpec, timeout: Duration) -> Result<(String, String)> {
             OsStr::new(&peeled_pattern),
         ],
         timeout,
+        auth,
     )?;
     let refs: HashMap<&str, &str> = out
         .lines()
@@ -223,7 +252,13 @@ fn resolve(spec: &RepoSpec, timeout: Duration) -> Result<(String, String)> {
 }
 
 /// Fetches `what` shallow into the empty folder `dir`, checks it out detached, and returns HEAD.
-fn fetch(dir: &Path, url: &str, what: &str, timeout: Duration) -> Result<String> {
+fn fetch(
+    dir: &Path,
+    url: &str,
+    what: &str,
+    timeout: Duration,
+    auth: Option<&GitAuth>,
+) -> Result<String> {
     let d = Some(dir);
     git(
         None,
@@ -235,24 +270,28 @@ fn fetch(dir: &Path, url: &str, what: &str, timeout: Duration) -> Result<String>
             dir.as_os_str(),
         ],
         timeout,
+        None,
     )?;
     git(
         d,
         Some(url),
         ["fetch", "-q", "--depth", "1", "--no-tags", url, what].map(OsStr::new),
         timeout,
+        auth,
     )?;
     git(
         d,
         None,
         ["checkout", "-q", "--detach", "FETCH_HEAD"].map(OsStr::new),
         timeout,
+        None,
     )?;
     let head = git(
         d,
         None,
         ["rev-parse", "--verify", "HEAD^{commit}"].map(OsStr::new),
         timeout,
+        None,
     )?;
     let head = head.trim().to_string();
     if !is_full_sha(&head) {
@@ -385,6 +424,7 @@ fn git<'a>(
     url: Option<&str>,
     args: impl IntoIterator<Item = &'a OsStr>,
     timeout: Duration,
+    auth: Option<&GitAuth>,
 ) -> Result<String> {
     let args: Vec<&OsStr> = args.into_iter().collect();
     let sub = args
@@ -407,6 +447,9 @@ fn git<'a>(
         "fetch.recurseSubmodules=false",
     ] {
         cmd.arg("-c").arg(c);
+    }
+    if let Some(auth) = auth {
+        auth.apply(&mut cmd);
     }
     cmd.args(&args);
     for var in [
@@ -514,6 +557,7 @@ mod tests {
             RepoSpec {
                 url: self.url(),
                 reference: reference.to_string(),
+                credentials: None,
             }
         }
 
@@ -661,6 +705,7 @@ mod tests {
         let back = RepoSpec {
             url: "file:///nonexistent/repo.git".into(),
             reference: c1.clone(),
+            credentials: None,
         };
         let out = sync(&f.layout, "salt", &back, T).unwrap();
         assert_eq!(
@@ -682,6 +727,7 @@ mod tests {
         let gone = RepoSpec {
             url: "file:///nonexistent/repo.git".into(),
             reference: "main".into(),
+            credentials: None,
         };
         let out = sync(&f.layout, "salt", &gone, T).unwrap();
         match &out {
@@ -712,6 +758,7 @@ mod tests {
         let gone = RepoSpec {
             url: "file:///nonexistent/repo.git".into(),
             reference: "main".into(),
+            credentials: None,
         };
         let err = sync(&f.layout, "salt", &gone, T).unwrap_err();
         let msg = format!("{err:#}");
@@ -806,6 +853,7 @@ mod tests {
         let spec = RepoSpec {
             url: url.clone(),
             reference: "main".into(),
+            credentials: None,
         };
         let start = std::time::Instant::now();
         let err = sync(&layout, "salt", &spec, Duration::from_millis(500)).unwrap_err();

@@ -9,6 +9,9 @@ pub struct RepoSpec {
     /// A branch, a tag or a full commit sha.
     #[serde(rename = "ref")]
     pub reference: String,
+    /// Where its secret is (parameter names only), for a private repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<super::RepoCredentials>,
 }
 
 /// How salt gets onto a machine that lacks it.
