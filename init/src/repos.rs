@@ -139,7 +139,9 @@ fn sync_inner(
     fs::create_dir_all(&releases).with_context(|| format!("creating {}", releases.display()))?;
     remove_stale_temps(&releases);
     let commit = if releases.join(&sha).is_dir() {
-        // Flipping back to a release we still have: nothing to fetch.
+        // Flipping back to a release we still have: nothing to fetch (its modes are made right
+        // again: it may predate them, or the group may have changed).
+        restrict(&releases.join(&sha), spec.group.as_deref())?;
         sha
     } else {
         let tmp = TempDir::new(&releases)?;
@@ -156,6 +158,8 @@ fn sync_inner(
         }
         let release = releases.join(&head);
         if !release.is_dir() {
+            // Readable by root (or the configured group) alone before it is ever published.
+            restrict(&tmp.path, spec.group.as_deref())?;
             durable(&tmp.path);
             fs::rename(&tmp.path, &release).with_context(|| {
                 format!("renaming {} to {}", tmp.path.display(), release.display())
@@ -298,6 +302,54 @@ fn fetch(
         bail!("git rev-parse HEAD gave {head:?} in {}", dir.display());
     }
     Ok(head)
+}
+
+/// Makes a release readable by root alone (dirs 0700, files 0600, executables 0700) or, with
+/// `group`, by that group too (0750 / 0640 / 0750, group-owned). Symlinks are left as they are.
+pub fn restrict(dir: &Path, group: Option<&str>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let gid = match group {
+        Some(name) => Some(
+            nix::unistd::Group::from_name(name)
+                .with_context(|| format!("looking up the group {name}"))?
+                .with_context(|| format!("[config] group {name} does not exist on this instance"))?
+                .gid,
+        ),
+        None => None,
+    };
+    let (dmode, fmode, xmode) = if gid.is_some() {
+        (0o750, 0o640, 0o750)
+    } else {
+        (0o700, 0o600, 0o700)
+    };
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let meta =
+            fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+        let mode = if meta.is_dir() {
+            for entry in
+                fs::read_dir(&path).with_context(|| format!("listing {}", path.display()))?
+            {
+                stack.push(entry?.path());
+            }
+            dmode
+        } else if meta.is_file() {
+            if meta.permissions().mode() & 0o111 != 0 {
+                xmode
+            } else {
+                fmode
+            }
+        } else {
+            continue;
+        };
+        if gid.is_some() {
+            nix::unistd::chown(&path, None, gid)
+                .with_context(|| format!("changing the group of {}", path.display()))?;
+        }
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+            .with_context(|| format!("setting the mode of {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Points `current` at `releases/SHA` atomically: a new symlink renamed over the old one.
@@ -558,6 +610,7 @@ mod tests {
                 url: self.url(),
                 reference: reference.to_string(),
                 credentials: None,
+                group: None,
             }
         }
 
@@ -594,6 +647,49 @@ mod tests {
         fn current_target(&self) -> PathBuf {
             fs::read_link(self.layout.repo_current("salt")).unwrap()
         }
+    }
+
+    /// `runuser -u nobody -- cat FILE`: whether an unprivileged user can read it.
+    fn nobody_reads(file: &Path) -> bool {
+        Command::new("runuser")
+            .args(["-u", "nobody", "--", "cat"])
+            .arg(file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("runuser")
+            .success()
+    }
+
+    /// Releases are root-only (salt: the pillar of every role is in there), or readable by the
+    /// configured group; the modes are in place before `current` points at the release.
+    #[test]
+    fn releases_are_readable_by_root_or_the_group_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let f = Fixture::new();
+        fs::create_dir_all(f.work.join("pillar")).unwrap();
+        f.commit("pillar/secrets.sls", "db_password: CANARY\n");
+        // Let nobody walk down to the releases, as on an instance (/var/lib is 0755).
+        fs::set_permissions(f._tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        sync(&f.layout, "salt", &f.spec("main"), T).unwrap();
+        let release = f.layout.repo_current("salt");
+        let secret = release.join("pillar/secrets.sls");
+        assert!(fs::read_to_string(&secret).unwrap().contains("CANARY"));
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&secret), 0o600);
+        assert_eq!(mode(&release.join("pillar")), 0o700);
+        assert_eq!(mode(&fs::canonicalize(&release).unwrap()), 0o700);
+        assert!(!nobody_reads(&secret), "nobody read the salt pillar");
+
+        // A config repository readable by the programs' group (nobody's own, nogroup).
+        let mut spec = f.spec("main");
+        spec.group = Some("nogroup".into());
+        sync(&f.layout, "config", &spec, T).unwrap();
+        let secret = f.layout.repo_current("config").join("pillar/secrets.sls");
+        assert_eq!(mode(&secret), 0o640);
+        assert!(nobody_reads(&secret), "the group reads the config release");
+        let e = restrict(f._tmp.path(), Some("no-such-group-x")).unwrap_err();
+        assert!(format!("{e:#}").contains("does not exist"), "{e:#}");
     }
 
     #[test]
@@ -706,6 +802,7 @@ mod tests {
             url: "file:///nonexistent/repo.git".into(),
             reference: c1.clone(),
             credentials: None,
+            group: None,
         };
         let out = sync(&f.layout, "salt", &back, T).unwrap();
         assert_eq!(
@@ -728,6 +825,7 @@ mod tests {
             url: "file:///nonexistent/repo.git".into(),
             reference: "main".into(),
             credentials: None,
+            group: None,
         };
         let out = sync(&f.layout, "salt", &gone, T).unwrap();
         match &out {
@@ -759,6 +857,7 @@ mod tests {
             url: "file:///nonexistent/repo.git".into(),
             reference: "main".into(),
             credentials: None,
+            group: None,
         };
         let err = sync(&f.layout, "salt", &gone, T).unwrap_err();
         let msg = format!("{err:#}");
@@ -854,6 +953,7 @@ mod tests {
             url: url.clone(),
             reference: "main".into(),
             credentials: None,
+            group: None,
         };
         let start = std::time::Instant::now();
         let err = sync(&layout, "salt", &spec, Duration::from_millis(500)).unwrap_err();

@@ -211,3 +211,15 @@ fn credentials_come_from_the_defaults_too() {
     let e = resolve(&defaults, &user, &Identity::example()).unwrap_err();
     assert!(e.message.contains("needs an https:// repo URL"), "{e}");
 }
+
+#[test]
+fn config_group_reaches_the_spec_and_salt_stays_root_only() {
+    let s = parse_ok(
+        "[salt]\nrepo = \"https://h/s.git\"\n[config]\nrepo = \"https://h/c.git\"\ngroup = \"app\"\n",
+    );
+    assert_eq!(s.config.unwrap().group.as_deref(), Some("app"));
+    assert_eq!(s.salt.repo.unwrap().group, None);
+    let e = err("[config]\nrepo = \"https://h/c.git\"\ngroup = \"-x y\"\n");
+    assert_eq!((e.line, e.column), (3, 9), "{e}");
+    assert!(e.message.contains("is not a group name"), "{e}");
+}

@@ -132,6 +132,9 @@ pub struct RepoSection {
     pub reference: Option<String>,
     /// `[config.credentials]`: the repository's secret, in SSM.
     pub credentials: Option<CredentialsSection>,
+    /// The group the programs run as, which may then read the releases (dirs 0750, files
+    /// 0640). Without it, root alone reads them.
+    pub group: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -366,6 +369,21 @@ fn validate(doc: &Document) -> Result<(), UserDataError> {
             config.repo.as_ref().map(|r| r.get_ref().as_str()),
             config.reference.as_deref(),
         )?;
+        if let Some(g) = &config.group {
+            let name = g.get_ref();
+            let ok = !name.is_empty()
+                && name.len() <= 32
+                && !name.starts_with('-')
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+            if !ok {
+                return Err(doc.error_at(
+                    g.span().start,
+                    format!("[config] group `{name}` is not a group name"),
+                ));
+            }
+        }
         credentials::validate(
             doc,
             "config",
@@ -702,6 +720,8 @@ pub fn resolve(
                 "salt",
                 url,
             )?,
+            // Only salt-call (root) reads the states and the whole pillar.
+            group: None,
         }),
         None => None,
     };
@@ -754,6 +774,11 @@ pub fn resolve(
                 "config",
                 url,
             )?,
+            group: uc
+                .group
+                .clone()
+                .or(dc.group.clone())
+                .map(Spanned::into_inner),
         }),
         None => None,
     };

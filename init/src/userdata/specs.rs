@@ -12,6 +12,10 @@ pub struct RepoSpec {
     /// Where its secret is (parameter names only), for a private repository.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<super::RepoCredentials>,
+    /// The group that may read its releases (dirs 0750, files 0640); `None`: root alone
+    /// (dirs 0700, files 0600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 /// How salt gets onto a machine that lacks it.
