@@ -54,3 +54,37 @@ pub fn prepare(file: &Path, defaults: &Document) -> Result<Payload> {
         minion_id: settings.minion_id,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `builder user-data` and `builder deploy` both go through `prepare`, hence through the
+    /// agent's own parser: a URL with a token in it is refused, pointing to the option to use,
+    /// and the error never repeats the token.
+    #[test]
+    fn urls_with_credentials_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("web.toml");
+        std::fs::write(
+            &file,
+            "[salt]\nrepo = \"https://x-access-token:ghp_CANARY42@github.com/acme/s.git\"\n",
+        )
+        .unwrap();
+        let e = prepare(&file, &Document::default()).unwrap_err();
+        let text = format!("{e:#}");
+        assert!(
+            text.contains("web.toml:2:17") && text.contains("[salt.credentials] token_parameter"),
+            "{text}"
+        );
+        assert!(!text.contains("CANARY"), "{text}");
+
+        std::fs::write(
+            &file,
+            "[salt]\nrepo = \"https://github.com/acme/s.git\"\n\
+             [salt.credentials]\ntoken_parameter = \"/stackless/token\"\n",
+        )
+        .unwrap();
+        prepare(&file, &Document::default()).expect("parameter names are fine");
+    }
+}

@@ -6,12 +6,15 @@
 //! local boots and the builder share it; the shipped agent is built without it.
 
 pub mod actions;
+pub mod aws;
 pub mod boot;
 pub mod fsutil;
+pub mod gitauth;
 pub mod imds;
 pub mod lifecycle;
 pub mod lock;
 pub mod paths;
+pub mod private;
 pub mod process;
 pub mod repos;
 pub mod resident;

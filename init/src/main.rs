@@ -66,6 +66,21 @@ enum Command {
         #[arg(long, default_value_t = 1800)]
         lock_wait: u64,
     },
+    /// git's askpass helper for private HTTPS repositories: answers git's prompt from the file
+    /// the agent names in STACKLESS_ASKPASS_FILE (the agent runs it; not for people).
+    #[command(hide = true)]
+    Askpass { prompt: String },
+    /// Read an SSM parameter with the instance role, as the agent does for repository
+    /// credentials, and say whether it worked (never prints the value).
+    CheckParameter {
+        name: String,
+        /// The SSM endpoint (default: AWS_ENDPOINT_URL_SSM, AWS_ENDPOINT_URL, else the region's).
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Seconds IMDS and SSM may take, retries included.
+        #[arg(long, default_value_t = 30)]
+        deadline: u64,
+    },
     /// Block until the boot has finished: exit 0 ready, 1 failed, 2 degraded, 3 timed out.
     Wait {
         /// Give up after this many seconds (default: wait forever).
@@ -75,6 +90,22 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // git runs GIT_ASKPASS with the prompt as its only argument: the agent points it at itself
+    // and names the secret's file in STACKLESS_ASKPASS_FILE.
+    if std::env::var_os(stackless_init::gitauth::ASKPASS_FILE_ENV).is_some() {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        if let [prompt] = args.as_slice() {
+            if prompt.starts_with("Username") || prompt.starts_with("Password") {
+                return match stackless_init::gitauth::askpass_main(prompt) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("stackless-init askpass: {e:#}");
+                        ExitCode::from(1)
+                    }
+                };
+            }
+        }
+    }
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
     let layout = Layout::new(&cli.root);
@@ -89,6 +120,30 @@ fn main() -> ExitCode {
 
 fn run(command: Command, layout: &Layout) -> anyhow::Result<u8> {
     match command {
+        Command::Askpass { prompt } => {
+            stackless_init::gitauth::askpass_main(&prompt)?;
+            Ok(0)
+        }
+        Command::CheckParameter {
+            name,
+            endpoint,
+            deadline,
+        } => {
+            let deadline = Duration::from_secs(deadline);
+            let imds = stackless_init::imds::ImdsClient::from_env(deadline);
+            let mut reader = stackless_init::aws::ssm::ParameterReader::new(
+                imds,
+                endpoint.as_deref(),
+                deadline,
+            )?;
+            let value = reader.get(&name)?;
+            println!(
+                "readable: {name} ({} bytes) from {}",
+                value.expose().len(),
+                reader.endpoint
+            );
+            Ok(0)
+        }
         Command::Boot {
             once,
             imds_deadline,

@@ -7,6 +7,7 @@
 //! point removes the temporary folder and keeps the old `current`. Callers hold the
 //! [`SyncLock`](crate::lock::SyncLock) so syncs never overlap.
 
+use crate::gitauth::GitAuth;
 use crate::paths::Layout;
 use crate::process::{self, Deadline};
 pub use crate::userdata::RepoSpec;
@@ -59,13 +60,39 @@ pub fn sync(
     spec: &RepoSpec,
     timeout: Duration,
 ) -> Result<SyncOutcome> {
+    sync_with_auth(layout, name, spec, timeout, None)
+}
+
+/// [`sync`] for a private repository: git's ls-remote and fetch get `auth`.
+pub fn sync_with_auth(
+    layout: &Layout,
+    name: &str,
+    spec: &RepoSpec,
+    timeout: Duration,
+    auth: Option<&GitAuth>,
+) -> Result<SyncOutcome> {
     let current = current_commit(layout, name);
-    let result = sync_inner(layout, name, spec, current.as_deref(), timeout).with_context(|| {
+    let result = sync_inner(layout, name, spec, current.as_deref(), timeout, auth);
+    let result = result.with_context(|| {
+        let with = spec
+            .credentials
+            .as_ref()
+            .map(|c| format!(" with the credentials of SSM parameter {}", c.parameter()))
+            .unwrap_or_default();
         format!(
-            "syncing repository {name} from {} (ref {})",
+            "syncing repository {name} from {} (ref {}){with}",
             spec.url, spec.reference
         )
     });
+    keep_last(name, result, current)
+}
+
+/// A failed sync keeps the published release when there is one.
+pub fn keep_last(
+    name: &str,
+    result: Result<SyncOutcome>,
+    current: Option<String>,
+) -> Result<SyncOutcome> {
     match (result, current) {
         (Ok(outcome), _) => Ok(outcome),
         (Err(e), Some(commit)) => {
@@ -98,12 +125,13 @@ fn sync_inner(
     spec: &RepoSpec,
     current: Option<&str>,
     timeout: Duration,
+    auth: Option<&GitAuth>,
 ) -> Result<SyncOutcome> {
     validate(name, spec)?;
     let repo_dir = layout.repo_dir(name);
     let releases = repo_dir.join("releases");
 
-    let (sha, fetch_ref) = resolve(spec, timeout)?;
+    let (sha, fetch_ref) = resolve(spec, timeout, auth)?;
     if current == Some(sha.as_str()) {
         return Ok(SyncOutcome::Unchanged { commit: sha });
     }
@@ -111,11 +139,13 @@ fn sync_inner(
     fs::create_dir_all(&releases).with_context(|| format!("creating {}", releases.display()))?;
     remove_stale_temps(&releases);
     let commit = if releases.join(&sha).is_dir() {
-        // Flipping back to a release we still have: nothing to fetch.
+        // Flipping back to a release we still have: nothing to fetch (its modes are made right
+        // again: it may predate them, or the group may have changed).
+        restrict(&releases.join(&sha), spec.group.as_deref())?;
         sha
     } else {
         let tmp = TempDir::new(&releases)?;
-        let head = fetch(&tmp.path, &spec.url, &fetch_ref, timeout)?;
+        let head = fetch(&tmp.path, &spec.url, &fetch_ref, timeout, auth)?;
         if head != sha {
             if is_full_sha(&spec.reference) {
                 bail!("fetched commit {head}, not the requested {sha}");
@@ -128,6 +158,8 @@ fn sync_inner(
         }
         let release = releases.join(&head);
         if !release.is_dir() {
+            // Readable by root (or the configured group) alone before it is ever published.
+            restrict(&tmp.path, spec.group.as_deref())?;
             durable(&tmp.path);
             fs::rename(&tmp.path, &release).with_context(|| {
                 format!("renaming {} to {}", tmp.path.display(), release.display())
@@ -178,7 +210,7 @@ fn is_full_sha(s: &str) -> bool {
 }
 
 /// Resolves the ref to a commit and the name to fetch it by. A full sha needs no round trip.
-fn resolve(spec: &RepoSpec, timeout: Duration) -> Result<(String, String)> {
+fn resolve(spec: &RepoSpec, timeout: Duration, auth: Option<&GitAuth>) -> Result<(String, String)> {
     let r = spec.reference.as_str();
     let lower = r.to_ascii_lowercase();
     if is_full_sha(&lower) {
@@ -195,6 +227,7 @@ fn resolve(spec: &RepoSpec, timeout: Duration) -> Result<(String, String)> {
             OsStr::new(&peeled_pattern),
         ],
         timeout,
+        auth,
     )?;
     let refs: HashMap<&str, &str> = out
         .lines()
@@ -223,7 +256,13 @@ fn resolve(spec: &RepoSpec, timeout: Duration) -> Result<(String, String)> {
 }
 
 /// Fetches `what` shallow into the empty folder `dir`, checks it out detached, and returns HEAD.
-fn fetch(dir: &Path, url: &str, what: &str, timeout: Duration) -> Result<String> {
+fn fetch(
+    dir: &Path,
+    url: &str,
+    what: &str,
+    timeout: Duration,
+    auth: Option<&GitAuth>,
+) -> Result<String> {
     let d = Some(dir);
     git(
         None,
@@ -235,30 +274,82 @@ fn fetch(dir: &Path, url: &str, what: &str, timeout: Duration) -> Result<String>
             dir.as_os_str(),
         ],
         timeout,
+        None,
     )?;
     git(
         d,
         Some(url),
         ["fetch", "-q", "--depth", "1", "--no-tags", url, what].map(OsStr::new),
         timeout,
+        auth,
     )?;
     git(
         d,
         None,
         ["checkout", "-q", "--detach", "FETCH_HEAD"].map(OsStr::new),
         timeout,
+        None,
     )?;
     let head = git(
         d,
         None,
         ["rev-parse", "--verify", "HEAD^{commit}"].map(OsStr::new),
         timeout,
+        None,
     )?;
     let head = head.trim().to_string();
     if !is_full_sha(&head) {
         bail!("git rev-parse HEAD gave {head:?} in {}", dir.display());
     }
     Ok(head)
+}
+
+/// Makes a release readable by root alone (dirs 0700, files 0600, executables 0700) or, with
+/// `group`, by that group too (0750 / 0640 / 0750, group-owned). Symlinks are left as they are.
+pub fn restrict(dir: &Path, group: Option<&str>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let gid = match group {
+        Some(name) => Some(
+            nix::unistd::Group::from_name(name)
+                .with_context(|| format!("looking up the group {name}"))?
+                .with_context(|| format!("[config] group {name} does not exist on this instance"))?
+                .gid,
+        ),
+        None => None,
+    };
+    let (dmode, fmode, xmode) = if gid.is_some() {
+        (0o750, 0o640, 0o750)
+    } else {
+        (0o700, 0o600, 0o700)
+    };
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let meta =
+            fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+        let mode = if meta.is_dir() {
+            for entry in
+                fs::read_dir(&path).with_context(|| format!("listing {}", path.display()))?
+            {
+                stack.push(entry?.path());
+            }
+            dmode
+        } else if meta.is_file() {
+            if meta.permissions().mode() & 0o111 != 0 {
+                xmode
+            } else {
+                fmode
+            }
+        } else {
+            continue;
+        };
+        if gid.is_some() {
+            nix::unistd::chown(&path, None, gid)
+                .with_context(|| format!("changing the group of {}", path.display()))?;
+        }
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+            .with_context(|| format!("setting the mode of {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Points `current` at `releases/SHA` atomically: a new symlink renamed over the old one.
@@ -385,6 +476,7 @@ fn git<'a>(
     url: Option<&str>,
     args: impl IntoIterator<Item = &'a OsStr>,
     timeout: Duration,
+    auth: Option<&GitAuth>,
 ) -> Result<String> {
     let args: Vec<&OsStr> = args.into_iter().collect();
     let sub = args
@@ -407,6 +499,9 @@ fn git<'a>(
         "fetch.recurseSubmodules=false",
     ] {
         cmd.arg("-c").arg(c);
+    }
+    if let Some(auth) = auth {
+        auth.apply(&mut cmd);
     }
     cmd.args(&args);
     for var in [
@@ -514,6 +609,8 @@ mod tests {
             RepoSpec {
                 url: self.url(),
                 reference: reference.to_string(),
+                credentials: None,
+                group: None,
             }
         }
 
@@ -550,6 +647,49 @@ mod tests {
         fn current_target(&self) -> PathBuf {
             fs::read_link(self.layout.repo_current("salt")).unwrap()
         }
+    }
+
+    /// `runuser -u nobody -- cat FILE`: whether an unprivileged user can read it.
+    fn nobody_reads(file: &Path) -> bool {
+        Command::new("runuser")
+            .args(["-u", "nobody", "--", "cat"])
+            .arg(file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("runuser")
+            .success()
+    }
+
+    /// Releases are root-only (salt: the pillar of every role is in there), or readable by the
+    /// configured group; the modes are in place before `current` points at the release.
+    #[test]
+    fn releases_are_readable_by_root_or_the_group_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let f = Fixture::new();
+        fs::create_dir_all(f.work.join("pillar")).unwrap();
+        f.commit("pillar/secrets.sls", "db_password: CANARY\n");
+        // Let nobody walk down to the releases, as on an instance (/var/lib is 0755).
+        fs::set_permissions(f._tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        sync(&f.layout, "salt", &f.spec("main"), T).unwrap();
+        let release = f.layout.repo_current("salt");
+        let secret = release.join("pillar/secrets.sls");
+        assert!(fs::read_to_string(&secret).unwrap().contains("CANARY"));
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&secret), 0o600);
+        assert_eq!(mode(&release.join("pillar")), 0o700);
+        assert_eq!(mode(&fs::canonicalize(&release).unwrap()), 0o700);
+        assert!(!nobody_reads(&secret), "nobody read the salt pillar");
+
+        // A config repository readable by the programs' group (nobody's own, nogroup).
+        let mut spec = f.spec("main");
+        spec.group = Some("nogroup".into());
+        sync(&f.layout, "config", &spec, T).unwrap();
+        let secret = f.layout.repo_current("config").join("pillar/secrets.sls");
+        assert_eq!(mode(&secret), 0o640);
+        assert!(nobody_reads(&secret), "the group reads the config release");
+        let e = restrict(f._tmp.path(), Some("no-such-group-x")).unwrap_err();
+        assert!(format!("{e:#}").contains("does not exist"), "{e:#}");
     }
 
     #[test]
@@ -661,6 +801,8 @@ mod tests {
         let back = RepoSpec {
             url: "file:///nonexistent/repo.git".into(),
             reference: c1.clone(),
+            credentials: None,
+            group: None,
         };
         let out = sync(&f.layout, "salt", &back, T).unwrap();
         assert_eq!(
@@ -682,6 +824,8 @@ mod tests {
         let gone = RepoSpec {
             url: "file:///nonexistent/repo.git".into(),
             reference: "main".into(),
+            credentials: None,
+            group: None,
         };
         let out = sync(&f.layout, "salt", &gone, T).unwrap();
         match &out {
@@ -712,6 +856,8 @@ mod tests {
         let gone = RepoSpec {
             url: "file:///nonexistent/repo.git".into(),
             reference: "main".into(),
+            credentials: None,
+            group: None,
         };
         let err = sync(&f.layout, "salt", &gone, T).unwrap_err();
         let msg = format!("{err:#}");
@@ -806,6 +952,8 @@ mod tests {
         let spec = RepoSpec {
             url: url.clone(),
             reference: "main".into(),
+            credentials: None,
+            group: None,
         };
         let start = std::time::Instant::now();
         let err = sync(&layout, "salt", &spec, Duration::from_millis(500)).unwrap_err();

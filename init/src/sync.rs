@@ -3,7 +3,7 @@
 //! run this; the caller holds the sync lock, so runs never overlap.
 
 use crate::paths::Layout;
-use crate::repos::{self, short, RepoSpec, SyncOutcome};
+use crate::repos::{short, RepoSpec, SyncOutcome};
 use crate::salt::highstate;
 use crate::state::{now_rfc3339, HighstateRecord, Outcome, RepoRecord, State, SyncRecord};
 use crate::timeline::Timeline;
@@ -70,7 +70,7 @@ pub fn run(
     for (name, spec) in [("salt", &settings.salt.repo), ("config", &settings.config)] {
         let Some(spec) = spec else { continue };
         let outcome = tl.step(&format!("sync-{name}"), || {
-            let o = repos::sync(layout, name, spec, settings.timeouts.git)
+            let o = crate::private::sync(layout, name, spec, settings)
                 .with_context(|| format!("syncing the {name} repository"))?;
             let d = describe(&o);
             Ok((o, Some(d)))

@@ -74,6 +74,7 @@ fn run(args: Args) -> Result<(), String> {
     let cfg = EmulatorConfig {
         user_data,
         identity,
+        role: None,
     };
     let emulator = Emulator::start_on(&args.listen, cfg).map_err(|e| e.to_string())?;
 

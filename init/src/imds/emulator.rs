@@ -3,8 +3,11 @@
 //! It behaves like EC2 with `HttpTokens=required`: `PUT /latest/api/token` with a TTL header of
 //! 1..=21600 seconds gives a session token (400 without a valid TTL, 403 when the request carries
 //! `X-Forwarded-For`), tokens expire after their TTL, and every GET without a valid token answers
-//! 401. It serves user-data, the instance identity document and the common meta-data keys; unknown
-//! paths answer 404 and other methods 405. Tests can also disable the endpoint (403), inject
+//! 401. It serves user-data, the instance identity document, the common meta-data keys and, when
+//! given a role, the role's credentials under `meta-data/iam/` (404 there without one, as on an
+//! instance without an instance profile). Like EC2, a leaf answers with or without a trailing
+//! slash (botocore's region fetcher asks for `placement/availability-zone/`). Unknown paths
+//! answer 404 and other methods 405. Tests can also disable the endpoint (403), inject
 //! failures, expire tokens and read back what was asked.
 
 use std::collections::HashMap;
@@ -26,6 +29,29 @@ const MAX_TTL_SECS: u64 = 21600;
 pub struct EmulatorConfig {
     pub user_data: Option<Vec<u8>>,
     pub identity: Identity,
+    /// The instance profile's role and the credentials IMDS hands out for it.
+    pub role: Option<RoleConfig>,
+}
+
+/// An instance profile's role as IMDS serves it under `meta-data/iam/`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RoleConfig {
+    pub name: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub token: String,
+    /// RFC 3339, such as `2026-12-02T18:00:00Z`.
+    pub expiration: String,
+}
+
+impl std::fmt::Debug for RoleConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoleConfig")
+            .field("name", &self.name)
+            .field("access_key_id", &self.access_key_id)
+            .field("expiration", &self.expiration)
+            .finish_non_exhaustive()
+    }
 }
 
 impl EmulatorConfig {
@@ -34,6 +60,14 @@ impl EmulatorConfig {
         EmulatorConfig {
             user_data: None,
             identity,
+            role: None,
+        }
+    }
+
+    pub fn with_role(self, role: RoleConfig) -> Self {
+        EmulatorConfig {
+            role: Some(role),
+            ..self
         }
     }
 
@@ -63,6 +97,7 @@ struct TokenState {
 struct State {
     user_data: Option<Vec<u8>>,
     identity: Identity,
+    role: Option<RoleConfig>,
     pending_time: String,
     disabled: bool,
     fail_next: usize,
@@ -111,6 +146,7 @@ impl Emulator {
             state: Mutex::new(State {
                 user_data: cfg.user_data,
                 identity: cfg.identity,
+                role: cfg.role,
                 pending_time: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
                 disabled: false,
                 fail_next: 0,
@@ -148,6 +184,11 @@ impl Emulator {
 
     pub fn set_user_data(&self, data: Option<Vec<u8>>) {
         self.shared.lock().user_data = data;
+    }
+
+    /// Attach, replace (rotated credentials) or detach the instance profile's role.
+    pub fn set_role(&self, role: Option<RoleConfig>) {
+        self.shared.lock().role = role;
     }
 
     /// While disabled, every request answers 403 (the IMDS endpoint is disabled).
@@ -313,7 +354,13 @@ fn answer(shared: &Shared, request: &tiny_http::Request, method: &str, path: &st
             if !token_ok {
                 return Answer::status(401);
             }
-            match document(&state, path) {
+            // EC2 answers a leaf with a trailing slash too.
+            let found = document(&state, path).or_else(|| {
+                path.strip_suffix('/')
+                    .filter(|p| !p.is_empty())
+                    .and_then(|p| document(&state, p))
+            });
+            match found {
                 Some(body) => Answer::ok(body),
                 None => Answer::status(404),
             }
@@ -409,9 +456,24 @@ fn document(state: &State, path: &str) -> Option<Vec<u8>> {
         "/latest/dynamic/instance-identity/document" => {
             text(&identity_document(id, &state.pending_time))
         }
-        "/latest/meta-data" | "/latest/meta-data/" => text(
-            "ami-id\nhostname\ninstance-id\ninstance-type\nlocal-hostname\nlocal-ipv4\nplacement/",
-        ),
+        "/latest/meta-data" | "/latest/meta-data/" => {
+            let iam = if state.role.is_some() { "iam/\n" } else { "" };
+            text(&format!(
+                "ami-id\nhostname\n{iam}instance-id\ninstance-type\nlocal-hostname\nlocal-ipv4\nplacement/"
+            ))
+        }
+        "/latest/meta-data/iam" | "/latest/meta-data/iam/" => state
+            .role
+            .as_ref()
+            .and_then(|_| text("info\nsecurity-credentials/")),
+        "/latest/meta-data/iam/info" => state
+            .role
+            .as_ref()
+            .and_then(|role| text(&role_info(id, role, &state.pending_time))),
+        "/latest/meta-data/iam/security-credentials"
+        | "/latest/meta-data/iam/security-credentials/" => {
+            state.role.as_ref().and_then(|role| text(&role.name))
+        }
         "/latest/meta-data/ami-id" => text(&id.image_id),
         "/latest/meta-data/hostname" | "/latest/meta-data/local-hostname" => {
             text(&private_dns_name(id))
@@ -424,8 +486,40 @@ fn document(state: &State, path: &str) -> Option<Vec<u8>> {
         }
         "/latest/meta-data/placement/availability-zone" => text(&id.availability_zone),
         "/latest/meta-data/placement/region" => text(&id.region),
-        _ => None,
+        _ => {
+            let role = state.role.as_ref()?;
+            let name = path.strip_prefix("/latest/meta-data/iam/security-credentials/")?;
+            (name == role.name).then(|| role_credentials(role, &state.pending_time).into_bytes())
+        }
     }
+}
+
+/// The credentials document, laid out the way EC2 lays it out.
+fn role_credentials(role: &RoleConfig, last_updated: &str) -> String {
+    let s = |v: &str| serde_json::Value::from(v).to_string();
+    format!(
+        "{{\n  \"Code\" : \"Success\",\n  \"LastUpdated\" : {},\n  \"Type\" : \"AWS-HMAC\",\n  \
+         \"AccessKeyId\" : {},\n  \"SecretAccessKey\" : {},\n  \"Token\" : {},\n  \
+         \"Expiration\" : {}\n}}",
+        s(last_updated),
+        s(&role.access_key_id),
+        s(&role.secret_access_key),
+        s(&role.token),
+        s(&role.expiration)
+    )
+}
+
+fn role_info(id: &Identity, role: &RoleConfig, last_updated: &str) -> String {
+    let s = |v: &str| serde_json::Value::from(v).to_string();
+    format!(
+        "{{\n  \"Code\" : \"Success\",\n  \"LastUpdated\" : {},\n  \
+         \"InstanceProfileArn\" : {},\n  \"InstanceProfileId\" : \"AIPAEXAMPLEPROFILEID0\"\n}}",
+        s(last_updated),
+        s(&format!(
+            "arn:aws:iam::{}:instance-profile/{}",
+            id.account_id, role.name
+        ))
+    )
 }
 
 /// EC2's private DNS name: `ip-10-0-0-12.eu-west-1.compute.internal` (`ec2.internal` in us-east-1).

@@ -10,6 +10,7 @@
 
 #[cfg(any(test, feature = "emulator"))]
 pub mod emulator;
+pub mod role;
 
 use std::fmt;
 use std::io::Read;
@@ -87,6 +88,8 @@ pub enum ImdsError {
     Http { what: String, status: u16 },
     /// IMDS answered, but not with something we can use.
     Invalid { what: String, detail: String },
+    /// No instance profile: `meta-data/iam/security-credentials/` answered 404 or named no role.
+    NoRole,
 }
 
 impl fmt::Display for ImdsError {
@@ -141,6 +144,13 @@ impl fmt::Display for ImdsError {
                     ),
                 }
             }
+            ImdsError::NoRole => write!(
+                f,
+                "the instance has no IAM role: IMDS serves no credentials under \
+                 /latest/meta-data/iam/security-credentials/; attach an instance profile whose \
+                 role may read the parameter (`aws ec2 associate-iam-instance-profile \
+                 --instance-id ID --iam-instance-profile Name=PROFILE`; the README shows the policy)"
+            ),
             ImdsError::Invalid { what, detail } => write!(
                 f,
                 "{what}: IMDS answered with something unusable: {detail}; check that \
@@ -765,6 +775,7 @@ mod tests {
                 what: "reading x".into(),
                 detail: "bad".into(),
             },
+            ImdsError::NoRole,
         ];
         for err in errors {
             let text = err.to_string();

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::paths::Layout;
-use crate::process::{self, describe, tail_lines, Deadline};
+use crate::process::{self, describe, Deadline};
 use crate::userdata::Timeouts;
 
 /// A state whose result was `false`.
@@ -299,26 +299,25 @@ pub fn run(
         Deadline::new(timeout, Timeouts::HIGHSTATE),
         log_out,
     )
-    .map_err(|e| anyhow!("{e:#}. Last output:\n{}", log_tail(&log)))?;
+    .map_err(|e| anyhow!("{e:#}; {}", see_log(&log)))?;
     let ms = start.elapsed().as_millis() as u64;
     let retcode = status.code();
 
     let text = fs::read_to_string(&out_file).unwrap_or_default();
     if text.trim().is_empty() {
         bail!(
-            "salt-call state.highstate {} and wrote no result to {}; its output ({}):\n{}",
+            "salt-call state.highstate {} and wrote no result to {}; {}",
             describe(status),
             out_file.display(),
-            log.display(),
-            log_tail(&log)
+            see_log(&log)
         );
     }
     let mut report = parse(&text).with_context(|| {
         format!(
-            "reading the result of state.highstate ({}) from {}; its output:\n{}",
+            "reading the result of state.highstate ({}) from {}; {}",
             describe(status),
             out_file.display(),
-            log_tail(&log)
+            see_log(&log)
         )
     })?;
     report.retcode = retcode;
@@ -328,13 +327,10 @@ pub fn run(
     Ok(report)
 }
 
-fn log_tail(log: &Path) -> String {
-    let tail = tail_lines(&fs::read(log).unwrap_or_default(), 20);
-    if tail.is_empty() {
-        "(nothing)".into()
-    } else {
-        tail
-    }
+/// Where salt-call's output is. Never its lines: they quote changes, hence pillar values, and
+/// errors travel to the console, the ready marker and the state record.
+fn see_log(log: &Path) -> String {
+    format!("its output is in {} (root only)", log.display())
 }
 
 #[cfg(test)]
@@ -623,14 +619,15 @@ mod tests {
         assert!(
             err.contains("salt-call state.highstate did not finish within 500ms; killed")
                 && err.contains("raise [salt] timeout")
-                && err.contains("rendering states"),
-            "{err}"
+                && err.contains("highstate.log (root only)")
+                && !err.contains("rendering states"),
+            "the error names the log, never quotes it: {err}"
         );
         assert_dead(&pids);
     }
 
     #[test]
-    fn salt_that_writes_nothing_is_an_error_with_its_output() {
+    fn salt_that_writes_nothing_is_an_error_naming_its_log() {
         let t = Tree::new("x-1", "");
         let fake = t.dir.path().join("fake-salt-call");
         fs::write(
@@ -643,10 +640,15 @@ mod tests {
             "{:#}",
             run(&t.layout, &fake, "x-1", Duration::from_secs(30)).unwrap_err()
         );
+        // The output can quote pillar values (change diffs): it stays in the 0600 log.
         assert!(
-            err.contains("exited 3") && err.contains("Traceback: something broke"),
+            err.contains("exited 3")
+                && err.contains("highstate.log (root only)")
+                && !err.contains("Traceback"),
             "{err}"
         );
+        let log = fs::read_to_string(t.layout.join("var/lib/stackless/highstate.log")).unwrap();
+        assert!(log.contains("Traceback: something broke"), "{log}");
 
         let bare = Layout::new(t.dir.path().join("elsewhere"));
         let err = format!(

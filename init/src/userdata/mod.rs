@@ -5,12 +5,14 @@
 //! column. The builder validates and renders user-data with these very types, so the two
 //! programs can never disagree about the format.
 
+pub mod credentials;
 mod error;
 pub mod pem;
 pub mod placeholders;
 pub mod schedule;
 pub mod specs;
 
+pub use credentials::{CredentialsSection, KnownHosts, RepoCredentials};
 pub use error::{line_column, UserDataError};
 pub use schedule::Schedule;
 pub use specs::{InstallMethod, InstallSpec, RepoSpec};
@@ -55,8 +57,19 @@ pub struct UserData {
     pub watcher: Option<WatcherSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<TimeoutsSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws: Option<AwsSection>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub watch: Vec<WatchRule>,
+}
+
+/// `[aws]`: how the agent reaches AWS for repository credentials.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsSection {
+    /// The SSM endpoint (a VPC endpoint, FIPS, a test server). `AWS_ENDPOINT_URL_SSM` and
+    /// `AWS_ENDPOINT_URL` in the agent's environment win over it, as in the AWS SDKs.
+    pub ssm_endpoint: Option<Spanned<String>>,
 }
 
 /// `[timeouts]`: deadlines of the programs the agent runs. A program still running at its
@@ -89,7 +102,7 @@ pub struct WatcherSection {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SaltSection {
-    pub repo: Option<String>,
+    pub repo: Option<Spanned<String>>,
     #[serde(rename = "ref")]
     pub reference: Option<String>,
     /// Folder of the states inside the repository (default: its root).
@@ -106,15 +119,22 @@ pub struct SaltSection {
     pub salt_call: Option<PathBuf>,
     /// Deadline of one highstate, like `30m`.
     pub timeout: Option<Spanned<String>>,
+    /// `[salt.credentials]`: the repository's secret, in SSM.
+    pub credentials: Option<CredentialsSection>,
 }
 
 /// `[config]`: the application configuration repository.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RepoSection {
-    pub repo: Option<String>,
+    pub repo: Option<Spanned<String>>,
     #[serde(rename = "ref")]
     pub reference: Option<String>,
+    /// `[config.credentials]`: the repository's secret, in SSM.
+    pub credentials: Option<CredentialsSection>,
+    /// The group the programs run as, which may then read the releases (dirs 0750, files
+    /// 0640). Without it, root alone reads them.
+    pub group: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -307,7 +327,13 @@ fn validate(doc: &Document) -> Result<(), UserDataError> {
         })?;
     }
     if let Some(salt) = &d.salt {
-        check_repo(doc, "salt", salt.repo.as_deref(), salt.reference.as_deref())?;
+        check_repo(
+            doc,
+            "salt",
+            salt.repo.as_ref().map(|r| r.get_ref().as_str()),
+            salt.reference.as_deref(),
+        )?;
+        credentials::validate(doc, "salt", salt.repo.as_ref(), salt.credentials.as_ref())?;
         for dir in [&salt.states_dir, &salt.pillar_dir].into_iter().flatten() {
             let p = std::path::Path::new(dir.get_ref());
             let escapes = p.is_absolute()
@@ -340,8 +366,29 @@ fn validate(doc: &Document) -> Result<(), UserDataError> {
         check_repo(
             doc,
             "config",
-            config.repo.as_deref(),
+            config.repo.as_ref().map(|r| r.get_ref().as_str()),
             config.reference.as_deref(),
+        )?;
+        if let Some(g) = &config.group {
+            let name = g.get_ref();
+            let ok = !name.is_empty()
+                && name.len() <= 32
+                && !name.starts_with('-')
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+            if !ok {
+                return Err(doc.error_at(
+                    g.span().start,
+                    format!("[config] group `{name}` is not a group name"),
+                ));
+            }
+        }
+        credentials::validate(
+            doc,
+            "config",
+            config.repo.as_ref(),
+            config.credentials.as_ref(),
         )?;
     }
     if let Some(sync) = &d.sync {
@@ -376,6 +423,19 @@ fn validate(doc: &Document) -> Result<(), UserDataError> {
                     format!("{what} `{}` is shorter than 1s", v.get_ref()),
                 ));
             }
+        }
+    }
+    if let Some(e) = d.aws.as_ref().and_then(|a| a.ssm_endpoint.as_ref()) {
+        let v = e.get_ref();
+        let ok = (v.starts_with("https://") || v.starts_with("http://"))
+            && credentials::credentials_in_url(v).is_none()
+            && !v.contains(char::is_whitespace);
+        if !ok {
+            return Err(doc.error_at(
+                e.span().start,
+                "[aws] ssm_endpoint must be an https:// (or http://) URL without credentials, \
+                 such as https://vpce-0123-abcd.ssm.eu-west-1.vpce.amazonaws.com",
+            ));
         }
     }
     validate_watch(doc, &d.watch)
@@ -496,6 +556,8 @@ pub struct Settings {
     #[serde(with = "humantime_serde_compat")]
     pub watch_max_delay: Duration,
     pub timeouts: Timeouts,
+    /// `[aws] ssm_endpoint`, when set.
+    pub ssm_endpoint: Option<String>,
     #[serde(skip)]
     pub watch: Vec<WatchRule>,
 }
@@ -647,11 +709,22 @@ pub fn resolve(
         u.salt.clone().unwrap_or_default(),
     );
     let pick = |a: Option<String>, b: Option<String>| a.or(b);
-    let salt_repo = pick(us.repo.clone(), ds.repo.clone()).map(|url| RepoSpec {
-        url,
-        reference: pick(us.reference.clone(), ds.reference.clone())
-            .unwrap_or_else(|| DEFAULT_REF.into()),
-    });
+    let salt_repo = match us.repo.as_ref().or(ds.repo.as_ref()) {
+        Some(url) => Some(RepoSpec {
+            url: url.get_ref().clone(),
+            reference: pick(us.reference.clone(), ds.reference.clone())
+                .unwrap_or_else(|| DEFAULT_REF.into()),
+            credentials: resolve_credentials(
+                (user, us.credentials.as_ref()),
+                (defaults, ds.credentials.as_ref()),
+                "salt",
+                url,
+            )?,
+            // Only salt-call (root) reads the states and the whole pillar.
+            group: None,
+        }),
+        None => None,
+    };
     let mut install = InstallSpec::default();
     if let Some(m) = us.install.or(ds.install) {
         install.method = m;
@@ -690,10 +763,25 @@ pub fn resolve(
         d.config.clone().unwrap_or_default(),
         u.config.clone().unwrap_or_default(),
     );
-    let config = pick(uc.repo, dc.repo).map(|url| RepoSpec {
-        url,
-        reference: pick(uc.reference, dc.reference).unwrap_or_else(|| DEFAULT_REF.into()),
-    });
+    let config = match uc.repo.as_ref().or(dc.repo.as_ref()) {
+        Some(url) => Some(RepoSpec {
+            url: url.get_ref().clone(),
+            reference: pick(uc.reference.clone(), dc.reference.clone())
+                .unwrap_or_else(|| DEFAULT_REF.into()),
+            credentials: resolve_credentials(
+                (user, uc.credentials.as_ref()),
+                (defaults, dc.credentials.as_ref()),
+                "config",
+                url,
+            )?,
+            group: uc
+                .group
+                .clone()
+                .or(dc.group.clone())
+                .map(Spanned::into_inner),
+        }),
+        None => None,
+    };
 
     let (dy, uy) = (
         d.sync.clone().unwrap_or_default(),
@@ -756,6 +844,12 @@ pub fn resolve(
         systemctl: duration(ut.systemctl, dt.systemctl, DEFAULT_SYSTEMCTL_TIMEOUT),
     };
 
+    let ssm_endpoint = u
+        .aws
+        .as_ref()
+        .and_then(|a| a.ssm_endpoint.clone())
+        .or_else(|| d.aws.as_ref().and_then(|a| a.ssm_endpoint.clone()))
+        .map(Spanned::into_inner);
     let watch = d.watch.iter().chain(&u.watch).cloned().collect();
     Ok(Settings {
         minion_id,
@@ -769,8 +863,24 @@ pub fn resolve(
         watch_quiet,
         watch_max_delay,
         timeouts,
+        ssm_endpoint,
         watch,
     })
+}
+
+/// The credentials table of whichever document has one (user-data first), checked against the
+/// repository URL that won.
+fn resolve_credentials(
+    user: (&Document, Option<&CredentialsSection>),
+    defaults: (&Document, Option<&CredentialsSection>),
+    section: &str,
+    url: &Spanned<String>,
+) -> Result<Option<RepoCredentials>, UserDataError> {
+    let (doc, creds) = match (user, defaults) {
+        ((doc, Some(c)), _) | (_, (doc, Some(c))) => (doc, c),
+        _ => return Ok(None),
+    };
+    credentials::validate(doc, section, Some(url), Some(creds))
 }
 
 /// A file of watch rules in `/etc/stackless/watch.d/` (salt states may manage these): the same
@@ -803,3 +913,6 @@ pub fn load(file: &str, bytes: &[u8]) -> Result<Document, UserDataError> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod credentials_tests;

@@ -9,6 +9,13 @@ pub struct RepoSpec {
     /// A branch, a tag or a full commit sha.
     #[serde(rename = "ref")]
     pub reference: String,
+    /// Where its secret is (parameter names only), for a private repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<super::RepoCredentials>,
+    /// The group that may read its releases (dirs 0750, files 0640); `None`: root alone
+    /// (dirs 0700, files 0600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 /// How salt gets onto a machine that lacks it.

@@ -1,0 +1,237 @@
+use super::*;
+use crate::aws::test_support::{Moto, MotoSetup};
+use crate::imds::emulator::{Emulator, EmulatorConfig};
+use crate::imds::Identity;
+
+const CANARY: &str = "ghp_canaryCANARY0123456789abcdefSECRET";
+const PARAM: &str = "/stackless/web/git-token";
+const LONG: Duration = Duration::from_secs(30);
+
+fn reader(emu: &Emulator, moto: &Moto) -> ParameterReader {
+    ParameterReader::new(
+        ImdsClient::new(&emu.endpoint(), LONG),
+        Some(&moto.endpoint),
+        Duration::from_secs(20),
+    )
+    .expect("identity")
+}
+
+fn moto_and_emulator() -> (MotoSetup, Emulator) {
+    let setup = Moto::start_with_roles(&[(PARAM, CANARY), ("/other/param", "x")]);
+    let emu = Emulator::start(
+        EmulatorConfig::new(Identity::example()).with_role(setup.reader.role_config()),
+    )
+    .expect("emulator");
+    (setup, emu)
+}
+
+/// moto verifies the signature and the role's permissions (IAM auth on), with a session token
+/// from moto's own STS AssumeRole served by the IMDS emulator.
+#[test]
+fn reads_a_secure_string_from_moto_with_iam_auth_on() {
+    let (setup, emu) = moto_and_emulator();
+    let mut reader = reader(&emu, &setup.moto);
+    assert_eq!(reader.region, "eu-west-1");
+    let secret = reader.get(PARAM).expect("the parameter");
+    assert_eq!(secret.expose(), CANARY);
+    assert_eq!(format!("{secret:?}"), "Secret(<redacted>)");
+
+    // The proof that moto checks signatures: the same call with a wrong secret key is refused.
+    let mut wrong = reader
+        .cache
+        .get(&mut reader.imds, unix_now())
+        .unwrap()
+        .credentials
+        .clone();
+    wrong.secret_access_key.push('x');
+    let call = GetParameter {
+        endpoint: &setup.moto.endpoint,
+        region: "eu-west-1",
+        account: "123456789012",
+        role: "stackless-reader",
+        deadline: Instant::now() + Duration::from_secs(10),
+    };
+    let err = call.run(PARAM, &wrong).expect_err("a bad signature");
+    assert!(
+        matches!(err, SsmError::CredentialsRefused { .. }),
+        "{err:?}: {err}"
+    );
+}
+
+#[test]
+fn access_denied_names_the_action_and_the_arn() {
+    let (setup, emu) = moto_and_emulator();
+    emu.set_role(Some(setup.outsider.role_config()));
+    let err = reader(&emu, &setup.moto)
+        .get(PARAM)
+        .expect_err("not allowed");
+    let text = err.to_string();
+    assert!(matches!(err, SsmError::AccessDenied { .. }), "{err:?}");
+    assert!(
+        text.contains("ssm:GetParameter")
+            && text
+                .contains("arn:aws:ssm:eu-west-1:123456789012:parameter/stackless/web/git-token")
+            && text.contains("stackless-outsider"),
+        "{text}"
+    );
+    assert!(!text.contains(CANARY));
+}
+
+#[test]
+fn missing_parameter_and_missing_role_have_their_own_messages() {
+    let (setup, emu) = moto_and_emulator();
+    let err = reader(&emu, &setup.moto)
+        .get("/stackless/nope")
+        .expect_err("no such parameter");
+    assert!(matches!(err, SsmError::NotFound { .. }), "{err:?}");
+    assert!(err.to_string().contains("does not exist"), "{err}");
+
+    emu.set_role(None);
+    let err = reader(&emu, &setup.moto).get(PARAM).expect_err("no role");
+    assert!(matches!(err, SsmError::Credentials { .. }), "{err:?}");
+    assert!(err.to_string().contains("no IAM role"), "{err}");
+}
+
+/// A server answering with canned AWS errors (moto does not model KMS permissions or
+/// throttling); counts the requests it got.
+fn canned(answers: Vec<(u16, &'static str)>) -> (String, std::thread::JoinHandle<usize>) {
+    let server = tiny_http::Server::http("127.0.0.1:0").expect("server");
+    let endpoint = format!("http://{}", server.server_addr().to_ip().unwrap());
+    let thread = std::thread::spawn(move || {
+        let mut count = 0;
+        for (status, body) in answers {
+            let Ok(request) = server.recv() else { break };
+            count += 1;
+            let _ = request.respond(
+                tiny_http::Response::from_string(body)
+                    .with_status_code(status)
+                    .with_header(
+                        tiny_http::Header::from_bytes("Content-Type", "application/x-amz-json-1.1")
+                            .unwrap(),
+                    ),
+            );
+        }
+        count
+    });
+    (endpoint, thread)
+}
+
+fn creds() -> Credentials {
+    Credentials {
+        access_key_id: "ASIAEXAMPLE".into(),
+        secret_access_key: "secret".into(),
+        session_token: Some("token".into()),
+    }
+}
+
+#[test]
+fn throttling_and_5xx_are_retried() {
+    let ok = r#"{"Parameter":{"Name":"/p","Type":"SecureString","Value":"v4lue","Version":1}}"#;
+    let (endpoint, server) = canned(vec![
+        (
+            400,
+            r#"{"__type":"ThrottlingException","message":"Rate exceeded"}"#,
+        ),
+        (503, ""),
+        (200, ok),
+    ]);
+    let call = GetParameter {
+        endpoint: &endpoint,
+        region: "eu-west-1",
+        account: "123456789012",
+        role: "r",
+        deadline: Instant::now() + Duration::from_secs(10),
+    };
+    assert_eq!(call.run("/p", &creds()).expect("value").expose(), "v4lue");
+    assert_eq!(server.join().unwrap(), 3);
+}
+
+#[test]
+fn retries_end_at_the_deadline() {
+    let (endpoint, _server) = canned(vec![(500, ""); 100]);
+    let call = GetParameter {
+        endpoint: &endpoint,
+        region: "eu-west-1",
+        account: "123456789012",
+        role: "r",
+        deadline: Instant::now() + Duration::from_millis(800),
+    };
+    let start = Instant::now();
+    let err = call.run("/p", &creds()).expect_err("always 500");
+    assert!(start.elapsed() < Duration::from_secs(3));
+    assert!(matches!(err, SsmError::Deadline { .. }), "{err:?}");
+    assert!(err.to_string().contains("HTTP 500"), "{err}");
+}
+
+#[test]
+fn kms_denial_has_its_own_message() {
+    for body in [
+        r#"{"__type":"AccessDeniedException","message":"User: arn:aws:sts::123456789012:assumed-role/r/i-1 is not authorized to perform: kms:Decrypt on resource: arn:aws:kms:eu-west-1:123456789012:key/1234 because no identity-based policy allows the kms:Decrypt action (Service: AWSKMS; Status Code: 400; Error Code: AccessDeniedException)"}"#,
+        r#"{"__type":"KMS.AccessDeniedException","message":"denied"}"#,
+    ] {
+        let (endpoint, _server) = canned(vec![(400, body)]);
+        let call = GetParameter {
+            endpoint: &endpoint,
+            region: "eu-west-1",
+            account: "123456789012",
+            role: "web",
+            deadline: Instant::now() + Duration::from_secs(5),
+        };
+        let err = call.run("/p", &creds()).expect_err("KMS denied");
+        assert!(matches!(err, SsmError::KmsDenied { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("kms:Decrypt")
+                && text.contains("kms:ViaService = ssm.eu-west-1.amazonaws.com")
+                && text.contains("arn:aws:ssm:eu-west-1:123456789012:parameter/p"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn endpoints_and_arns() {
+    assert_eq!(
+        endpoint_from(None, None, None, "eu-west-1"),
+        "https://ssm.eu-west-1.amazonaws.com"
+    );
+    assert_eq!(
+        endpoint_from(None, None, None, "cn-north-1"),
+        "https://ssm.cn-north-1.amazonaws.com.cn"
+    );
+    assert_eq!(
+        endpoint_from(None, None, Some("https://vpce-1.ssm.example/"), "eu-west-1"),
+        "https://vpce-1.ssm.example"
+    );
+    assert_eq!(
+        endpoint_from(
+            None,
+            Some("http://127.0.0.1:5000"),
+            Some("https://x"),
+            "eu-west-1"
+        ),
+        "http://127.0.0.1:5000"
+    );
+    assert_eq!(
+        endpoint_from(
+            Some("https://ssm-fips.us-east-1.amazonaws.com"),
+            Some("http://127.0.0.1:5000"),
+            None,
+            "us-east-1"
+        ),
+        "https://ssm-fips.us-east-1.amazonaws.com"
+    );
+    assert_eq!(
+        parameter_arn("/a/b", "us-gov-west-1", "1"),
+        "arn:aws-us-gov:ssm:us-gov-west-1:1:parameter/a/b"
+    );
+    assert_eq!(
+        parameter_arn("plain", "eu-west-1", "1"),
+        "arn:aws:ssm:eu-west-1:1:parameter/plain"
+    );
+    assert_eq!(host_of("http://127.0.0.1:5000/x"), "127.0.0.1:5000");
+    assert_eq!(
+        host_of("https://ssm.eu-west-1.amazonaws.com"),
+        "ssm.eu-west-1.amazonaws.com"
+    );
+}
