@@ -93,7 +93,7 @@ if [[ ${BENCH_NO_BUILD:-0} == 1 ]]; then
 else
     log "building the static binary and the IMDS emulator"
     BIN=$("$repo/scripts/build-init.sh" | tail -1)
-    (cd "$repo" && cargo build --quiet --locked -p init --bin imds-emulator >&2)
+    (cd "$repo" && cargo build --quiet --locked -p init --features emulator --bin imds-emulator >&2)
 fi
 EMU="$repo/target/debug/imds-emulator"
 [[ -x $BIN && -x $EMU ]] || die "missing $BIN or $EMU"

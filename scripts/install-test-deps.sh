@@ -9,7 +9,7 @@ stamp="$venv/.stackless-deps"
 # Bump when the pinned set changes so existing checkouts reinstall.
 want="v1 salt==3008.4 supervisor==4.3.0 moto[server]==5.2.5"
 
-apt_pkgs=(git gcc python3-dev python3-venv musl-tools inotify-tools curl ca-certificates)
+apt_pkgs=(git gcc python3-dev python3-venv musl-tools inotify-tools curl ca-certificates gnupg)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -23,8 +23,6 @@ pub struct BootOptions {
     pub imds_deadline: Duration,
     /// Longest wait for another sync to let go of the lock.
     pub lock_wait: Duration,
-    /// Deadline of each git command.
-    pub git_timeout: Duration,
 }
 
 impl Default for BootOptions {
@@ -32,7 +30,6 @@ impl Default for BootOptions {
         Self {
             imds_deadline: Duration::from_secs(120),
             lock_wait: Duration::from_secs(30 * 60),
-            git_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -200,8 +197,13 @@ fn sequence(
     // install, git over https). Every boot, so a removed `ca_certificates` is removed too.
     tl.step("trust", || {
         let tool = trust::Tool::discover(layout);
-        let detail = trust::apply(layout, settings.ca_certificates.as_deref(), tool.as_ref())
-            .context("trusting the user-data ca_certificates")?;
+        let detail = trust::apply(
+            layout,
+            settings.ca_certificates.as_deref(),
+            tool.as_ref(),
+            settings.timeouts.trust,
+        )
+        .context("trusting the user-data ca_certificates")?;
         Ok(((), Some(detail)))
     })?;
     // pip upgraded from PyPI trusts its own certifi bundle, so it is pointed at the system
@@ -235,7 +237,8 @@ fn sequence(
         Some(tl.step("salt-install", || {
             let spec = &settings.salt.install;
             let configured = settings.salt.salt_call.as_deref();
-            match ensure_installed(layout, spec, configured, ca_bundle.as_deref())? {
+            let timeout = settings.timeouts.salt_install;
+            match ensure_installed(layout, spec, configured, ca_bundle.as_deref(), timeout)? {
                 InstallOutcome::AlreadyPresent(p) => {
                     let d = format!("present at {}", p.display());
                     Ok((p, Some(d)))
@@ -265,7 +268,6 @@ fn sequence(
         layout,
         settings: &settings,
         salt_call: salt_call.as_deref(),
-        git_timeout: opts.git_timeout,
     };
     sync::run(ctx, state, tl, Trigger::Boot, false)?;
     Ok(())
@@ -277,8 +279,4 @@ fn inside(base: &Path, dir: &str) -> PathBuf {
         "" | "." => base.to_path_buf(),
         d => base.join(d),
     }
-}
-
-pub fn short(commit: &str) -> &str {
-    &commit[..commit.len().min(12)]
 }

@@ -2,7 +2,8 @@
 //!
 //! The library holds the whole engine; `main.rs` only parses arguments. The user-data schema
 //! ([`userdata`]) is public so the builder validates and renders user-data with the same types,
-//! and the IMDS emulator ([`imds::emulator`]) is public so tests and local boots share it.
+//! and the IMDS emulator (`imds::emulator`, behind the `emulator` feature) is public so tests,
+//! local boots and the builder share it; the shipped agent is built without it.
 
 pub mod actions;
 pub mod boot;
@@ -11,6 +12,7 @@ pub mod imds;
 pub mod lifecycle;
 pub mod lock;
 pub mod paths;
+pub mod process;
 pub mod repos;
 pub mod resident;
 pub mod salt;

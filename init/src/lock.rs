@@ -160,7 +160,14 @@ mod tests {
             std::thread::sleep(Duration::from_millis(150));
             drop(held);
         });
+        let asked = std::time::Instant::now();
         let got = SyncLock::acquire(&layout, Duration::from_secs(5)).unwrap();
+        // It waited for the holder, not around it.
+        assert!(
+            asked.elapsed() >= Duration::from_millis(100),
+            "got the lock after {:?}, while it was held",
+            asked.elapsed()
+        );
         releaser.join().unwrap();
         drop(got);
     }

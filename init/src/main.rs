@@ -118,7 +118,7 @@ fn run(command: Command, layout: &Layout) -> anyhow::Result<u8> {
                 return Ok(result.exit_code() as u8);
             }
             // Watchers and schedule first, then readiness: ready means the agent is on duty.
-            let mut agent = match resident::start(layout, &result, &opts) {
+            let mut agent = match resident::start(layout, &result) {
                 Ok(a) => a,
                 Err(e) => {
                     let why = format!("starting resident mode: {e:#}");
@@ -132,8 +132,7 @@ fn run(command: Command, layout: &Layout) -> anyhow::Result<u8> {
             Ok(agent.serve()? as u8)
         }
         Command::Sync { lock_wait } => {
-            let git_timeout = BootOptions::default().git_timeout;
-            let record = sync::run_now(layout, Duration::from_secs(lock_wait), git_timeout)?;
+            let record = sync::run_now(layout, Duration::from_secs(lock_wait))?;
             for s in &record.steps {
                 let ok = if s.ok { "ok" } else { "FAIL" };
                 println!(

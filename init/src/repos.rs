@@ -8,30 +8,22 @@
 //! [`SyncLock`](crate::lock::SyncLock) so syncs never overlap.
 
 use crate::paths::Layout;
-use anyhow::{anyhow, bail, Context, Result};
+use crate::process::{self, Deadline};
+pub use crate::userdata::RepoSpec;
+use crate::userdata::Timeouts;
+use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs;
-use std::io::{ErrorKind, Read};
+use std::io::ErrorKind;
 use std::os::unix::fs::symlink;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 /// How many releases besides `current` a repository keeps.
 pub const KEEP_PREVIOUS: usize = 3;
-
-/// Where a repository comes from.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct RepoSpec {
-    pub url: String,
-    /// A branch, a tag or a full commit sha.
-    #[serde(rename = "ref")]
-    pub reference: String,
-}
 
 /// What a sync did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +75,11 @@ pub fn sync(
         }
         (Err(e), None) => Err(e),
     }
+}
+
+/// A commit as people read it: its first 12 hex digits.
+pub fn short(commit: &str) -> &str {
+    &commit[..commit.len().min(12)]
 }
 
 /// The commit `current` points at, if it points at a release that exists.
@@ -190,6 +187,7 @@ fn resolve(spec: &RepoSpec, timeout: Duration) -> Result<(String, String)> {
     let peeled_pattern = format!("{r}^{{}}");
     let out = git(
         None,
+        Some(&spec.url),
         [
             OsStr::new("ls-remote"),
             OsStr::new(&spec.url),
@@ -229,6 +227,7 @@ fn fetch(dir: &Path, url: &str, what: &str, timeout: Duration) -> Result<String>
     let d = Some(dir);
     git(
         None,
+        None,
         [
             OsStr::new("init"),
             OsStr::new("-q"),
@@ -239,16 +238,19 @@ fn fetch(dir: &Path, url: &str, what: &str, timeout: Duration) -> Result<String>
     )?;
     git(
         d,
+        Some(url),
         ["fetch", "-q", "--depth", "1", "--no-tags", url, what].map(OsStr::new),
         timeout,
     )?;
     git(
         d,
+        None,
         ["checkout", "-q", "--detach", "FETCH_HEAD"].map(OsStr::new),
         timeout,
     )?;
     let head = git(
         d,
+        None,
         ["rev-parse", "--verify", "HEAD^{commit}"].map(OsStr::new),
         timeout,
     )?;
@@ -376,9 +378,11 @@ impl Drop for TempDir {
 }
 
 /// Runs one git command (in `dir`, if given) with prompts off, the system config ignored and
-/// settings that could change a checkout pinned; returns stdout. Killed after `timeout`.
+/// settings that could change a checkout pinned; returns stdout. Killed, with its helpers (ssh),
+/// after `timeout`; `url` is named in errors.
 fn git<'a>(
     dir: Option<&Path>,
+    url: Option<&str>,
     args: impl IntoIterator<Item = &'a OsStr>,
     timeout: Duration,
 ) -> Result<String> {
@@ -422,15 +426,13 @@ fn git<'a>(
     cmd.env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .env("LC_ALL", "C");
-    let out = run(cmd, timeout).with_context(|| format!("running git {sub}"))?;
+    let what = format!(
+        "git {sub}{}",
+        url.map(|u| format!(" of {u}")).unwrap_or_default()
+    );
+    let out = process::run(&mut cmd, &what, Deadline::new(timeout, Timeouts::GIT))?;
     if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let lines: Vec<&str> = stderr
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect();
-        let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
+        let tail = out.tail(5).replace('\n', " | ");
         bail!(
             "git {sub} failed ({}): {}",
             out.status,
@@ -441,120 +443,11 @@ fn git<'a>(
         .with_context(|| format!("git {sub} printed something that is not UTF-8"))
 }
 
-struct Output {
-    status: std::process::ExitStatus,
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-}
-
-/// Runs `cmd` in its own process group with stdin null, capturing its output. When `timeout`
-/// elapses the whole group (git and its helpers such as ssh) is killed and this errs.
-fn run(mut cmd: Command, timeout: Duration) -> Result<Output> {
-    let program = cmd.get_program().to_string_lossy().into_owned();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("starting {program} (is it installed?)"))?;
-    let deadline = Instant::now() + timeout;
-    let (tx, rx) = mpsc::channel();
-    for (which, pipe) in [
-        (
-            0,
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        ),
-        (
-            1,
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        ),
-    ] {
-        let tx = tx.clone();
-        let Some(mut pipe) = pipe else { continue };
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = pipe.read_to_end(&mut buf);
-            let _ = tx.send((which, buf));
-        });
-    }
-    drop(tx);
-    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let mut out = Output {
-        status: std::process::ExitStatus::default(),
-        stdout: Vec::new(),
-        stderr: Vec::new(),
-    };
-    // Wait on the output pipes first: they close when git exits, which wakes us at once
-    // (polling with sleeps alone noticed a 4 ms git only after 6 to 14 ms).
-    let mut pipes_open = 2;
-    let mut pause = Duration::from_millis(2);
-    let status = loop {
-        if let Some(status) = child
-            .try_wait()
-            .with_context(|| format!("waiting for {program}"))?
-        {
-            break status;
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-            let _ = child.wait();
-            return Err(anyhow!(
-                "{program} did not finish within {} and was killed",
-                humantime::format_duration(timeout)
-            ));
-        }
-        let slice = pause.min(deadline - now);
-        if pipes_open > 0 {
-            match rx.recv_timeout(slice) {
-                Ok((0, buf)) => {
-                    out.stdout = buf;
-                    pipes_open -= 1;
-                }
-                Ok((_, buf)) => {
-                    out.stderr = buf;
-                    pipes_open -= 1;
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => pipes_open = 0,
-            }
-            if pipes_open == 0 {
-                // Both pipes closed: git has exited or is about to; reap it promptly.
-                pause = Duration::from_micros(200);
-                continue;
-            }
-        } else {
-            std::thread::sleep(slice);
-        }
-        pause = (pause * 2).min(Duration::from_millis(50));
-    };
-    out.status = status;
-    // Helpers that outlive git could keep the pipes open; do not wait for them forever.
-    let grace = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_secs(1));
-    let until = Instant::now() + grace;
-    for _ in 0..pipes_open {
-        match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
-            Ok((0, buf)) => out.stdout = buf,
-            Ok((_, buf)) => out.stderr = buf,
-            Err(_) => break,
-        }
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::lock::SyncLock;
+    use std::process::Stdio;
 
     const T: Duration = Duration::from_secs(30);
 
@@ -902,23 +795,35 @@ mod tests {
     }
 
     #[test]
-    fn commands_are_killed_on_timeout() {
-        let mut cmd = Command::new("sh");
-        // A grandchild holding the pipes open must die too, or this would hang for 30 s.
-        cmd.args(["-c", "sleep 30 & sleep 30"]);
-        let start = Instant::now();
-        let err = run(cmd, Duration::from_millis(200))
-            .err()
-            .expect("must time out");
+    fn a_hung_git_is_killed_at_its_deadline() {
+        // An http server that accepts and never answers: git waits forever without a deadline.
+        // Over http git runs git-remote-http, which holds the connection: it closes only if
+        // that grandchild dies too.
+        let (port, closed) = crate::process::testing::silent_server();
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let url = format!("http://127.0.0.1:{port}/repo.git");
+        let spec = RepoSpec {
+            url: url.clone(),
+            reference: "main".into(),
+        };
+        let start = std::time::Instant::now();
+        let err = sync(&layout, "salt", &spec, Duration::from_millis(500)).unwrap_err();
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "{:?}",
             start.elapsed()
         );
+        let err = format!("{err:#}");
         assert!(
-            format!("{err:#}").contains("did not finish within 200ms and was killed"),
-            "{err:#}"
+            err.contains(&format!(
+                "git ls-remote of {url} did not finish within 500ms; killed"
+            )) && err.contains("raise [timeouts] git"),
+            "{err}"
         );
+        closed
+            .recv_timeout(Duration::from_secs(5))
+            .expect("git-remote-http survived git and still holds its connection");
     }
 
     #[test]

@@ -8,15 +8,12 @@
 //! actions due while it runs are deferred until it lets go.
 
 use crate::actions::{Backends, SupervisordBackend, SystemdBackend};
-use crate::boot::{BootOptions, BootResult};
+use crate::boot::BootResult;
 use crate::lifecycle;
 use crate::lock::SyncLock;
 use crate::paths::Layout;
-use crate::state::{
-    now_rfc3339, Outcome, ProgramRecord, RuleRecord, ScheduleRecord, State, SyncRecord, WatchRecord,
-};
+use crate::state::{now_rfc3339, ProgramRecord, RuleRecord, ScheduleRecord, State, WatchRecord};
 use crate::sync::{self, Trigger};
-use crate::timeline::Timeline;
 use crate::userdata::{self, schedule::splay_offset, Settings};
 use crate::watch::{Due, Rule, Timing, Watcher};
 use anyhow::{Context, Result};
@@ -54,18 +51,17 @@ pub fn block_signals() -> Result<()> {
 }
 
 /// Starts the watchers and the schedule after a boot that did not fail; `serve` then runs.
-pub fn start(layout: &Layout, boot: &BootResult, opts: &BootOptions) -> Result<Agent> {
+pub fn start(layout: &Layout, boot: &BootResult) -> Result<Agent> {
     let Some(settings) = boot.settings.clone() else {
         anyhow::bail!("the boot resolved no settings; nothing to run");
     };
-    Agent::new(layout.clone(), settings, boot, opts.clone())
+    Agent::new(layout.clone(), settings, boot)
 }
 
 /// The resident agent.
 pub struct Agent {
     layout: Layout,
     settings: Settings,
-    opts: BootOptions,
     salt_call: Option<PathBuf>,
     instance_id: String,
     signals: SignalFd,
@@ -81,12 +77,7 @@ pub struct Agent {
 }
 
 impl Agent {
-    fn new(
-        layout: Layout,
-        settings: Settings,
-        boot: &BootResult,
-        opts: BootOptions,
-    ) -> Result<Agent> {
+    fn new(layout: Layout, settings: Settings, boot: &BootResult) -> Result<Agent> {
         // Signals arrive through a file descriptor in the poll loop, never mid-action.
         block_signals()?;
         let mask = signal_set();
@@ -101,12 +92,11 @@ impl Agent {
         let watcher = Watcher::new(rules, timing).context("starting the file watchers")?;
         let backends = Backends {
             supervisord: SupervisordBackend::new(&settings.supervisor_socket),
-            systemd: SystemdBackend::default(),
+            systemd: SystemdBackend::new(settings.timeouts.systemctl),
         };
         let instance_id = boot.state.instance_id.clone().unwrap_or_default();
         let mut agent = Agent {
             layout,
-            opts,
             salt_call: boot.salt_call.clone(),
             instance_id,
             signals,
@@ -215,6 +205,10 @@ impl Agent {
             let mut due = std::mem::take(&mut self.deferred);
             if self.retry_at.is_some_and(|t| Instant::now() < t) && !due.is_empty() {
                 // Not yet time to retry deferred actions.
+                tracing::trace!(
+                    deferred = due.len(),
+                    "a sync was in progress; retrying the deferred actions shortly"
+                );
                 self.deferred = due;
                 due = Vec::new();
             }
@@ -261,60 +255,28 @@ impl Agent {
             }
         };
         let failures = state.schedule.as_ref().map_or(0, |s| s.highstate_failures);
-        let last_failed = state
-            .highstate
-            .as_ref()
-            .is_some_and(|h| !h.report.ok || h.error.is_some());
+        let last_failed = sync::last_highstate_failed(&state);
         self.ticks_since_highstate += 1;
         // Back off over ticks: retry after 1, 2, 4 ... ticks, at most MAX_RETRY_TICKS.
         let wait_ticks = 1u32 << failures.saturating_sub(1).min(4);
         let retry = last_failed && self.ticks_since_highstate >= wait_ticks.min(MAX_RETRY_TICKS);
-        let at = now_rfc3339();
-        let mut tl = Timeline::new();
         let ctx = sync::SyncContext {
             layout: &self.layout,
             settings: &self.settings,
             salt_call: self.salt_call.as_deref(),
-            git_timeout: self.opts.git_timeout,
         };
-        let result = sync::run(ctx, &mut state, &mut tl, Trigger::Schedule, retry);
-        let (outcome, error, ran, ok) = match &result {
-            Ok(s) => {
-                let outcome = if tl.degraded.is_empty() {
-                    Outcome::Ready
-                } else {
-                    Outcome::Degraded
-                };
-                let error = (!tl.degraded.is_empty()).then(|| tl.degraded.join("; "));
-                (outcome, error, s.highstate_ran, s.highstate_ok)
-            }
-            Err(e) => (Outcome::Failed, Some(format!("{e:#}")), false, None),
-        };
-        if ran {
+        let recorded = sync::run_recorded(ctx, &mut state, Trigger::Schedule, retry);
+        if recorded.record.highstate_ran {
             self.ticks_since_highstate = 0;
         }
-        let failures = match ok {
-            Some(true) => 0,
-            Some(false) => failures + 1,
-            None => failures,
-        };
-        state.last_sync = Some(SyncRecord {
-            at,
-            trigger: Trigger::Schedule.as_str().into(),
-            outcome,
-            error: error.clone(),
-            ms: tl.total_ms(),
-            highstate_ran: ran,
-            steps: std::mem::take(&mut tl.steps),
-        });
         self.plan_tick();
-        state.schedule = Some(self.schedule_record(failures));
+        state.schedule = Some(self.schedule_record(recorded.highstate_failures));
         if let Err(e) = state.save(&self.layout) {
             tracing::error!("{e:#}");
         }
         drop(lock);
-        match error {
-            Some(e) => tracing::warn!("scheduled sync {}: {e}", outcome.as_str()),
+        match &recorded.record.error {
+            Some(e) => tracing::warn!("scheduled sync {}: {e}", recorded.record.outcome.as_str()),
             None => tracing::info!("scheduled sync done"),
         }
         lifecycle::status(&self.idle_status());
@@ -336,7 +298,11 @@ impl Agent {
         let lock = match SyncLock::try_acquire(&self.layout) {
             Ok(Some(l)) => l,
             Ok(None) => {
-                tracing::debug!("a sync is running; deferring {} action(s)", due.len());
+                let targets: Vec<&str> = due.iter().map(|d| d.target.as_str()).collect();
+                tracing::debug!(
+                    ?targets,
+                    "a sync is in progress (it holds the lock); deferring until it ends"
+                );
                 merge(&mut self.deferred, due);
                 self.retry_at = Some(Instant::now() + DEFER_RETRY);
                 return;

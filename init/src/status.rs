@@ -1,7 +1,7 @@
 //! `stackless-init status`: the boot timeline and the last sync, for people (like
 //! `cloud-init analyze`, in milliseconds) or as JSON for scripts.
 
-use crate::boot::short;
+use crate::repos::short;
 use crate::state::{Outcome, State};
 use std::fmt::Write;
 

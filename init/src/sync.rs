@@ -2,11 +2,10 @@
 //! `[sync] highstate` says), record it. The boot, the schedule and `stackless-init sync` all
 //! run this; the caller holds the sync lock, so runs never overlap.
 
-use crate::boot::short;
 use crate::paths::Layout;
-use crate::repos::{self, RepoSpec, SyncOutcome};
+use crate::repos::{self, short, RepoSpec, SyncOutcome};
 use crate::salt::highstate;
-use crate::state::{now_rfc3339, HighstateRecord, RepoRecord, State};
+use crate::state::{now_rfc3339, HighstateRecord, Outcome, RepoRecord, State, SyncRecord};
 use crate::timeline::Timeline;
 use crate::userdata::{HighstateMode, Settings};
 use anyhow::{Context, Result};
@@ -49,8 +48,6 @@ pub struct SyncContext<'a> {
     pub settings: &'a Settings,
     /// `None` when no highstate is wanted (no salt repository, or `highstate = never`).
     pub salt_call: Option<&'a Path>,
-    /// Deadline of each git command.
-    pub git_timeout: Duration,
 }
 
 /// Runs one sync, recording repositories and highstate into `state` and its steps into `tl`.
@@ -67,14 +64,13 @@ pub fn run(
         layout,
         settings,
         salt_call,
-        git_timeout,
     } = ctx;
     let mut summary = SyncSummary::default();
     let mut salt_commit = None;
     for (name, spec) in [("salt", &settings.salt.repo), ("config", &settings.config)] {
         let Some(spec) = spec else { continue };
         let outcome = tl.step(&format!("sync-{name}"), || {
-            let o = repos::sync(layout, name, spec, git_timeout)
+            let o = repos::sync(layout, name, spec, settings.timeouts.git)
                 .with_context(|| format!("syncing the {name} repository"))?;
             let d = describe(&o);
             Ok((o, Some(d)))
@@ -206,15 +202,74 @@ fn describe(o: &SyncOutcome) -> String {
     }
 }
 
+/// Whether the last highstate failed, so the next sync runs it again even without a new commit.
+pub fn last_highstate_failed(state: &State) -> bool {
+    state
+        .highstate
+        .as_ref()
+        .is_some_and(|h| !h.report.ok || h.error.is_some())
+}
+
+/// A sync that ran and was recorded.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// What went into `state.last_sync`.
+    pub record: SyncRecord,
+    /// Highstates failed in a row, this sync included (0 after one that converged).
+    pub highstate_failures: u32,
+}
+
+/// Runs one sync ([`run`]) and records it, the one place a sync record is built: sets
+/// `state.last_sync` and carries the count of failed highstates in a row into
+/// `state.schedule` (when there is one). The caller holds the lock and saves the state.
+pub fn run_recorded(
+    ctx: SyncContext<'_>,
+    state: &mut State,
+    trigger: Trigger,
+    retry_highstate: bool,
+) -> Recorded {
+    let at = now_rfc3339();
+    let mut tl = Timeline::new();
+    let result = run(ctx, state, &mut tl, trigger, retry_highstate);
+    let (outcome, error, ran, ok) = match &result {
+        Ok(s) if tl.degraded.is_empty() => (Outcome::Ready, None, s.highstate_ran, s.highstate_ok),
+        Ok(s) => (
+            Outcome::Degraded,
+            Some(tl.degraded.join("; ")),
+            s.highstate_ran,
+            s.highstate_ok,
+        ),
+        Err(e) => (Outcome::Failed, Some(format!("{e:#}")), false, None),
+    };
+    let failures = state.schedule.as_ref().map_or(0, |s| s.highstate_failures);
+    let highstate_failures = match ok {
+        Some(true) => 0,
+        Some(false) => failures + 1,
+        None => failures,
+    };
+    if let Some(sched) = state.schedule.as_mut() {
+        sched.highstate_failures = highstate_failures;
+    }
+    let record = SyncRecord {
+        at,
+        trigger: trigger.as_str().into(),
+        outcome,
+        error,
+        ms: tl.total_ms(),
+        highstate_ran: ran,
+        steps: std::mem::take(&mut tl.steps),
+    };
+    state.last_sync = Some(record.clone());
+    Recorded {
+        record,
+        highstate_failures,
+    }
+}
+
 /// `stackless-init sync`: one sync now, with the settings the boot applied, through the same
 /// lock as every other sync. A highstate that failed last time runs again even without a new
 /// commit. Recorded as the last sync.
-pub fn run_now(
-    layout: &Layout,
-    lock_wait: Duration,
-    git_timeout: Duration,
-) -> Result<crate::state::SyncRecord> {
-    use crate::state::{Outcome, SyncRecord};
+pub fn run_now(layout: &Layout, lock_wait: Duration) -> Result<SyncRecord> {
     let (settings, _identity) = crate::settings::load_saved(layout)?;
     let salt_call = if settings.salt.repo.is_some()
         && settings.sync.highstate != HighstateMode::Never
@@ -229,45 +284,13 @@ pub fn run_now(
     };
     let _lock = crate::lock::SyncLock::acquire(layout, lock_wait)?;
     let mut state = State::load(layout)?.unwrap_or_default();
-    let last_failed = state
-        .highstate
-        .as_ref()
-        .is_some_and(|h| !h.report.ok || h.error.is_some());
-    let at = now_rfc3339();
-    let mut tl = Timeline::new();
+    let retry = last_highstate_failed(&state);
     let ctx = SyncContext {
         layout,
         settings: &settings,
         salt_call: salt_call.as_deref(),
-        git_timeout,
     };
-    let result = run(ctx, &mut state, &mut tl, Trigger::Manual, last_failed);
-    let (outcome, error, ran) = match &result {
-        Ok(s) if tl.degraded.is_empty() => (Outcome::Ready, None, s.highstate_ran),
-        Ok(s) => (
-            Outcome::Degraded,
-            Some(tl.degraded.join("; ")),
-            s.highstate_ran,
-        ),
-        Err(e) => (Outcome::Failed, Some(format!("{e:#}")), false),
-    };
-    if let (Ok(s), Some(sched)) = (&result, state.schedule.as_mut()) {
-        match s.highstate_ok {
-            Some(true) => sched.highstate_failures = 0,
-            Some(false) => sched.highstate_failures += 1,
-            None => {}
-        }
-    }
-    let record = SyncRecord {
-        at,
-        trigger: Trigger::Manual.as_str().into(),
-        outcome,
-        error,
-        ms: tl.total_ms(),
-        highstate_ran: ran,
-        steps: std::mem::take(&mut tl.steps),
-    };
-    state.last_sync = Some(record.clone());
+    let recorded = run_recorded(ctx, &mut state, Trigger::Manual, retry);
     state.save(layout)?;
-    Ok(record)
+    Ok(recorded.record)
 }

@@ -12,15 +12,16 @@
 
 use crate::fsutil::write_if_changed;
 use crate::paths::Layout;
-use crate::salt::install::tail_lines;
+use crate::process::{self, Deadline};
+pub use crate::userdata::pem::{split_certificates, PemError, BEGIN, END};
+use crate::userdata::Timeouts;
 use anyhow::{bail, Context, Result};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
-pub const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
-pub const END: &str = "-----END CERTIFICATE-----";
 /// Stem of the files the agent owns in the trust folders.
 pub const FILE_STEM: &str = "stackless-user-data";
 /// Where `update-ca-certificates` reads local certificates.
@@ -41,107 +42,6 @@ const TOOL_DIRS: [&str; 6] = [
     "/sbin",
     "/bin",
 ];
-
-/// A problem in a PEM value, at byte `offset` of it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PemError {
-    pub offset: usize,
-    pub message: String,
-}
-
-fn pem_error(offset: usize, message: impl Into<String>) -> PemError {
-    PemError {
-        offset,
-        message: message.into(),
-    }
-}
-
-/// Splits PEM text into its certificates, each normalised to its marker lines and base64 lines.
-/// Text outside the blocks (a comment, `openssl x509 -text` output) is ignored; a block without
-/// its END (or an END without its BEGIN), a private key, or a body that is not base64 is an error.
-pub fn split_certificates(text: &str) -> Result<Vec<String>, PemError> {
-    let mut certs = Vec::new();
-    // (offset of the BEGIN line, base64 lines so far)
-    let mut open: Option<(usize, Vec<&str>)> = None;
-    let mut offset = 0;
-    for raw in text.split_inclusive('\n') {
-        let at = offset;
-        offset += raw.len();
-        let line = raw.trim();
-        let col = at + (raw.len() - raw.trim_start().len());
-        if line.starts_with("-----BEGIN ") {
-            if line != BEGIN {
-                return Err(pem_error(
-                    col,
-                    format!("`{line}` is not a certificate: ca_certificates takes only `{BEGIN}` blocks (never a private key)"),
-                ));
-            }
-            if open.is_some() {
-                return Err(pem_error(
-                    col,
-                    format!("`{BEGIN}` before the `{END}` of the certificate above it; each certificate needs both markers"),
-                ));
-            }
-            open = Some((col, Vec::new()));
-        } else if line.starts_with("-----END ") {
-            let Some((_, body)) = open.take() else {
-                return Err(pem_error(
-                    col,
-                    format!("`{line}` without a `{BEGIN}` before it"),
-                ));
-            };
-            if line != END {
-                return Err(pem_error(
-                    col,
-                    format!("`{line}` closes a certificate; expected `{END}`"),
-                ));
-            }
-            let len: usize = body.iter().map(|l| l.len()).sum();
-            if len == 0 || !len.is_multiple_of(4) {
-                return Err(pem_error(
-                    col,
-                    "the certificate ending here is empty or truncated (its base64 is not a whole number of 4-character groups); paste it again in full",
-                ));
-            }
-            let mut cert = String::with_capacity(len + 64);
-            cert.push_str(BEGIN);
-            cert.push('\n');
-            for l in body {
-                cert.push_str(l);
-                cert.push('\n');
-            }
-            cert.push_str(END);
-            cert.push('\n');
-            certs.push(cert);
-        } else if let Some((_, body)) = open.as_mut() {
-            if line.is_empty() {
-                continue;
-            }
-            if let Some(bad) = line
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '+' || c == '/' || c == '='))
-            {
-                return Err(pem_error(
-                    col + bad,
-                    format!(
-                        "a certificate's body is base64 (A-Z a-z 0-9 + / =); found `{}`",
-                        &line[bad..].chars().next().unwrap_or(' ')
-                    ),
-                ));
-            }
-            body.push(line);
-        }
-    }
-    if let Some((begin, _)) = open {
-        return Err(pem_error(begin, format!("this certificate has no `{END}`")));
-    }
-    if certs.is_empty() {
-        return Err(pem_error(
-            0,
-            format!("no certificate found: ca_certificates holds one or more PEM certificates, each from `{BEGIN}` to `{END}`"),
-        ));
-    }
-    Ok(certs)
-}
 
 /// The tool that rebuilds the system's trust store, and how to call it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,7 +104,7 @@ impl Tool {
         }
     }
 
-    fn run(&self, layout: &Layout) -> Result<()> {
+    fn run(&self, layout: &Layout, timeout: Duration) -> Result<()> {
         if matches!(self, Tool::Debian(_)) && !layout.is_system_root() {
             // The tool changes into this folder first; a bare test root lacks it.
             let certs = layout.join("/etc/ssl/certs");
@@ -212,14 +112,14 @@ impl Tool {
         }
         let mut cmd = self.command(layout);
         let shown = format!("{cmd:?}").replace('"', "");
-        let out = cmd
-            .output()
-            .with_context(|| format!("running `{shown}` to refresh the trusted certificates"))?;
+        let out = process::run(
+            &mut cmd,
+            &format!("`{shown}`"),
+            Deadline::new(timeout, Timeouts::TRUST),
+        )
+        .with_context(|| format!("running `{shown}` to refresh the trusted certificates"))?;
         if !out.status.success() {
-            let mut said = tail_lines(&out.stderr, 10);
-            if said.is_empty() {
-                said = tail_lines(&out.stdout, 10);
-            }
+            let said = out.tail(10);
             bail!("`{shown}` failed ({}); the trusted certificates were not refreshed and are retried at the next boot:\n{said}", out.status);
         }
         Ok(())
@@ -270,9 +170,14 @@ fn file_name(index: usize) -> String {
 }
 
 /// Makes the system trust exactly the certificates of `bundle` (besides its own), or none of
-/// ours when `bundle` is `None`. `tool` is [`Tool::discover`]'s answer (tests pass a fake).
-/// Returns a detail line for the boot timeline.
-pub fn apply(layout: &Layout, bundle: Option<&str>, tool: Option<&Tool>) -> Result<String> {
+/// ours when `bundle` is `None`. `tool` is [`Tool::discover`]'s answer (tests pass a fake);
+/// `timeout` bounds its run (`[timeouts] trust`). Returns a detail line for the boot timeline.
+pub fn apply(
+    layout: &Layout,
+    bundle: Option<&str>,
+    tool: Option<&Tool>,
+    timeout: Duration,
+) -> Result<String> {
     let certs = match bundle {
         Some(b) => split_certificates(b).map_err(|e| {
             anyhow::anyhow!("ca_certificates: {} (at byte {})", e.message, e.offset)
@@ -303,7 +208,7 @@ pub fn apply(layout: &Layout, bundle: Option<&str>, tool: Option<&Tool>) -> Resu
         if !changed {
             return Ok("none".into());
         }
-        tool.ok_or_else(no_tool)?.run(layout)?;
+        tool.ok_or_else(no_tool)?.run(layout, timeout)?;
         return Ok("removed the user-data certificates".into());
     }
     let tool = tool.ok_or_else(no_tool)?;
@@ -323,7 +228,7 @@ pub fn apply(layout: &Layout, bundle: Option<&str>, tool: Option<&Tool>) -> Resu
     if !changed {
         return Ok(format!("{n} certificate(s) unchanged"));
     }
-    if let Err(e) = tool.run(layout) {
+    if let Err(e) = tool.run(layout, timeout) {
         // Without the files, the next boot writes them again and retries the refresh.
         for f in &wanted {
             let _ = fs::remove_file(f);
@@ -338,41 +243,10 @@ mod tests {
     use super::*;
 
     const B64: &str = "MIIBszCCAVmgAwIBAgIUQ2Vy";
+    const T: Duration = Duration::from_secs(60);
 
     fn cert(body: &str) -> String {
         format!("{BEGIN}\n{body}\n{END}\n")
-    }
-
-    #[test]
-    fn splits_and_normalises_certificates() {
-        let text = format!(
-            "# our proxy\n  {BEGIN}\r\n  {B64}\r\n\n{END}\nsubject=CN x\n{}",
-            cert("QUJD")
-        );
-        let certs = split_certificates(&text).unwrap();
-        assert_eq!(certs, vec![cert(B64), cert("QUJD")]);
-    }
-
-    #[test]
-    fn pem_problems_are_located() {
-        let e = split_certificates("hello\n").unwrap_err();
-        assert!(e.message.contains("no certificate found"), "{e:?}");
-        let text = format!("{BEGIN}\n{B64}\n");
-        let e = split_certificates(&text).unwrap_err();
-        assert_eq!(e.offset, 0);
-        assert!(e.message.contains("has no `-----END"), "{e:?}");
-        let text = format!("x\n{END}\n");
-        assert_eq!(split_certificates(&text).unwrap_err().offset, 2);
-        let text = format!("{BEGIN}\n{B64}\n{BEGIN}\n");
-        let e = split_certificates(&text).unwrap_err();
-        assert_eq!(e.offset, BEGIN.len() + B64.len() + 2);
-        let text = format!("{BEGIN}\nAB*D\n{END}\n");
-        let e = split_certificates(&text).unwrap_err();
-        assert_eq!(e.offset, BEGIN.len() + 1 + 2, "{e:?}");
-        let e = split_certificates("-----BEGIN PRIVATE KEY-----\nQUJD\n").unwrap_err();
-        assert!(e.message.contains("never a private key"), "{e:?}");
-        let e = split_certificates(&format!("{BEGIN}\nQUJ\n{END}\n")).unwrap_err();
-        assert!(e.message.contains("truncated"), "{e:?}");
     }
 
     /// A stand-in trust tool that appends its arguments to `calls`.
@@ -407,7 +281,7 @@ mod tests {
         let one = cert(B64);
         let two = format!("{one}{}", cert("QUJD"));
 
-        let detail = apply(&layout, Some(&one), Some(&tool)).unwrap();
+        let detail = apply(&layout, Some(&one), Some(&tool), T).unwrap();
         assert!(detail.contains("1 certificate(s) trusted"), "{detail}");
         let file = layout.join(DEBIAN_DIR).join("stackless-user-data.crt");
         assert_eq!(fs::read_to_string(&file).unwrap(), one);
@@ -429,21 +303,21 @@ mod tests {
         // Unchanged: no write, no refresh.
         let mtime = fs::metadata(&file).unwrap().modified().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
-        assert!(apply(&layout, Some(&one), Some(&tool))
+        assert!(apply(&layout, Some(&one), Some(&tool), T)
             .unwrap()
             .contains("unchanged"));
         assert_eq!(fs::metadata(&file).unwrap().modified().unwrap(), mtime);
         assert_eq!(calls(dir.path()).len(), 1);
 
         // Two certificates: one file each.
-        apply(&layout, Some(&two), Some(&tool)).unwrap();
+        apply(&layout, Some(&two), Some(&tool), T).unwrap();
         assert!(layout
             .join(DEBIAN_DIR)
             .join("stackless-user-data-2.crt")
             .is_file());
         assert_eq!(calls(dir.path()).len(), 2);
         // Back to one: the second file goes.
-        apply(&layout, Some(&one), Some(&tool)).unwrap();
+        apply(&layout, Some(&one), Some(&tool), T).unwrap();
         assert!(!layout
             .join(DEBIAN_DIR)
             .join("stackless-user-data-2.crt")
@@ -451,13 +325,13 @@ mod tests {
         assert_eq!(calls(dir.path()).len(), 3);
 
         // Key removed: files gone, one refresh; then nothing more to do.
-        assert!(apply(&layout, None, Some(&tool))
+        assert!(apply(&layout, None, Some(&tool), T)
             .unwrap()
             .contains("removed"));
         assert!(!file.exists());
         assert_eq!(calls(dir.path()).len(), 4);
-        assert_eq!(apply(&layout, None, Some(&tool)).unwrap(), "none");
-        assert_eq!(apply(&layout, None, None).unwrap(), "none");
+        assert_eq!(apply(&layout, None, Some(&tool), T).unwrap(), "none");
+        assert_eq!(apply(&layout, None, None, T).unwrap(), "none");
         assert_eq!(calls(dir.path()).len(), 4);
     }
 
@@ -466,7 +340,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::new(dir.path().join("root"));
         let tool = Tool::Rhel(fake_tool(dir.path(), "update-ca-trust"));
-        apply(&layout, Some(&cert(B64)), Some(&tool)).unwrap();
+        apply(&layout, Some(&cert(B64)), Some(&tool), T).unwrap();
         assert!(layout
             .join(RHEL_DIR)
             .join("stackless-user-data.crt")
@@ -481,7 +355,10 @@ mod tests {
     fn no_tool_or_a_failing_tool_is_a_clear_error_and_retried() {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::new(dir.path().join("root"));
-        let e = format!("{:#}", apply(&layout, Some(&cert(B64)), None).unwrap_err());
+        let e = format!(
+            "{:#}",
+            apply(&layout, Some(&cert(B64)), None, T).unwrap_err()
+        );
         assert!(
             e.contains("update-ca-certificates") && e.contains("ca-certificates package"),
             "{e}"
@@ -492,7 +369,7 @@ mod tests {
         fs::set_permissions(&failing, fs::Permissions::from_mode(0o755)).unwrap();
         let e = format!(
             "{:#}",
-            apply(&layout, Some(&cert(B64)), Some(&Tool::Debian(failing))).unwrap_err()
+            apply(&layout, Some(&cert(B64)), Some(&Tool::Debian(failing)), T).unwrap_err()
         );
         assert!(e.contains("no openssl") && e.contains("next boot"), "{e}");
         // The file is gone again, so the next boot writes it and refreshes.
@@ -500,6 +377,46 @@ mod tests {
             .join(DEBIAN_DIR)
             .join("stackless-user-data.crt")
             .exists());
+    }
+
+    #[test]
+    fn a_hung_trust_tool_is_killed_with_its_processes() {
+        use crate::process::testing::{assert_dead, hang_with_grandchild, pidfile, script};
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path().join("root"));
+        let pids = pidfile(dir.path());
+        for tool in [
+            Tool::Debian(script(
+                &dir.path().join("deb"),
+                "update-ca-certificates",
+                &hang_with_grandchild(&pids),
+            )),
+            Tool::Rhel(script(
+                &dir.path().join("rhel"),
+                "update-ca-trust",
+                &hang_with_grandchild(&pids),
+            )),
+        ] {
+            let _ = fs::remove_file(&pids);
+            let started = std::time::Instant::now();
+            let e = format!(
+                "{:#}",
+                apply(
+                    &layout,
+                    Some(&cert(B64)),
+                    Some(&tool),
+                    Duration::from_millis(500)
+                )
+                .unwrap_err()
+            );
+            assert!(started.elapsed() < Duration::from_secs(10));
+            assert!(
+                e.contains("did not finish within 500ms; killed")
+                    && e.contains("raise [timeouts] trust"),
+                "{e}"
+            );
+            assert_dead(&pids);
+        }
     }
 
     #[test]

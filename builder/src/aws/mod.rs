@@ -8,7 +8,9 @@ pub mod waiter;
 
 use anyhow::anyhow;
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata};
-use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification};
+use aws_sdk_ec2::types::{
+    Filter, IamInstanceProfileSpecification, ResourceType, Tag, TagSpecification,
+};
 use std::collections::BTreeMap;
 
 /// An SDK error as one line: the service's code and message when it answered, else the whole
@@ -223,9 +225,27 @@ pub fn tag_spec(kind: ResourceType, tags: &BTreeMap<String, String>) -> TagSpeci
         .build()
 }
 
+/// An instance profile given by name or by ARN, as RunInstances and launch templates take it.
+pub fn instance_profile(profile: &str) -> IamInstanceProfileSpecification {
+    let spec = IamInstanceProfileSpecification::builder();
+    if profile.starts_with("arn:") {
+        spec.arn(profile).build()
+    } else {
+        spec.name(profile).build()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_instance_profile_is_a_name_or_an_arn() {
+        let arn = "arn:aws:iam::123456789012:instance-profile/web";
+        assert_eq!(instance_profile(arn).arn(), Some(arn));
+        assert_eq!(instance_profile("web").name(), Some("web"));
+        assert_eq!(instance_profile("web").arn(), None);
+    }
 
     #[test]
     fn throttling_codes_are_known_and_others_are_not() {

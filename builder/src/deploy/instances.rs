@@ -9,8 +9,8 @@ use crate::console::{self, AgentResult};
 use crate::platform::aws::tags;
 use anyhow::{Context, Result};
 use aws_sdk_ec2::types::{
-    Filter, HttpTokensState, IamInstanceProfileSpecification, InstanceMetadataEndpointState,
-    InstanceMetadataOptionsRequest, InstanceStateName, InstanceType, ResourceType,
+    Filter, HttpTokensState, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
+    InstanceStateName, InstanceType, ResourceType,
 };
 use base64::Engine;
 use serde::Serialize;
@@ -209,12 +209,7 @@ pub async fn launch(ec2: &aws_sdk_ec2::Client, l: &Launch<'_>) -> Result<Vec<Str
             req = req.user_data(base64::engine::general_purpose::STANDARD.encode(u));
         }
         if let Some(profile) = l.instance_profile {
-            let spec = if profile.starts_with("arn:") {
-                IamInstanceProfileSpecification::builder().arn(profile)
-            } else {
-                IamInstanceProfileSpecification::builder().name(profile)
-            };
-            req = req.iam_instance_profile(spec.build());
+            req = req.iam_instance_profile(crate::aws::instance_profile(profile));
         }
         let out = req.send().await.map_err(aws_error).with_context(|| {
             format!(

@@ -2,35 +2,55 @@
 //! the static binary).
 
 use super::{Backend, Done};
-use anyhow::{bail, Context, Result};
+use crate::process::{self, Deadline};
+use crate::userdata::Timeouts;
+use anyhow::{bail, Result};
 use std::process::Command;
+use std::time::Duration;
 
-#[derive(Default)]
 pub struct SystemdBackend {
     /// `systemctl`, or another path (tests).
     pub systemctl: Option<String>,
+    /// Deadline of each call (`[timeouts] systemctl`): a hung systemctl would block the
+    /// resident loop for good.
+    pub timeout: Duration,
 }
 
 impl SystemdBackend {
-    fn run(&self, args: &[&str]) -> Result<String> {
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            systemctl: None,
+            timeout,
+        }
+    }
+
+    /// `systemctl ARGS -- UNIT`: the `--` keeps a unit name from being read as an option.
+    fn call(&self, args: &[&str], unit: &str) -> Result<process::Output> {
         let program = self.systemctl.as_deref().unwrap_or("systemctl");
-        let out = Command::new(program)
-            .args(args)
-            .output()
-            .with_context(|| format!("running {program} {}", args.join(" ")))?;
+        let shown = format!("{program} {} -- {unit}", args.join(" "));
+        process::run(
+            Command::new(program).args(args).arg("--").arg(unit),
+            &shown,
+            Deadline::new(self.timeout, Timeouts::SYSTEMCTL),
+        )
+    }
+
+    fn run(&self, args: &[&str], unit: &str) -> Result<String> {
+        let out = self.call(args, unit)?;
         if !out.status.success() {
             bail!(
-                "{program} {} failed ({}): {}",
+                "{} {} -- {unit} failed ({}): {}",
+                self.systemctl.as_deref().unwrap_or("systemctl"),
                 args.join(" "),
                 out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
+                out.tail(5).replace('\n', " | ")
             );
         }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        Ok(out.stdout_text())
     }
 
     fn main_pid(&self, unit: &str) -> Option<u32> {
-        self.run(&["show", "--property=MainPID", "--value", unit])
+        self.run(&["show", "--property=MainPID", "--value"], unit)
             .ok()?
             .parse()
             .ok()
@@ -39,12 +59,7 @@ impl SystemdBackend {
 
     fn confirm_active(&self, unit: &str) -> Result<()> {
         // `is-active` prints the state and exits non-zero unless it is active.
-        let program = self.systemctl.as_deref().unwrap_or("systemctl");
-        let out = Command::new(program)
-            .args(["is-active", unit])
-            .output()
-            .with_context(|| format!("running {program} is-active {unit}"))?;
-        let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let state = self.call(&["is-active"], unit)?.stdout_text();
         if state != "active" {
             bail!("{unit} is {state} after the action; see `journalctl -u {unit}`");
         }
@@ -54,7 +69,7 @@ impl SystemdBackend {
 
 impl Backend for SystemdBackend {
     fn restart(&self, unit: &str) -> Result<Done> {
-        self.run(&["restart", unit])?;
+        self.run(&["restart"], unit)?;
         self.confirm_active(unit)?;
         let pid = self.main_pid(unit);
         Ok(Done {
@@ -64,12 +79,10 @@ impl Backend for SystemdBackend {
     }
 
     fn signal(&self, unit: &str, signal: &str) -> Result<Done> {
-        self.run(&[
-            "kill",
-            "--kill-whom=main",
-            &format!("--signal=SIG{signal}"),
+        self.run(
+            &["kill", "--kill-whom=main", &format!("--signal=SIG{signal}")],
             unit,
-        ])?;
+        )?;
         self.confirm_active(unit)?;
         Ok(Done {
             pid: self.main_pid(unit),
@@ -105,14 +118,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let b = SystemdBackend {
             systemctl: Some(fake_systemctl(dir.path(), "active")),
+            timeout: Duration::from_secs(60),
         };
         assert_eq!(b.restart("nginx.service").unwrap().pid, Some(4242));
         b.signal("nginx.service", "HUP").unwrap();
         let calls = std::fs::read_to_string(dir.path().join("calls")).unwrap();
-        assert!(calls.contains("restart nginx.service\n"), "{calls}");
-        assert!(
-            calls.contains("kill --kill-whom=main --signal=SIGHUP nginx.service\n"),
-            "{calls}"
+        // `--` before every unit name, so no name is read as an option.
+        assert_eq!(
+            calls.lines().collect::<Vec<_>>(),
+            [
+                "restart -- nginx.service",
+                "is-active -- nginx.service",
+                "show --property=MainPID --value -- nginx.service",
+                "kill --kill-whom=main --signal=SIGHUP -- nginx.service",
+                "is-active -- nginx.service",
+                "show --property=MainPID --value -- nginx.service",
+            ]
         );
     }
 
@@ -121,11 +142,36 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let b = SystemdBackend {
             systemctl: Some(fake_systemctl(dir.path(), "failed")),
+            timeout: Duration::from_secs(60),
         };
         let e = b.restart("app.service").unwrap_err().to_string();
         assert!(
             e.contains("app.service is failed") && e.contains("journalctl -u app.service"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_hung_systemctl_is_killed_with_its_processes() {
+        use crate::process::testing::{assert_dead, hang_with_grandchild, pidfile, script};
+        let dir = tempfile::tempdir().unwrap();
+        let pids = pidfile(dir.path());
+        let b = SystemdBackend {
+            systemctl: Some(
+                script(dir.path(), "systemctl", &hang_with_grandchild(&pids))
+                    .display()
+                    .to_string(),
+            ),
+            timeout: Duration::from_millis(500),
+        };
+        let started = std::time::Instant::now();
+        let e = format!("{:#}", b.restart("app.service").unwrap_err());
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(
+            e.contains("restart -- app.service did not finish within 500ms; killed")
+                && e.contains("raise [timeouts] systemctl"),
+            "{e}"
+        );
+        assert_dead(&pids);
     }
 }

@@ -6,8 +6,9 @@
 //! (connect 1 s, whole request 3 s) and never outlives the remaining deadline.
 //!
 //! The endpoint is `http://169.254.169.254` unless `AWS_EC2_METADATA_SERVICE_ENDPOINT` (the
-//! variable the AWS SDKs use) names another one, such as the [`emulator`] on loopback.
+//! variable the AWS SDKs use) names another one, such as the `emulator` on loopback.
 
+#[cfg(any(test, feature = "emulator"))]
 pub mod emulator;
 
 use std::fmt;

@@ -4,15 +4,16 @@
 //! stderr) next to it, as `highstate.log`; the result is judged from the JSON, which says what
 //! failed and why, with the exit code as a second opinion.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use std::fs;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::paths::Layout;
+use crate::process::{self, describe, tail_lines, Deadline};
+use crate::userdata::Timeouts;
 
 /// A state whose result was `false`.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -275,9 +276,6 @@ pub fn run(
     };
     private(&out_file).with_context(|| format!("creating {}", out_file.display()))?;
     let log_out = private(&log).with_context(|| format!("creating {}", log.display()))?;
-    let log_err = log_out
-        .try_clone()
-        .with_context(|| format!("opening {}", log.display()))?;
 
     let mut cmd = Command::new(salt_call);
     cmd.arg("--local")
@@ -291,42 +289,17 @@ pub fn run(
             "--out-file",
         ])
         .arg(&out_file)
-        .args(["--retcode-passthrough", "-l", "error"])
-        .stdin(Stdio::null())
-        .stdout(log_out)
-        .stderr(log_err)
-        // Its own process group, so a timeout kills what the states started too.
-        .process_group(0);
+        .args(["--retcode-passthrough", "-l", "error"]);
     tracing::info!(salt_call = %salt_call.display(), minion_id, "running state.highstate");
     let start = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("starting {}", salt_call.display()))?;
-    let pid = child.id();
-    let status = loop {
-        if let Some(status) = child.try_wait().context("waiting for salt-call")? {
-            break status;
-        }
-        let elapsed = start.elapsed();
-        if elapsed >= timeout {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            let _ = child.wait();
-            bail!(
-                "state.highstate did not finish within {}; killed salt-call (pid {pid}) and its processes. Last output:\n{}",
-                humantime::format_duration(timeout),
-                log_tail(&log)
-            );
-        }
-        let pause = if elapsed < Duration::from_secs(1) {
-            20
-        } else {
-            100
-        };
-        std::thread::sleep(Duration::from_millis(pause).min(timeout - elapsed));
-    };
+    // Its own process group, so the deadline kills what the states started too.
+    let status = process::run_logged(
+        &mut cmd,
+        "salt-call state.highstate",
+        Deadline::new(timeout, Timeouts::HIGHSTATE),
+        log_out,
+    )
+    .map_err(|e| anyhow!("{e:#}. Last output:\n{}", log_tail(&log)))?;
     let ms = start.elapsed().as_millis() as u64;
     let retcode = status.code();
 
@@ -355,15 +328,8 @@ pub fn run(
     Ok(report)
 }
 
-fn describe(status: std::process::ExitStatus) -> String {
-    match status.code() {
-        Some(c) => format!("exited {c}"),
-        None => format!("ended by {status}"),
-    }
-}
-
 fn log_tail(log: &Path) -> String {
-    let tail = super::install::tail_lines(&fs::read(log).unwrap_or_default(), 20);
+    let tail = tail_lines(&fs::read(log).unwrap_or_default(), 20);
     if tail.is_empty() {
         "(nothing)".into()
     } else {
@@ -633,6 +599,34 @@ mod tests {
         );
         assert!(err.contains("did not finish within 3s"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_hung_salt_call_is_killed_with_its_processes() {
+        use crate::process::testing::{assert_dead, hang_with_grandchild, pidfile, script};
+        let t = Tree::new("hung-1", "");
+        let pids = pidfile(t.dir.path());
+        let fake = script(
+            t.dir.path(),
+            "hung-salt-call",
+            &format!(
+                "echo 'rendering states' >&2\n{}",
+                hang_with_grandchild(&pids)
+            ),
+        );
+        let started = Instant::now();
+        let err = format!(
+            "{:#}",
+            run(&t.layout, &fake, "hung-1", Duration::from_millis(500)).unwrap_err()
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(
+            err.contains("salt-call state.highstate did not finish within 500ms; killed")
+                && err.contains("raise [salt] timeout")
+                && err.contains("rendering states"),
+            "{err}"
+        );
+        assert_dead(&pids);
     }
 
     #[test]

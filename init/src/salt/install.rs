@@ -11,63 +11,19 @@ use std::ffi::OsString;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
+use std::time::Duration;
 
 use crate::paths::Layout;
-
-/// How salt gets onto a machine that lacks it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum InstallMethod {
-    /// `python -m venv` under the layout, then `pip install salt==VERSION`.
-    #[default]
-    Pip,
-    /// The salt-bootstrap script, checksum-verified, run as `sh bootstrap-salt.sh -X onedir VERSION`.
-    Onedir,
-    /// Never install: the image must already have salt.
-    None,
-}
-
-/// Everything needed to install salt.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct InstallSpec {
-    pub method: InstallMethod,
-    /// Salt version, such as `3008.4`.
-    pub version: String,
-    /// Where the `onedir` method downloads salt-bootstrap from.
-    pub bootstrap_url: String,
-    /// The sha256 (hex) the downloaded bootstrap script must have; `onedir` refuses to run without it.
-    pub bootstrap_sha256: String,
-    /// The interpreter the `pip` method makes its virtualenv with.
-    pub python: String,
-}
-
-pub const DEFAULT_SALT_VERSION: &str = "3008.4";
-/// A pinned salt-bootstrap release (a release asset, not the tag's raw file: the two differ).
-pub const DEFAULT_BOOTSTRAP_URL: &str =
-    "https://github.com/saltstack/salt-bootstrap/releases/download/v2025.02.24/bootstrap-salt.sh";
-/// sha256 of [`DEFAULT_BOOTSTRAP_URL`], as published alongside uses of that release. A mismatch
-/// stops the install before the script runs; set `bootstrap_sha256` (and `bootstrap_url`) to
-/// pin another release.
-pub const DEFAULT_BOOTSTRAP_SHA256: &str =
-    "a0e3a58fc6358a7c6f708ee4910229e72fbdab7161819514b0696146a2edb62d";
-pub const DEFAULT_PYTHON: &str = "python3";
+use crate::process::{self, Deadline};
+pub use crate::userdata::specs::{
+    InstallMethod, InstallSpec, DEFAULT_BOOTSTRAP_SHA256, DEFAULT_BOOTSTRAP_URL, DEFAULT_PYTHON,
+    DEFAULT_SALT_VERSION,
+};
+use crate::userdata::Timeouts;
 
 /// Where the onedir packages put `salt-call`.
 const SYSTEM_SALT_CALLS: [&str; 2] = ["/opt/saltstack/salt/salt-call", "/usr/bin/salt-call"];
-
-impl Default for InstallSpec {
-    fn default() -> Self {
-        Self {
-            method: InstallMethod::Pip,
-            version: DEFAULT_SALT_VERSION.into(),
-            bootstrap_url: DEFAULT_BOOTSTRAP_URL.into(),
-            bootstrap_sha256: DEFAULT_BOOTSTRAP_SHA256.into(),
-            python: DEFAULT_PYTHON.into(),
-        }
-    }
-}
 
 /// What [`ensure_installed`] found or did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,13 +102,22 @@ fn is_executable(p: &Path) -> bool {
 /// otherwise salt is installed by `spec.method`, and the `salt-call` it produced is returned.
 /// `ca_bundle` is the system CA bundle pip must trust (`--cert`) when user-data added CAs: a pip
 /// upgraded from PyPI otherwise trusts only its own certifi bundle.
+/// `timeout` bounds each program the install runs (`[timeouts] salt_install`).
 pub fn ensure_installed(
     layout: &Layout,
     spec: &InstallSpec,
     configured: Option<&Path>,
     ca_bundle: Option<&Path>,
+    timeout: Duration,
 ) -> Result<InstallOutcome> {
-    ensure_with(layout, spec, configured, ca_bundle, &Search::from_env())
+    ensure_with(
+        layout,
+        spec,
+        configured,
+        ca_bundle,
+        &Search::from_env(),
+        timeout,
+    )
 }
 
 fn ensure_with(
@@ -161,7 +126,9 @@ fn ensure_with(
     configured: Option<&Path>,
     ca_bundle: Option<&Path>,
     search: &Search,
+    timeout: Duration,
 ) -> Result<InstallOutcome> {
+    let deadline = Deadline::new(timeout, Timeouts::SALT_INSTALL);
     if let Some(found) = find_with(layout, configured, search) {
         return Ok(InstallOutcome::AlreadyPresent(found));
     }
@@ -175,9 +142,9 @@ fn ensure_with(
             layout.salt_venv().display(),
             SYSTEM_SALT_CALLS.join(" or ")
         ),
-        InstallMethod::Pip => install_pip(layout, spec, ca_bundle)?,
+        InstallMethod::Pip => install_pip(layout, spec, ca_bundle, deadline)?,
         // curl (salt-bootstrap's download) uses the system bundle already.
-        InstallMethod::Onedir => install_onedir(layout, spec)?,
+        InstallMethod::Onedir => install_onedir(layout, spec, deadline)?,
     }
     match find_with(layout, configured, search) {
         Some(p) => Ok(InstallOutcome::Installed(p)),
@@ -189,36 +156,25 @@ fn ensure_with(
     }
 }
 
-/// The last `n` non-empty lines of a process's output, for error messages.
-pub(crate) fn tail_lines(bytes: &[u8], n: usize) -> String {
-    let text = String::from_utf8_lossy(bytes);
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-fn output_tail(out: &Output, n: usize) -> String {
-    let err = tail_lines(&out.stderr, n);
-    if err.is_empty() {
-        tail_lines(&out.stdout, n)
-    } else {
-        err
-    }
-}
-
 /// `python -m venv VENV`, then `VENV/bin/python -m pip install [--cert BUNDLE] salt==VERSION`.
-fn install_pip(layout: &Layout, spec: &InstallSpec, ca_bundle: Option<&Path>) -> Result<()> {
+fn install_pip(
+    layout: &Layout,
+    spec: &InstallSpec,
+    ca_bundle: Option<&Path>,
+    deadline: Deadline,
+) -> Result<()> {
     check_version(&spec.version)?;
     let venv = layout.salt_venv();
     tracing::info!(venv = %venv.display(), version = %spec.version, "installing salt with pip");
     if let Some(parent) = venv.parent() {
         fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
-    let out = Command::new(&spec.python)
-        .arg("-m")
-        .arg("venv")
-        .arg(&venv)
-        .output()
-        .with_context(|| {
+    let out = process::run(
+        Command::new(&spec.python).arg("-m").arg("venv").arg(&venv),
+        &format!("`{} -m venv {}`", spec.python, venv.display()),
+        deadline,
+    )
+    .with_context(|| {
             format!(
                 "running `{} -m venv {}` to install salt: is `{}` installed? Set the salt `python` to an installed interpreter",
                 spec.python,
@@ -232,7 +188,7 @@ fn install_pip(layout: &Layout, spec: &InstallSpec, ca_bundle: Option<&Path>) ->
             spec.python,
             venv.display(),
             out.status,
-            output_tail(&out, 15)
+            out.tail(15)
         );
     }
     let python = venv.join("bin/python");
@@ -247,10 +203,12 @@ fn install_pip(layout: &Layout, spec: &InstallSpec, ca_bundle: Option<&Path>) ->
     if let Some(bundle) = ca_bundle {
         pip.arg("--cert").arg(bundle);
     }
-    let out = pip
-        .arg(format!("salt=={}", spec.version))
-        .output()
-        .with_context(|| format!("running {} -m pip", python.display()))?;
+    pip.arg(format!("salt=={}", spec.version));
+    let out = process::run(
+        &mut pip,
+        &format!("`pip install salt=={}`", spec.version),
+        deadline,
+    )?;
     if !out.status.success() {
         bail!(
             "`pip install salt=={}` into {} failed ({}); salt builds native modules (timelib), so the \
@@ -258,7 +216,7 @@ fn install_pip(layout: &Layout, spec: &InstallSpec, ca_bundle: Option<&Path>) ->
             spec.version,
             venv.display(),
             out.status,
-            output_tail(&out, 15)
+            out.tail(15)
         );
     }
     Ok(())
@@ -273,7 +231,7 @@ fn check_version(v: &str) -> Result<()> {
 }
 
 /// Downloads salt-bootstrap, checks its sha256, runs `sh FILE -X onedir VERSION`.
-fn install_onedir(layout: &Layout, spec: &InstallSpec) -> Result<()> {
+fn install_onedir(layout: &Layout, spec: &InstallSpec, deadline: Deadline) -> Result<()> {
     check_version(&spec.version)?;
     let expected = spec.bootstrap_sha256.trim().to_ascii_lowercase();
     if expected.is_empty() {
@@ -293,18 +251,21 @@ fn install_onedir(layout: &Layout, spec: &InstallSpec) -> Result<()> {
     let script = dir.join(format!(".bootstrap-salt.{}.sh", std::process::id()));
     let result = (|| -> Result<()> {
         tracing::info!(url = %spec.bootstrap_url, "downloading salt-bootstrap");
-        let out = Command::new("curl")
-            .args(["-fsSL", "--retry", "3", "-o"])
-            .arg(&script)
-            .arg(&spec.bootstrap_url)
-            .output()
-            .context("running curl to download salt-bootstrap: is curl installed?")?;
+        let out = process::run(
+            Command::new("curl")
+                .args(["-fsSL", "--retry", "3", "-o"])
+                .arg(&script)
+                .arg(&spec.bootstrap_url),
+            &format!("the download of salt-bootstrap from {}", spec.bootstrap_url),
+            deadline,
+        )
+        .context("running curl to download salt-bootstrap: is curl installed?")?;
         if !out.status.success() {
             bail!(
                 "downloading salt-bootstrap from {} failed ({}): {}",
                 spec.bootstrap_url,
                 out.status,
-                output_tail(&out, 5)
+                out.tail(5)
             );
         }
         let data = fs::read(&script).with_context(|| format!("reading {}", script.display()))?;
@@ -317,17 +278,20 @@ fn install_onedir(layout: &Layout, spec: &InstallSpec) -> Result<()> {
             );
         }
         tracing::info!(version = %spec.version, "running salt-bootstrap -X onedir");
-        let out = Command::new("sh")
-            .arg(&script)
-            .args(["-X", "onedir", &spec.version])
-            .output()
-            .context("running sh for salt-bootstrap")?;
+        let out = process::run(
+            Command::new("sh")
+                .arg(&script)
+                .args(["-X", "onedir", &spec.version]),
+            &format!("salt-bootstrap -X onedir {}", spec.version),
+            deadline,
+        )
+        .context("running sh for salt-bootstrap")?;
         if !out.status.success() {
             bail!(
                 "salt-bootstrap -X onedir {} failed ({}):\n{}",
                 spec.version,
                 out.status,
-                output_tail(&out, 15)
+                out.tail(15)
             );
         }
         Ok(())
@@ -345,6 +309,8 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::net::TcpListener;
+
+    const T: Duration = Duration::from_secs(60);
 
     fn no_search() -> Search {
         Search {
@@ -445,7 +411,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            ensure_with(&layout, &spec, Some(&sc), None, &no_search()).unwrap(),
+            ensure_with(&layout, &spec, Some(&sc), None, &no_search(), T).unwrap(),
             InstallOutcome::AlreadyPresent(sc)
         );
     }
@@ -460,7 +426,7 @@ mod tests {
         };
         let err = format!(
             "{:#}",
-            ensure_with(&layout, &spec, None, None, &no_search()).unwrap_err()
+            ensure_with(&layout, &spec, None, None, &no_search(), T).unwrap_err()
         );
         assert!(
             err.contains("salt is missing") && err.contains("`none`"),
@@ -478,7 +444,7 @@ mod tests {
         };
         let err = format!(
             "{:#}",
-            ensure_with(&layout, &spec, None, None, &no_search()).unwrap_err()
+            ensure_with(&layout, &spec, None, None, &no_search(), T).unwrap_err()
         );
         assert!(
             err.contains("python-that-does-not-exist-3 -m venv"),
@@ -507,13 +473,102 @@ mod tests {
             ..Default::default()
         };
         let bundle = layout.join("etc/ssl/certs/ca-certificates.crt");
-        let outcome = ensure_with(&layout, &spec, None, Some(&bundle), &no_search()).unwrap();
+        let outcome = ensure_with(&layout, &spec, None, Some(&bundle), &no_search(), T).unwrap();
         assert_eq!(outcome, InstallOutcome::Installed(venv_salt_call(&layout)));
         let args = fs::read_to_string(&log).unwrap();
         assert!(
             args.contains(&format!("--cert {} salt==", bundle.display())),
             "{args}"
         );
+    }
+
+    /// Runs an install that must be killed at `deadline`; returns its error.
+    fn killed_install(layout: &Layout, spec: &InstallSpec, deadline: Duration) -> String {
+        let started = std::time::Instant::now();
+        let err = ensure_with(layout, spec, None, None, &no_search(), deadline).unwrap_err();
+        assert!(started.elapsed() < deadline + Duration::from_secs(10));
+        let err = format!("{err:#}");
+        assert!(
+            err.contains(&format!(
+                "did not finish within {}; killed",
+                humantime::format_duration(deadline)
+            )) && err.contains("raise [timeouts] salt_install"),
+            "{err}"
+        );
+        err
+    }
+
+    #[test]
+    fn a_hung_venv_or_pip_is_killed_with_its_processes() {
+        use crate::process::testing::{assert_dead, hang_with_grandchild, pidfile};
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path().join("root"));
+        let pids = pidfile(dir.path());
+        // First `python -m venv` hangs; then a venv whose python (pip) hangs.
+        let hung_venv = dir.path().join("python-venv-hangs");
+        write_exe(
+            &hung_venv,
+            &format!("#!/bin/sh\n{}\n", hang_with_grandchild(&pids)),
+        );
+        let hung_pip = dir.path().join("python-pip-hangs");
+        write_exe(
+            &hung_pip,
+            &format!(
+                "#!/bin/sh\nmkdir -p \"$3/bin\"\ncp '{}' \"$3/bin/python\"\n",
+                hung_venv.display()
+            ),
+        );
+        for (python, what) in [(&hung_venv, "-m venv"), (&hung_pip, "`pip install salt==")] {
+            let _ = fs::remove_file(&pids);
+            let spec = InstallSpec {
+                python: python.display().to_string(),
+                ..Default::default()
+            };
+            let err = killed_install(&layout, &spec, Duration::from_millis(500));
+            assert!(err.contains(what), "{err}");
+            assert_dead(&pids);
+        }
+    }
+
+    #[test]
+    fn a_hung_bootstrap_download_is_killed() {
+        // A server that accepts and never answers; curl has no deadline of its own.
+        let (port, closed) = crate::process::testing::silent_server();
+        let dir = tempfile::tempdir().unwrap();
+        let spec = InstallSpec {
+            method: InstallMethod::Onedir,
+            bootstrap_url: format!("http://127.0.0.1:{port}/bootstrap-salt.sh"),
+            ..Default::default()
+        };
+        let err = killed_install(&Layout::new(dir.path()), &spec, Duration::from_millis(500));
+        assert!(
+            err.contains("the download of salt-bootstrap from http://127.0.0.1"),
+            "{err}"
+        );
+        closed
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the killed curl still holds its connection");
+    }
+
+    #[test]
+    fn a_hung_salt_bootstrap_is_killed_with_its_processes() {
+        use crate::process::testing::{assert_dead, hang_with_grandchild, pidfile};
+        let dir = tempfile::tempdir().unwrap();
+        let pids = pidfile(dir.path());
+        let script = format!("#!/bin/sh\n{}\n", hang_with_grandchild(&pids)).into_bytes();
+        let spec = InstallSpec {
+            method: InstallMethod::Onedir,
+            bootstrap_url: serve(script.clone()),
+            bootstrap_sha256: hex(&Sha256::digest(&script)),
+            ..Default::default()
+        };
+        let layout = Layout::new(dir.path().join("root"));
+        let err = killed_install(&layout, &spec, Duration::from_secs(2));
+        assert!(
+            err.contains("salt-bootstrap -X onedir 3008.4 did not finish"),
+            "{err}"
+        );
+        assert_dead(&pids);
     }
 
     #[test]
@@ -534,7 +589,7 @@ mod tests {
             path_env: Some(OsString::new()),
             system: vec![system.clone()],
         };
-        let outcome = ensure_with(&layout, &spec, None, None, &search).unwrap();
+        let outcome = ensure_with(&layout, &spec, None, None, &search, T).unwrap();
         assert_eq!(outcome, InstallOutcome::Installed(system));
         assert_eq!(
             fs::read_to_string(&marker).unwrap().trim(),
@@ -566,7 +621,7 @@ mod tests {
         };
         let err = format!(
             "{:#}",
-            ensure_with(&layout, &spec, None, None, &search).unwrap_err()
+            ensure_with(&layout, &spec, None, None, &search, T).unwrap_err()
         );
         assert!(err.contains(&actual) && err.contains(&wrong), "{err}");
         assert!(!marker.exists() && !system.exists());
@@ -574,7 +629,7 @@ mod tests {
         spec.bootstrap_sha256 = String::new();
         let err = format!(
             "{:#}",
-            ensure_with(&layout, &spec, None, None, &search).unwrap_err()
+            ensure_with(&layout, &spec, None, None, &search, T).unwrap_err()
         );
         assert!(err.contains("set bootstrap_sha256"), "{err}");
         assert!(!marker.exists());
@@ -597,7 +652,7 @@ mod tests {
         };
         let err = format!(
             "{:#}",
-            ensure_with(&layout, &spec, None, None, &no_search()).unwrap_err()
+            ensure_with(&layout, &spec, None, None, &no_search(), T).unwrap_err()
         );
         assert!(err.contains("downloading salt-bootstrap"), "{err}");
     }

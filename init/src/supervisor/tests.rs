@@ -310,7 +310,9 @@ fn a_program_that_cannot_start_reports_why() {
         "/nonexistent/ghost-cmd --flag",
         "startretries=0",
     );
-    let flaky = program_conf(d, "flaky", "sh -c 'exit 3'", "startsecs=1\nstartretries=0");
+    // startsecs well above how long `sh -c 'exit 3'` can take on a loaded machine: at 1s it
+    // sometimes counted as started, and ended EXITED instead of failing to start.
+    let flaky = program_conf(d, "flaky", "sh -c 'exit 3'", "startsecs=10\nstartretries=0");
     let sv = Supervisord::start_with_confs(d, &[("ghost", &ghost), ("flaky", &flaky)]);
     let client = sv.client();
 

@@ -235,7 +235,8 @@ pub fn encode_call(method: &str, params: &[Value]) -> String {
     out
 }
 
-/// A successful `<methodResponse>` document (used by tests and fake servers).
+/// A successful `<methodResponse>` document, for the tests' fake servers (the agent only calls).
+#[cfg(test)]
 pub fn encode_response(value: &Value) -> String {
     let mut out = String::from("<?xml version=\"1.0\"?>\n<methodResponse><params><param>");
     encode_value(value, &mut out);
@@ -243,7 +244,8 @@ pub fn encode_response(value: &Value) -> String {
     out
 }
 
-/// A `<fault>` `<methodResponse>` document.
+/// A `<fault>` `<methodResponse>` document, for the tests' fake servers.
+#[cfg(test)]
 pub fn encode_fault(fault: &Fault) -> String {
     let mut out = String::from("<?xml version=\"1.0\"?>\n<methodResponse><fault>");
     encode_value(
@@ -722,6 +724,7 @@ pub fn decode_response(body: &str) -> Result<Response, DecodeError> {
 }
 
 /// Decode a `<methodCall>` into the method name and its params (for tests and fake servers).
+#[cfg(test)]
 pub fn decode_call(body: &str) -> Result<(String, Vec<Value>), DecodeError> {
     let root = parse(body)?;
     if root.name != "methodCall" {

@@ -6,15 +6,16 @@
 //! programs can never disagree about the format.
 
 mod error;
+pub mod pem;
 pub mod placeholders;
 pub mod schedule;
+pub mod specs;
 
 pub use error::{line_column, UserDataError};
 pub use schedule::Schedule;
+pub use specs::{InstallMethod, InstallSpec, RepoSpec};
 
 use crate::imds::Identity;
-use crate::repos::RepoSpec;
-use crate::salt::install::{InstallMethod, InstallSpec};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -52,8 +53,26 @@ pub struct UserData {
     pub supervisor: Option<SupervisorSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watcher: Option<WatcherSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<TimeoutsSection>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub watch: Vec<WatchRule>,
+}
+
+/// `[timeouts]`: deadlines of the programs the agent runs. A program still running at its
+/// deadline is killed with everything it started. (A highstate's is `[salt] timeout`.)
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsSection {
+    /// Each git command: ls-remote, fetch, checkout (default `5m`).
+    pub git: Option<Spanned<String>>,
+    /// Each step of installing salt: `python -m venv`, `pip install`, the salt-bootstrap
+    /// download and its run (default `30m`).
+    pub salt_install: Option<Spanned<String>>,
+    /// `update-ca-certificates` or `update-ca-trust` (default `5m`).
+    pub trust: Option<Spanned<String>>,
+    /// Each `systemctl` call of a watch action (default `3m`: a restart waits for the unit).
+    pub systemctl: Option<Spanned<String>>,
 }
 
 /// `[watcher]`: how changes are coalesced.
@@ -280,7 +299,7 @@ fn validate(doc: &Document) -> Result<(), UserDataError> {
         }
     }
     if let Some(ca) = &d.ca_certificates {
-        crate::trust::split_certificates(ca.get_ref()).map_err(|e| {
+        pem::split_certificates(ca.get_ref()).map_err(|e| {
             doc.error_at(
                 doc.offset_in_block(ca, e.offset),
                 format!("ca_certificates: {}", e.message),
@@ -340,6 +359,25 @@ fn validate(doc: &Document) -> Result<(), UserDataError> {
                 .map_err(|m| doc.error_at(v.span().start, m))?;
         }
     }
+    if let Some(t) = &d.timeouts {
+        for (v, key) in [
+            (&t.git, "git"),
+            (&t.salt_install, "salt_install"),
+            (&t.trust, "trust"),
+            (&t.systemctl, "systemctl"),
+        ] {
+            let Some(v) = v else { continue };
+            let what = format!("[timeouts] {key}");
+            let d = schedule::parse_bounded(v.get_ref(), &what, Duration::from_secs(86_400))
+                .map_err(|m| doc.error_at(v.span().start, m))?;
+            if d < Duration::from_secs(1) {
+                return Err(doc.error_at(
+                    v.span().start,
+                    format!("{what} `{}` is shorter than 1s", v.get_ref()),
+                ));
+            }
+        }
+    }
     validate_watch(doc, &d.watch)
 }
 
@@ -371,6 +409,16 @@ fn validate_watch(doc: &Document, rules: &[WatchRule]) -> Result<(), UserDataErr
                 return Err(doc.error_at(
                     r.span().start,
                     format!("restart target `{t}` must be a supervisord program, `group:*` or `systemd:UNIT`"),
+                ));
+            }
+            if unit.is_some_and(|u| u.starts_with('-')) {
+                // systemctl would read it as an option.
+                return Err(doc.error_at(
+                    doc.offset_in(r, "systemd:".len()),
+                    format!(
+                        "systemd unit `{}` starts with `-`; unit names never do",
+                        unit.unwrap_or_default()
+                    ),
                 ));
             }
         }
@@ -447,8 +495,43 @@ pub struct Settings {
     pub watch_quiet: Duration,
     #[serde(with = "humantime_serde_compat")]
     pub watch_max_delay: Duration,
+    pub timeouts: Timeouts,
     #[serde(skip)]
     pub watch: Vec<WatchRule>,
+}
+
+/// Deadlines of the programs the agent runs (`[timeouts]`), each with the setting's name for
+/// the error of a program killed at it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Timeouts {
+    #[serde(with = "humantime_serde_compat")]
+    pub git: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub salt_install: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub trust: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub systemctl: Duration,
+}
+
+impl Timeouts {
+    pub const GIT: &'static str = "[timeouts] git";
+    pub const SALT_INSTALL: &'static str = "[timeouts] salt_install";
+    pub const TRUST: &'static str = "[timeouts] trust";
+    pub const SYSTEMCTL: &'static str = "[timeouts] systemctl";
+    /// A highstate's deadline lives in `[salt]`.
+    pub const HIGHSTATE: &'static str = "[salt] timeout";
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            git: DEFAULT_GIT_TIMEOUT,
+            salt_install: DEFAULT_SALT_INSTALL_TIMEOUT,
+            trust: DEFAULT_TRUST_TIMEOUT,
+            systemctl: DEFAULT_SYSTEMCTL_TIMEOUT,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -491,6 +574,10 @@ pub const DEFAULT_SUPERVISOR_CONF_DIR: &str = "/etc/supervisor/conf.d";
 pub const DEFAULT_WATCH_QUIET: Duration = Duration::from_millis(100);
 pub const DEFAULT_WATCH_MAX_DELAY: Duration = Duration::from_secs(2);
 pub const DEFAULT_HIGHSTATE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+pub const DEFAULT_GIT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+pub const DEFAULT_SALT_INSTALL_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+pub const DEFAULT_TRUST_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+pub const DEFAULT_SYSTEMCTL_TIMEOUT: Duration = Duration::from_secs(3 * 60);
 
 /// Merges user-data over the image defaults and renders placeholders for this instance.
 /// User-data wins field by field; grains merge key by key; watch rules add up.
@@ -544,7 +631,7 @@ pub fn resolve(
             } else {
                 defaults
             };
-            let certs = crate::trust::split_certificates(v.get_ref()).map_err(|e| {
+            let certs = pem::split_certificates(v.get_ref()).map_err(|e| {
                 doc.error_at(
                     doc.offset_in_block(v, e.offset),
                     format!("ca_certificates: {}", e.message),
@@ -654,6 +741,21 @@ pub fn resolve(
     let watch_max_delay =
         duration(uw.max_delay, dw.max_delay, DEFAULT_WATCH_MAX_DELAY).max(watch_quiet);
 
+    let (dt, ut) = (
+        d.timeouts.clone().unwrap_or_default(),
+        u.timeouts.clone().unwrap_or_default(),
+    );
+    let timeouts = Timeouts {
+        git: duration(ut.git, dt.git, DEFAULT_GIT_TIMEOUT),
+        salt_install: duration(
+            ut.salt_install,
+            dt.salt_install,
+            DEFAULT_SALT_INSTALL_TIMEOUT,
+        ),
+        trust: duration(ut.trust, dt.trust, DEFAULT_TRUST_TIMEOUT),
+        systemctl: duration(ut.systemctl, dt.systemctl, DEFAULT_SYSTEMCTL_TIMEOUT),
+    };
+
     let watch = d.watch.iter().chain(&u.watch).cloned().collect();
     Ok(Settings {
         minion_id,
@@ -666,6 +768,7 @@ pub fn resolve(
         supervisor_conf_dir,
         watch_quiet,
         watch_max_delay,
+        timeouts,
         watch,
     })
 }

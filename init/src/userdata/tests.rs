@@ -313,3 +313,59 @@ fn bad_ca_certificates_are_located() {
     assert_eq!((e.line, e.column), (3, 24), "{e}");
     assert_eq!(e.file, "user-data");
 }
+
+#[test]
+fn a_systemd_unit_starting_with_a_dash_is_refused() {
+    let e = err("[[watch]]\npaths = [\"/etc/app.conf\"]\nrestart = [\"app\", \"systemd:--now\"]\n");
+    // Points at the unit name, after `systemd:`.
+    assert_eq!((e.line, e.column), (3, 28), "{e}");
+    assert!(e.message.contains("`--now` starts with `-`"), "{e}");
+    let e = parse_watch_file(
+        "w.toml",
+        "[[watch]]\npaths = [\"/a\"]\nrestart = [\"systemd:-x\"]\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.line, 3, "{e}");
+    // A dash inside a name is fine.
+    assert!(parse(
+        "u",
+        "[[watch]]\npaths = [\"/a\"]\nrestart = [\"systemd:my-app.service\"]"
+    )
+    .is_ok());
+}
+
+#[test]
+fn timeouts_default_and_are_checked() {
+    let s = resolve(&Document::default(), &Document::default(), &id()).unwrap();
+    assert_eq!(s.timeouts, Timeouts::default());
+    assert_eq!(s.timeouts.git, Duration::from_secs(300));
+    assert_eq!(s.timeouts.salt_install, Duration::from_secs(1800));
+    assert_eq!(s.timeouts.trust, Duration::from_secs(300));
+    assert_eq!(s.timeouts.systemctl, Duration::from_secs(180));
+
+    let defaults = doc("[timeouts]\ngit = \"2m\"\ntrust = \"1m\"\n");
+    let user = doc("[timeouts]\ngit = \"90s\"\nsystemctl = \"30s\"\nsalt_install = \"1h\"\n");
+    let s = resolve(&defaults, &user, &id()).unwrap();
+    assert_eq!(
+        s.timeouts,
+        Timeouts {
+            git: Duration::from_secs(90),
+            salt_install: Duration::from_secs(3600),
+            trust: Duration::from_secs(60),
+            systemctl: Duration::from_secs(30),
+        }
+    );
+
+    let e = err("[timeouts]\ngit = \"soon\"\n");
+    assert_eq!((e.line, e.column), (2, 7), "{e}");
+    let e = err("[timeouts]\nsystemctl = \"0s\"\n");
+    assert!(
+        e.message
+            .contains("[timeouts] systemctl `0s` is shorter than 1s"),
+        "{e}"
+    );
+    let e = err("[timeouts]\ntrust = \"2days\"\n");
+    assert!(e.message.contains("maximum"), "{e}");
+    let e = err("[timeouts]\npip = \"1m\"\n");
+    assert_eq!(e.line, 2, "{e}");
+}

@@ -26,6 +26,15 @@ pub struct Pending {
 /// The events one change of one file gives at most: create, modify, close-write.
 const LONE_CHANGE_EVENTS: u32 = 3;
 
+/// What an event did to its target's pending action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Added {
+    /// It started one.
+    First,
+    /// It joined the one already pending (the count of events so far).
+    Debounced(u32),
+}
+
 #[derive(Debug, Default)]
 pub struct Debouncer {
     targets: BTreeMap<String, Pending>,
@@ -33,7 +42,7 @@ pub struct Debouncer {
 
 impl Debouncer {
     /// Notes an event on `path` for `target`. Allocates only for a new target or a new path.
-    pub fn add(&mut self, target: &str, path: &Path, now: Instant) {
+    pub fn add(&mut self, target: &str, path: &Path, now: Instant) -> Added {
         let pending = match self.targets.get_mut(target) {
             Some(p) => p,
             None => self.targets.entry(target.to_owned()).or_insert(Pending {
@@ -49,6 +58,11 @@ impl Debouncer {
         }
         if !pending.paths.contains_key(path) {
             pending.paths.insert(path.to_owned(), false);
+        }
+        if pending.events == 1 {
+            Added::First
+        } else {
+            Added::Debounced(pending.events)
         }
     }
 

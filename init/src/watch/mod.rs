@@ -21,7 +21,7 @@ pub mod glob;
 mod tests;
 
 use anyhow::{Context, Result};
-use debounce::Debouncer;
+use debounce::{Added, Debouncer};
 use digest::{digest, Digest};
 use dirs::Plan;
 use glob::{is_temp_name, Comp, Pattern};
@@ -148,12 +148,36 @@ impl Compiled {
     }
 
     /// Notes an event on `path` for every target of every rule matching it.
+    /// Traced, so `RUST_LOG=trace` says why a change did or did not lead to an action.
     fn add_event(&self, pending: &mut Debouncer, path: &Path, now: Instant) {
+        let mut matched = false;
         for (ri, rule) in self.rules.iter().enumerate() {
             if self.rule_matches(ri, path) {
+                matched = true;
                 for t in &rule.targets {
-                    pending.add(t, path, now);
+                    match pending.add(t, path, now) {
+                        Added::First => tracing::trace!(
+                            path = %path.display(), target = %t,
+                            "change noted; waiting for the quiet window"
+                        ),
+                        Added::Debounced(n) => tracing::trace!(
+                            path = %path.display(), target = %t, events = n,
+                            "change debounced into the action already pending"
+                        ),
+                    }
                 }
+            }
+        }
+        if !matched {
+            let temp = path.file_name().is_some_and(is_temp_name)
+                && self.patterns.iter().any(|p| p.matches(path));
+            if temp {
+                tracing::trace!(
+                    path = %path.display(),
+                    "temporary name ignored (an editor, salt or git writing); the rename onto the real name counts"
+                );
+            } else {
+                tracing::trace!(path = %path.display(), "no rule matches this path; ignored");
             }
         }
     }
@@ -348,6 +372,7 @@ impl Watcher {
                     })
                     .collect();
                 if fired.is_empty() {
+                    tracing::trace!(path = %path.display(), target = %target, "no rule of this target matches the path any more (rules reloaded); ignored");
                     continue;
                 }
                 let new = match fresh.get(&path) {
@@ -360,6 +385,7 @@ impl Watcher {
                 };
                 let old = self.records.get(&path).copied().unwrap_or(Digest::Absent);
                 if !confirmed && new == old {
+                    tracing::trace!(path = %path.display(), target = %target, "content unchanged since the last action; ignored");
                     continue;
                 }
                 for ri in fired {
@@ -371,7 +397,10 @@ impl Watcher {
                 }
                 paths.push(path);
             }
-            if !paths.is_empty() {
+            if paths.is_empty() {
+                tracing::trace!(target = %target, "quiet window over, but no content really changed; no action");
+            } else {
+                tracing::trace!(target = %target, paths = ?paths, "quiet window over; due");
                 out.push(Due {
                     target,
                     signal: if restart { None } else { signal },
@@ -395,7 +424,9 @@ impl Watcher {
     }
 
     /// Re-plans the watches and compares every matching file's hash with the record; changed
-    /// paths become pending. Used after a queue overflow; the agent may call it any time.
+    /// paths become pending. The agent rescans on a queue overflow (through `recover`); tests
+    /// call this to check a rescan finds nothing when nothing changed.
+    #[cfg(test)]
     pub fn rescan(&mut self, now: Instant) {
         if let Err(e) = self.recover(now) {
             tracing::warn!("rescanning watched files: {e:#}");

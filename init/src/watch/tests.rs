@@ -633,3 +633,67 @@ fn real_queue_overflow() {
     );
     assert!(w.overflows() >= 1);
 }
+
+/// Runs `f` with trace-level logging captured into a string.
+fn traced(f: impl FnOnce()) -> String {
+    use std::sync::{Arc, Mutex};
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let sub = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(sub, f);
+    let bytes = buf.0.lock().unwrap().clone();
+    String::from_utf8(bytes).unwrap()
+}
+
+#[test]
+fn every_decision_is_traced() {
+    // `RUST_LOG=trace` must answer "why did this change not restart anything".
+    let mut env = Env::new();
+    env.write("c/a.conf", "1");
+    let mut w = Watcher::new(
+        vec![rule(&[&env.p("c/*")], &["app"], None)],
+        Timing::default(),
+    )
+    .unwrap();
+    let log = traced(|| {
+        env.write("c/__salt.tmp.x1", "2");
+        env.write("c/a.conf", "1");
+        env.write("c/a.conf", "1");
+        env.write("c/other.txt", "x");
+        assert_eq!(
+            env.settle(&mut w),
+            vec![due("app", None, &[env.p("c/other.txt")])]
+        );
+        env.write("c/a.conf", "1");
+        assert_eq!(env.settle(&mut w), vec![]);
+    });
+    for line in [
+        "temporary name ignored",
+        "change noted; waiting for the quiet window",
+        "change debounced into the action already pending",
+        "content unchanged since the last action; ignored",
+        "quiet window over; due",
+        "quiet window over, but no content really changed; no action",
+    ] {
+        assert!(log.contains(line), "no `{line}` in:\n{log}");
+    }
+    assert!(
+        log.contains("__salt.tmp.x1") && log.contains("target=app"),
+        "{log}"
+    );
+}

@@ -208,7 +208,7 @@ pub(crate) async fn ensure_tagged(
         .set_tags(Some(tags.to_vec()))
         .send()
         .await
-        .map_err(|e| aws_error(e))
+        .map_err(aws_error)
         .with_context(|| format!("tagging {}", missing.join(", ")))?;
     Ok(())
 }
@@ -226,7 +226,7 @@ pub(crate) async fn snapshot_tags(
         .set_snapshot_ids(Some(ids.to_vec()))
         .send()
         .await
-        .map_err(|e| aws_error(e))
+        .map_err(aws_error)
         .with_context(|| format!("describing snapshots {}", ids.join(", ")))?;
     Ok(out
         .snapshots()
@@ -263,7 +263,7 @@ async fn inspect_seed(ec2: &aws_sdk_ec2::Client, instance_id: &str) -> Result<Se
         .instance_ids(instance_id)
         .send()
         .await
-        .map_err(|e| aws_error(e))
+        .map_err(aws_error)
         .with_context(|| {
             format!("describing the seed instance {instance_id} before creating the image")
         })?;
@@ -299,7 +299,7 @@ async fn inspect_seed(ec2: &aws_sdk_ec2::Client, instance_id: &str) -> Result<Se
             .set_volume_ids(Some(volumes.clone()))
             .send()
             .await
-            .map_err(|e| aws_error(e))
+            .map_err(aws_error)
             .with_context(|| {
                 format!(
                     "describing the volumes of {instance_id} ({})",
@@ -476,7 +476,7 @@ async fn adopt_by_name(ec2: &aws_sdk_ec2::Client, name: &str, build: &Build) -> 
         .filters(Filter::builder().name("name").values(name).build())
         .send()
         .await
-        .map_err(|e| aws_error(e))
+        .map_err(aws_error)
         .with_context(|| format!("looking up the existing image named {name}"))?;
     let image = out
         .images()
@@ -553,7 +553,7 @@ pub async fn deregister_build(ec2: &aws_sdk_ec2::Client, build_id: &str) -> Resu
         )
         .send()
         .await
-        .map_err(|e| aws_error(e))
+        .map_err(aws_error)
         .with_context(|| format!("looking for the images of build {build_id}"))?;
     let mut removed = Vec::new();
     for image in out.images() {

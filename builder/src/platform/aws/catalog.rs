@@ -36,7 +36,7 @@ async fn owned_images(
         .send()
         .try_collect()
         .await
-        .map_err(|e| aws_error(e))
+        .map_err(aws_error)
         .with_context(|| format!("listing {what} (the builder needs ec2:DescribeImages)"))?;
     images.sort_by(|a, b| {
         (

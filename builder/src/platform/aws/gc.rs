@@ -105,7 +105,7 @@ async fn instances(
         .send()
         .try_collect()
         .await
-        .map_err(|e| aws_error(e))
+        .map_err(aws_error)
         .context("gc: listing temporary instances (the builder needs ec2:DescribeInstances)")?;
     let mut doomed = Vec::new();
     for instance in reservations.iter().flat_map(|r| r.instances()) {
@@ -168,7 +168,7 @@ async fn groups(
         .send()
         .try_collect()
         .await
-        .map_err(|e| aws_error(e))
+        .map_err(aws_error)
         .context(
             "gc: listing temporary security groups (the builder needs ec2:DescribeSecurityGroups)",
         )?;
@@ -225,7 +225,7 @@ async fn images(
         .send()
         .try_collect()
         .await
-        .map_err(|e| aws_error(e))
+        .map_err(aws_error)
         .context("gc: listing the builder's images (the builder needs ec2:DescribeImages)")?;
     for img in images {
         let id = img.image_id().unwrap_or_default().to_string();

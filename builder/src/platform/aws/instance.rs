@@ -10,9 +10,9 @@ use crate::platform::Build;
 use anyhow::{Context, Result};
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::{
-    BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
-    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest, InstanceStateName, InstanceType,
-    ResourceType, ShutdownBehavior, VolumeType,
+    BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, InstanceMetadataEndpointState,
+    InstanceMetadataOptionsRequest, InstanceStateName, InstanceType, ResourceType,
+    ShutdownBehavior, VolumeType,
 };
 use base64::Engine;
 use std::collections::BTreeMap;
@@ -78,12 +78,7 @@ pub async fn launch(
         .tag_specifications(tag_spec(ResourceType::Instance, tags))
         .tag_specifications(tag_spec(ResourceType::Volume, tags));
     if let Some(profile) = &def.instance_profile {
-        let spec = if profile.starts_with("arn:") {
-            IamInstanceProfileSpecification::builder().arn(profile)
-        } else {
-            IamInstanceProfileSpecification::builder().name(profile)
-        };
-        req = req.iam_instance_profile(spec.build());
+        req = req.iam_instance_profile(crate::aws::instance_profile(profile));
     }
     let out = req.send().await.map_err(aws_error).with_context(|| {
         format!(

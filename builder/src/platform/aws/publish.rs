@@ -313,7 +313,7 @@ impl Publish<'_> {
                 .set_tags(Some(copy_tags))
                 .send()
                 .await
-                .map_err(|e| aws_error(e))
+                .map_err(aws_error)
                 .with_context(|| format!("recording the copies on image {home_id}"))?;
         }
 
@@ -372,7 +372,7 @@ impl Publish<'_> {
                 .description(format!("stackless {} image (build {})", self.def.image, self.build.id))
                 .send()
                 .await
-                .map_err(|e| aws_error(e))
+                .map_err(aws_error)
                 .with_context(|| {
                     format!("publishing {home_id} to the SSM parameter {parameter} (the builder needs ssm:PutParameter on it)")
                 })?;
@@ -405,7 +405,7 @@ impl Publish<'_> {
             .tags(image::tag(super::tags::PUBLISHED, "true"))
             .send()
             .await
-            .map_err(|e| aws_error(e))
+            .map_err(aws_error)
             .with_context(|| format!("tagging {home_id} as published"))?;
         Ok(Artifact {
             id: home_id,
@@ -464,7 +464,7 @@ impl Publish<'_> {
             .copy_request(&client, region, source)
             .send()
             .await
-            .map_err(|e| aws_error(e))
+            .map_err(aws_error)
             .with_context(|| format!("making the {what} of {source} in {region}"))?;
         let id = out
             .image_id()
@@ -530,7 +530,7 @@ impl Publish<'_> {
             .launch_permission(add.build())
             .send()
             .await
-            .map_err(|e| aws_error(e))
+            .map_err(aws_error)
             .with_context(|| {
                 format!(
                     "sharing image {id} in {region} with {}",
@@ -546,16 +546,12 @@ impl Publish<'_> {
             for account in &self.def.accounts {
                 request = request.user_ids(account);
             }
-            request
-                .send()
-                .await
-                .map_err(|e| aws_error(e))
-                .with_context(|| {
-                    format!(
-                        "sharing snapshot {snap} of {id} in {region} with {}",
-                        self.def.accounts.join(", ")
-                    )
-                })?;
+            request.send().await.map_err(aws_error).with_context(|| {
+                format!(
+                    "sharing snapshot {snap} of {id} in {region} with {}",
+                    self.def.accounts.join(", ")
+                )
+            })?;
         }
         Ok(())
     }
