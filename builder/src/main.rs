@@ -335,10 +335,27 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            // A set-up problem (no credentials, no region, no network) is the one line worth
-            // reading: what the command was doing when it hit it would point the wrong way.
+            // A set-up problem (no credentials, no region, no network) is the line worth
+            // reading: what the command was doing when it hit it would point the wrong way. Those
+            // that can strike half-way (expiry, the network) keep the rest on a second line, as
+            // it may say what a failed cleanup left behind.
             match stackless_builder::aws::setup_error(&e) {
-                Some(setup) => eprintln!("builder: {setup}"),
+                Some(setup) => {
+                    eprintln!("builder: {setup}");
+                    if setup.mid_run() {
+                        let context: Vec<String> = e
+                            .chain()
+                            .take_while(|c| {
+                                c.downcast_ref::<stackless_builder::aws::SetupError>()
+                                    .is_none()
+                            })
+                            .map(|c| c.to_string())
+                            .collect();
+                        if !context.is_empty() {
+                            eprintln!("builder: (while: {})", context.join(": "));
+                        }
+                    }
+                }
                 None => eprintln!("builder: {e:#}"),
             }
             ExitCode::from(1)

@@ -158,3 +158,30 @@ instance_profile = "no-such-profile"
     .unwrap();
     assert!(!groups.contains("stackless"), "{groups}");
 }
+
+#[test]
+fn an_unreachable_endpoint_says_so_then_what_was_being_done() {
+    let home = tempfile::tempdir().unwrap();
+    // A loopback port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let o = bare(home.path())
+        .env("AWS_REGION", REGION)
+        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"))
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_MAX_ATTEMPTS", "1")
+        .args(["images", "list"])
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("builder:")).collect();
+    assert!(lines[0].contains("cannot be reached"), "{err}");
+    assert!(lines[0].contains("AWS_REGION"), "{err}");
+    assert!(lines.len() <= 2, "{err}");
+    assert!(!err.contains("DispatchFailure"), "{err}");
+}

@@ -67,6 +67,18 @@ impl std::fmt::Display for SetupError {
 
 impl std::error::Error for SetupError {}
 
+impl SetupError {
+    /// Whether it can happen half-way through a command (credentials expire, the network
+    /// drops), when what the command was doing still matters; a missing credential or region
+    /// stops the first call.
+    pub fn mid_run(&self) -> bool {
+        matches!(
+            self.kind,
+            SetupKind::SsoExpired | SetupKind::CredentialsExpired | SetupKind::Unreachable
+        )
+    }
+}
+
 /// The set-up error somewhere in an anyhow chain, if any.
 pub fn setup_error(e: &anyhow::Error) -> Option<&SetupError> {
     e.chain().find_map(|c| c.downcast_ref::<SetupError>())

@@ -170,6 +170,15 @@ pub async fn actions(iam: &aws_sdk_iam::Client, caller: &Caller, actions: &[Stri
     }
 }
 
+/// The profile's name, from a name or an ARN.
+pub fn profile_name(profile: &str) -> &str {
+    if profile.starts_with("arn:") {
+        profile.rsplit('/').next().unwrap_or(profile)
+    } else {
+        profile
+    }
+}
+
 /// The instance profile exists, and (for a seed, `needs_ssm`) its role carries SSM's
 /// managed-instance permissions.
 pub async fn instance_profile(
@@ -178,7 +187,7 @@ pub async fn instance_profile(
     needs_ssm: bool,
 ) -> Check {
     const NAME: &str = "instance profile";
-    let Some(name) = name else {
+    let Some(given) = name else {
         return if needs_ssm {
             Check::failed(
                 NAME,
@@ -189,6 +198,8 @@ pub async fn instance_profile(
             Check::passed(NAME, "none set")
         };
     };
+    // A name or an ARN (`arn:aws:iam::1:instance-profile/path/NAME`): IAM looks it up by name.
+    let name = profile_name(given);
     let out = match iam.get_instance_profile().instance_profile_name(name).send().await {
         Ok(o) => o,
         Err(e) if error_code(&e) == Some("NoSuchEntity") => {

@@ -190,7 +190,9 @@ pub async fn bake(c: &Clients, def: &ImageDef) -> Report {
     match &subnet {
         Ok(s) => {
             checks.extend(network::reach(&c.ec2, s).await);
-            checks.push(compute::offered(&c.ec2, &def.instance_type, &[s.zone.clone()]).await);
+            checks.push(
+                compute::offered(&c.ec2, &def.instance_type, std::slice::from_ref(&s.zone)).await,
+            );
         }
         Err(check) => {
             checks.push(check.clone());

@@ -555,4 +555,9 @@ fn an_assumed_role_is_simulated_as_its_role() {
     assert!(identity::source_of("SSO").contains("SSO"));
     assert!(identity::source_of("WebIdentityToken").contains("web identity"));
     assert!(identity::source_of("IMDSv2").contains("instance role"));
+    assert_eq!(
+        access::profile_name("arn:aws:iam::123456789012:instance-profile/ops/web"),
+        "web"
+    );
+    assert_eq!(access::profile_name("web"), "web");
 }
