@@ -8,6 +8,7 @@ pub mod definition;
 pub mod deploy;
 pub mod pipeline;
 pub mod platform;
+pub mod preflight;
 pub mod render;
 pub mod signals;
 pub mod transfer;

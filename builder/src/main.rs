@@ -7,6 +7,7 @@ use stackless_builder::deploy;
 use stackless_builder::pipeline::{self, BakeOptions};
 use stackless_builder::platform::aws::{self, AwsOptions, AwsTarget};
 use stackless_builder::platform::local::{LocalOptions, LocalTarget};
+use stackless_builder::preflight;
 use stackless_builder::render::{self, RenderInputs};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -79,6 +80,23 @@ enum Command {
         /// Where to write the manifest (default out/IMAGE/manifest-TARGET.json).
         #[arg(long)]
         manifest: Option<PathBuf>,
+        /// Do not run the preflight checks first (`--target aws`).
+        #[arg(long)]
+        skip_preflight: bool,
+    },
+    /// Check everything a bake on AWS (`preflight IMAGE`) or a deploy (`preflight --deploy
+    /// SERVICE`) needs, creating nothing: credentials, region, caller, IAM actions, instance
+    /// profile, subnet reach to SSM, source image and instance type, target groups, deploy lock.
+    /// Exits 1 when a check fails.
+    Preflight {
+        /// The image definition a bake would build.
+        #[arg(value_name = "IMAGE", required_unless_present = "deploy")]
+        definition: Option<String>,
+        /// Check a deploy of this service instead (its deploy file and the flags below).
+        #[arg(long, value_name = "SERVICE", conflicts_with = "definition")]
+        deploy: Option<String>,
+        #[command(flatten)]
+        args: DeployArgs,
     },
     /// Check definitions and render every template (the scripts also pass `bash -n`, the seed's
     /// user-data `sh -n` with the lease first).
@@ -120,6 +138,9 @@ enum Command {
         /// Show the service's deploys, newest first.
         #[arg(long, conflicts_with = "plan")]
         history: bool,
+        /// Do not run the preflight checks first.
+        #[arg(long)]
+        skip_preflight: bool,
     },
     /// Deploy the image of the last successful deploy before the current one.
     Rollback {
@@ -129,6 +150,9 @@ enum Command {
         /// Print what would happen; change nothing.
         #[arg(long)]
         plan: bool,
+        /// Do not run the preflight checks first.
+        #[arg(long)]
+        skip_preflight: bool,
     },
     /// Boot a locally baked image in qemu with an emulated metadata service; exits 0 when the
     /// agent reports ready, 1 failed, 2 degraded, 3 when it did not report in time.
@@ -311,7 +335,29 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("builder: {e:#}");
+            // A set-up problem (no credentials, no region, no network) is the line worth
+            // reading: what the command was doing when it hit it would point the wrong way. Those
+            // that can strike half-way (expiry, the network) keep the rest on a second line, as
+            // it may say what a failed cleanup left behind.
+            match stackless_builder::aws::setup_error(&e) {
+                Some(setup) => {
+                    eprintln!("builder: {setup}");
+                    if setup.mid_run() {
+                        let context: Vec<String> = e
+                            .chain()
+                            .take_while(|c| {
+                                c.downcast_ref::<stackless_builder::aws::SetupError>()
+                                    .is_none()
+                            })
+                            .map(|c| c.to_string())
+                            .collect();
+                        if !context.is_empty() {
+                            eprintln!("builder: (while: {})", context.join(": "));
+                        }
+                    }
+                }
+                None => eprintln!("builder: {e:#}"),
+            }
             ExitCode::from(1)
         }
     }
@@ -379,6 +425,7 @@ async fn run(cli: Cli) -> Result<()> {
             force,
             keep_on_error,
             manifest,
+            skip_preflight,
         } => {
             let def = load(&cli, image)?;
             let kind = match target {
@@ -402,6 +449,10 @@ async fn run(cli: Cli) -> Result<()> {
                 TargetKind::Aws => {
                     let config =
                         aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+                    if !*skip_preflight {
+                        let c = preflight::Clients::new(&config);
+                        gate(&cli, preflight::bake(&c, &def).await)?;
+                    }
                     let defaults = AwsOptions::default();
                     let aws_opts = AwsOptions {
                         progress: !cli.quiet,
@@ -449,12 +500,40 @@ async fn run(cli: Cli) -> Result<()> {
             args,
             plan,
             history,
-        } => deploy_command(&cli, service, args, *plan, *history, false).await,
+            skip_preflight,
+        } => deploy_command(&cli, service, args, *plan, *history, false, *skip_preflight).await,
         Command::Rollback {
             service,
             args,
             plan,
-        } => deploy_command(&cli, service, args, *plan, false, true).await,
+            skip_preflight,
+        } => deploy_command(&cli, service, args, *plan, false, true, *skip_preflight).await,
+        Command::Preflight {
+            definition,
+            deploy,
+            args,
+        } => {
+            let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+            let c = preflight::Clients::new(&config);
+            let report = match (definition, deploy) {
+                (_, Some(service)) => {
+                    let cfg = deploy::config::load(&args.deploy_dir, service, &args.overrides())?;
+                    preflight::deploy(&c, &cfg, &cli.images_dir).await
+                }
+                (Some(image), None) => preflight::bake(&c, &load(&cli, image)?).await,
+                (None, None) => bail!("preflight takes an IMAGE or --deploy SERVICE"),
+            };
+            if cli.output == Output::Json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.text());
+            }
+            if report.passed() {
+                Ok(())
+            } else {
+                Err(report.error())
+            }
+        }
         Command::Gc { dry_run } => {
             let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
             let ec2 = aws_sdk_ec2::Client::new(&config);
@@ -533,6 +612,7 @@ async fn deploy_command(
     plan: bool,
     history: bool,
     rollback: bool,
+    skip_preflight: bool,
 ) -> Result<()> {
     let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let clients = deploy::Clients::new(&config);
@@ -575,6 +655,10 @@ async fn deploy_command(
     } else {
         kind
     };
+    if !plan && !skip_preflight {
+        let c = preflight::Clients::new(&config);
+        gate(cli, preflight::deploy(&c, &cfg, &cli.images_dir).await)?;
+    }
     let prepared = deploy::prepare(&clients, &cfg, &cli.images_dir, kind).await?;
     if plan {
         if cli.output == Output::Json {
@@ -614,6 +698,19 @@ async fn deploy_command(
         println!("{}", record.deploy_id);
     }
     Ok(())
+}
+
+/// Runs before a bake or a deploy creates anything: the checks' lines on stderr (stdout is the
+/// command's result), and an error when one failed.
+fn gate(cli: &Cli, report: preflight::Report) -> Result<()> {
+    if !report.passed() || !cli.quiet {
+        eprint!("{}", report.text());
+    }
+    if report.passed() {
+        Ok(())
+    } else {
+        Err(report.error())
+    }
 }
 
 fn files_of(def: &ImageDef) -> String {
