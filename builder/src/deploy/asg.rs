@@ -364,32 +364,19 @@ pub(super) async fn deploy_until(
             why = &mut stop => Err(anyhow!("{why}")),
         }
     };
-    let mut record = Record {
-        deploy_id: p.deploy_id.clone(),
-        service: cfg.service.clone(),
-        image: p.ami.clone(),
-        image_ref: p.image_ref.clone(),
-        kind: p.kind.clone(),
-        outcome: Outcome::Succeeded,
-        instances: Vec::new(),
-        replaced: group.instances.clone(),
-        owner: lock::owner(),
-        started: lock::stamp(started),
-        finished: String::new(),
-        steps: Vec::new(),
-        error: None,
-        asg: Some(format!(
-            "{} launch template {} version {} refresh {}",
-            group.name,
-            if group.launch_template_id.is_empty() {
-                &group.launch_template_name
-            } else {
-                &group.launch_template_id
-            },
-            version.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
-            refresh.as_deref().unwrap_or("-")
-        )),
-    };
+    let mut record = p.record(started);
+    record.replaced = group.instances.clone();
+    record.asg = Some(format!(
+        "{} launch template {} version {} refresh {}",
+        group.name,
+        if group.launch_template_id.is_empty() {
+            &group.launch_template_name
+        } else {
+            &group.launch_template_id
+        },
+        version.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+        refresh.as_deref().unwrap_or("-")
+    ));
     let mut err = None;
     if let Err(e) = result {
         let mut msg = format!("{e:#}");

@@ -52,22 +52,7 @@ pub async fn deploy_until(
             why = &mut stop => Err(Halt::Interrupted(why)),
         }
     };
-    let mut record = Record {
-        deploy_id: p.deploy_id.clone(),
-        service: cfg.service.clone(),
-        image: p.ami.clone(),
-        image_ref: p.image_ref.clone(),
-        kind: p.kind.clone(),
-        outcome: Outcome::Succeeded,
-        instances: Vec::new(),
-        replaced: Vec::new(),
-        owner: lock::owner(),
-        started: lock::stamp(started),
-        finished: String::new(),
-        steps: Vec::new(),
-        error: None,
-        asg: None,
-    };
+    let mut record = p.record(started);
 
     // Step 5 removes instances: only while this deploy still holds the lock. A deploy that lost
     // it (it outlived its lifetime and another deploy took it over) must not terminate what the

@@ -171,6 +171,26 @@ pub async fn prepare(
 }
 
 impl Prepared {
+    /// The deploy's record as it starts: succeeded until something says otherwise.
+    pub(crate) fn record(&self, started: std::time::SystemTime) -> history::Record {
+        history::Record {
+            deploy_id: self.deploy_id.clone(),
+            service: self.config.service.clone(),
+            image: self.ami.clone(),
+            image_ref: self.image_ref.clone(),
+            kind: self.kind.clone(),
+            outcome: history::Outcome::Succeeded,
+            instances: Vec::new(),
+            replaced: Vec::new(),
+            owner: lock::owner(),
+            started: lock::stamp(started),
+            finished: String::new(),
+            steps: Vec::new(),
+            error: None,
+            asg: None,
+        }
+    }
+
     /// What the deploy would do, step by step, for people (`--plan`).
     pub fn describe(&self) -> String {
         let c = &self.config;
