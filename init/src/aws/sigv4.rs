@@ -61,7 +61,8 @@ pub struct Scope<'a> {
 }
 
 /// The outcome: the headers to add to the request, and the intermediate texts (for tests).
-#[derive(Debug, Clone)]
+/// No `Debug`: the headers carry the session token.
+#[derive(Clone)]
 pub struct Signed {
     /// X-Amz-Date, X-Amz-Security-Token (with a session token), X-Amz-Content-Sha256 (when asked)
     /// and Authorization, in that order.

@@ -134,6 +134,11 @@ fn bad_combinations_are_located() {
             (2, 16),
             "[aws] ssm_endpoint must be an https://",
         ),
+        (
+            "[aws]\nssm_endpoint = \"http://ssm.eu-west-1.amazonaws.com\"\n",
+            (2, 16),
+            "http:// only on loopback",
+        ),
     ];
     for (text, (line, column), message) in cases {
         let e = err(text);
@@ -206,10 +211,16 @@ fn credentials_come_from_the_defaults_too() {
         repo.credentials.as_ref().map(|c| c.parameter()),
         Some("/image/token")
     );
-    // User-data moving the repository to SSH must bring SSH credentials along.
-    let user = parse("user-data", "[salt]\nrepo = \"git@h:s.git\"\n").unwrap();
-    let e = resolve(&defaults, &user, &Identity::example()).unwrap_err();
-    assert!(e.message.contains("needs an https:// repo URL"), "{e}");
+    // User-data moving the repository elsewhere does not take the image's secret along.
+    for url in ["git@h:s.git", "https://elsewhere.example/s.git"] {
+        let user = parse("user-data", &format!("[salt]\nrepo = \"{url}\"\n")).unwrap();
+        let repo = resolve(&defaults, &user, &Identity::example())
+            .unwrap()
+            .salt
+            .repo
+            .unwrap();
+        assert!(repo.credentials.is_none(), "{url}: {:?}", repo.credentials);
+    }
 }
 
 #[test]

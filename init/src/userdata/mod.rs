@@ -427,14 +427,23 @@ fn validate(doc: &Document) -> Result<(), UserDataError> {
     }
     if let Some(e) = d.aws.as_ref().and_then(|a| a.ssm_endpoint.as_ref()) {
         let v = e.get_ref();
-        let ok = (v.starts_with("https://") || v.starts_with("http://"))
+        // Signed requests carry the role's session token: plain http only to this machine.
+        let loopback = [
+            "http://127.",
+            "http://localhost:",
+            "http://localhost/",
+            "http://[::1]",
+        ]
+        .iter()
+        .any(|p| v.starts_with(p));
+        let ok = (v.starts_with("https://") || loopback)
             && credentials::credentials_in_url(v).is_none()
             && !v.contains(char::is_whitespace);
         if !ok {
             return Err(doc.error_at(
                 e.span().start,
-                "[aws] ssm_endpoint must be an https:// (or http://) URL without credentials, \
-                 such as https://vpce-0123-abcd.ssm.eu-west-1.vpce.amazonaws.com",
+                "[aws] ssm_endpoint must be an https:// URL (http:// only on loopback) without \
+                 credentials, such as https://vpce-0123-abcd.ssm.eu-west-1.vpce.amazonaws.com",
             ));
         }
     }
@@ -719,6 +728,7 @@ pub fn resolve(
                 (defaults, ds.credentials.as_ref()),
                 "salt",
                 url,
+                us.repo.is_some(),
             )?,
             // Only salt-call (root) reads the states and the whole pillar.
             group: None,
@@ -773,6 +783,7 @@ pub fn resolve(
                 (defaults, dc.credentials.as_ref()),
                 "config",
                 url,
+                uc.repo.is_some(),
             )?,
             group: uc
                 .group
@@ -868,16 +879,20 @@ pub fn resolve(
     })
 }
 
-/// The credentials table of whichever document has one (user-data first), checked against the
-/// repository URL that won.
+/// The credentials table of user-data, else of the image defaults when the repository URL is
+/// still the image's; checked against the URL that won.
 fn resolve_credentials(
     user: (&Document, Option<&CredentialsSection>),
     defaults: (&Document, Option<&CredentialsSection>),
     section: &str,
     url: &Spanned<String>,
+    user_moved_repo: bool,
 ) -> Result<Option<RepoCredentials>, UserDataError> {
     let (doc, creds) = match (user, defaults) {
-        ((doc, Some(c)), _) | (_, (doc, Some(c))) => (doc, c),
+        ((doc, Some(c)), _) => (doc, c),
+        // The image's secret goes only to the image's repository: user-data that moves the
+        // repository elsewhere brings its own credentials or none.
+        (_, (doc, Some(c))) if !user_moved_repo => (doc, c),
         _ => return Ok(None),
     };
     credentials::validate(doc, section, Some(url), Some(creds))

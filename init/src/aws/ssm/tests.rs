@@ -235,3 +235,67 @@ fn endpoints_and_arns() {
         "ssm.eu-west-1.amazonaws.com"
     );
 }
+
+#[test]
+fn https_endpoints_are_spoken_to_over_tls() {
+    // A TLS server whose self-signed certificate no trust store holds: the handshake must
+    // happen (the agent speaks TLS) and then be refused (it checks what it is talking to).
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (scripts/install-test-deps.sh installs it)");
+    assert!(made.status.success(), "{made:?}");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let script = format!(
+        "import http.server,ssl\n\
+         s=http.server.HTTPServer(('127.0.0.1',{port}),http.server.BaseHTTPRequestHandler)\n\
+         c=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); c.load_cert_chain('{}','{}')\n\
+         s.socket=c.wrap_socket(s.socket,server_side=True)\n\
+         s.serve_forever()\n",
+        cert.display(),
+        key.display()
+    );
+    let mut server = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .spawn()
+        .expect("python3");
+    let up = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            up.elapsed() < Duration::from_secs(10),
+            "the TLS server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let call = GetParameter {
+        endpoint: &endpoint,
+        region: "eu-west-1",
+        account: "123456789012",
+        role: "r",
+        deadline: Instant::now() + Duration::from_secs(2),
+    };
+    let err = call
+        .run("/p", &creds())
+        .expect_err("an untrusted certificate");
+    let _ = server.kill();
+    let _ = server.wait();
+    let text = err.to_string();
+    assert!(!text.contains("no TLS backend"), "{text}");
+    assert!(
+        text.to_lowercase().contains("certificate") || text.contains("UnknownIssuer"),
+        "{text}"
+    );
+}
