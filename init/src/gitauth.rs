@@ -127,6 +127,7 @@ fn private_dir(run_dir: &Path) -> Result<PathBuf> {
         .mode(0o700)
         .create(run_dir)
         .with_context(|| format!("creating {}", run_dir.display()))?;
+    remove_orphans(run_dir);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let dir = run_dir.join(format!("git-auth-{}-{n}", std::process::id()));
     if dir.exists() {
@@ -137,6 +138,29 @@ fn private_dir(run_dir: &Path) -> Result<PathBuf> {
         .create(&dir)
         .with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
+}
+
+/// Secret folders of agents that died without cleaning up (SIGKILL at a stop timeout, a panic
+/// under panic=abort): removed before a new one is made, so no secret outlives its sync for long.
+fn remove_orphans(run_dir: &Path) {
+    let Ok(entries) = fs::read_dir(run_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("git-auth-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::debug!("removing {}: its agent is gone", entry.path().display());
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {

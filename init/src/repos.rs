@@ -18,6 +18,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::ErrorKind;
 use std::os::unix::fs::symlink;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -451,7 +452,12 @@ impl TempDir {
         if path.exists() {
             fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
         }
-        fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        // Root-only from the start: a private repository's files must not be readable while
+        // they are fetched (`restrict` sets the release's final modes before it is published).
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
         Ok(Self { path, armed: true })
     }
 

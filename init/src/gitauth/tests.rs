@@ -92,3 +92,21 @@ fn askpass_answers_only_git_prompts() {
     let multi = Secret::new("a\nb".into());
     assert!(GitAuth::https_token(Path::new("/nonexistent"), "u", &multi, Path::new("/a")).is_err());
 }
+
+#[test]
+fn a_dead_agents_secret_folder_is_removed_and_a_live_ones_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run/stackless");
+    // No process has pid 4,000,000 (above pid_max's ceiling of 4,194,304 it would be invalid).
+    let dead = run.join("git-auth-4000000-0");
+    let live = run.join(format!("git-auth-{}-999", std::process::id()));
+    for d in [&dead, &live] {
+        fs::create_dir_all(d).unwrap();
+        fs::write(d.join("askpass"), "ghp_OLD").unwrap();
+    }
+    let secret = Secret::new("ghp_NEW".to_string());
+    let auth = GitAuth::https_token(&run, "x-access-token", &secret, Path::new("/agent")).unwrap();
+    assert!(!dead.exists(), "a dead agent's secret outlived it");
+    assert!(live.exists(), "a live agent's folder was removed");
+    drop(auth);
+}
