@@ -86,7 +86,7 @@ pub fn setup_error(e: &anyhow::Error) -> Option<&SetupError> {
 
 /// Every error in the source chain, each as its Display and Debug text (the SDK hides the
 /// provider chain's reason in the Debug form of some sources).
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = String::new();
     let mut cur: Option<&dyn std::error::Error> = Some(e);
     while let Some(c) = cur {
@@ -215,6 +215,11 @@ pub fn is_throttling(code: Option<&str>) -> bool {
                 | "SlowDown"
         )
     )
+}
+
+/// A describe filter with one value.
+pub fn filter(name: &str, value: &str) -> Filter {
+    Filter::builder().name(name).values(value).build()
 }
 
 /// The filter for resources tagged `key=value`.

@@ -2,6 +2,7 @@
 //! inside the build root with `chroot(8)`, with a clean environment.
 
 use crate::communicator::{CommandOutput, Communicator};
+use crate::platform::local::process::KillGroupOnDrop;
 use anyhow::{anyhow, Context, Result};
 use async_trait::async_trait;
 use std::path::PathBuf;
@@ -46,21 +47,6 @@ impl ChrootCommunicator {
             }
         }
         c
-    }
-}
-
-/// Kills a whole process group when dropped: on a timeout, or when the bake is interrupted and
-/// the future is dropped. Harmless once the group has ended.
-struct KillGroupOnDrop(Option<i32>);
-
-impl Drop for KillGroupOnDrop {
-    fn drop(&mut self) {
-        if let Some(pgid) = self.0 {
-            // SAFETY: kill(2) on our own child's process group.
-            unsafe {
-                libc::kill(-pgid, libc::SIGKILL);
-            }
-        }
     }
 }
 

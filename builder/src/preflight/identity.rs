@@ -91,7 +91,7 @@ pub async fn credentials(config: &aws_config::SdkConfig) -> Check {
             Check::passed(NAME, format!("from {}", source_of(&provider_name(&creds))))
         }
         Err(e) => {
-            let chain = error_text(&e);
+            let chain = crate::aws::error_chain(&e);
             let fix = classify(None, &chain).map(|s| s.line).unwrap_or_else(|| {
                 "run `aws configure` or `aws sso login`, or set AWS_PROFILE".into()
             });
@@ -103,16 +103,6 @@ pub async fn credentials(config: &aws_config::SdkConfig) -> Check {
             Check::failed(NAME, detail, fix)
         }
     }
-}
-
-fn error_text(e: &dyn std::error::Error) -> String {
-    let mut out = format!("{e}\n{e:?}");
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push_str(&format!("\n{c}\n{c:?}"));
-        cur = c.source();
-    }
-    out
 }
 
 pub fn region(config: &aws_config::SdkConfig) -> Check {

@@ -1,8 +1,9 @@
 //! The subnet: it exists, and a machine in it can reach SSM (and the SSM agent's download).
 
 use super::Check;
+use crate::aws::filter;
 use crate::aws::{describe_error, error_code};
-use aws_sdk_ec2::types::{Filter, RouteState, RouteTable, VpcEndpoint};
+use aws_sdk_ec2::types::{RouteState, RouteTable, VpcEndpoint};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubnetInfo {
@@ -12,10 +13,6 @@ pub struct SubnetInfo {
     pub public_ip: bool,
     /// Named by the definition, rather than the default VPC's.
     pub given: bool,
-}
-
-fn filter(name: &str, value: &str) -> Filter {
-    Filter::builder().name(name).values(value).build()
 }
 
 fn info(s: &aws_sdk_ec2::types::Subnet, given: bool) -> SubnetInfo {

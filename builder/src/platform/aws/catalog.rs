@@ -8,16 +8,13 @@ use super::ami::{self as image, tag_map};
 use super::publish::{current_parameter, COPY_TAG_PREFIX};
 use super::tags;
 use crate::aws::aws_error;
+use crate::aws::filter;
 use crate::definition::ImageDef;
 use crate::platform::Artifact;
 use anyhow::{Context, Result};
 use aws_sdk_ec2::types::{Filter, Image, ImageState};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
-
-fn filter(name: &str, value: &str) -> Filter {
-    Filter::builder().name(name).values(value).build()
-}
 
 /// This account's images matching the filters, newest first.
 async fn owned_images(

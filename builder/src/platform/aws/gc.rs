@@ -12,6 +12,7 @@
 
 use super::ami::{self as image, tag_map};
 use super::tags;
+use crate::aws::tag_filter;
 use crate::aws::waiter::Wait;
 use crate::aws::{aws_error, error_code};
 use anyhow::{Context, Result};
@@ -31,13 +32,6 @@ pub struct GcReport {
     pub images_deregistered: Vec<String>,
     /// `ID: reason`.
     pub skipped: Vec<String>,
-}
-
-fn tag_filter(key: &str, value: &str) -> Filter {
-    Filter::builder()
-        .name(format!("tag:{key}"))
-        .values(value)
-        .build()
 }
 
 fn stamp(t: SystemTime) -> String {

@@ -8,6 +8,21 @@ use std::process::Stdio;
 use std::time::Duration;
 use tokio::process::Command;
 
+/// Kills a whole process group when dropped: on a timeout, or when the bake is interrupted and
+/// the future is dropped. Harmless once the group has ended.
+pub(crate) struct KillGroupOnDrop(pub(crate) Option<i32>);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            // SAFETY: kill(2) on our own child's process group.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
 /// Runs `program args` and fails unless it exits 0 within `timeout`. Returns stdout.
 pub async fn run(what: &str, program: &str, args: &[&str], timeout: Duration) -> Result<String> {
     let mut cmd = Command::new(program);
@@ -24,20 +39,13 @@ pub async fn run(what: &str, program: &str, args: &[&str], timeout: Duration) ->
             anyhow!("{what}: starting `{program}`: {e}")
         }
     })?;
-    let pid = child.id();
+    // Dropped on every way out: the deadline, an error, or the future dropped on Ctrl-C.
+    let _group = KillGroupOnDrop(child.id().map(|p| p as i32));
     let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(out) => out.with_context(|| format!("{what}: waiting for `{program}`"))?,
-        Err(_) => {
-            if let Some(pid) = pid {
-                // SAFETY: killpg only sends a signal, to the group the child leads.
-                unsafe {
-                    libc::killpg(pid as libc::pid_t, libc::SIGKILL);
-                }
-            }
-            bail!(
-                "{what}: `{program}` did not finish within {timeout:?}; killed it and its children"
-            )
-        }
+        Err(_) => bail!(
+            "{what}: `{program}` did not finish within {timeout:?}; killed it and its children"
+        ),
     };
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
