@@ -134,6 +134,9 @@ fn sync_inner(
 
     let (sha, fetch_ref) = resolve(spec, timeout, auth)?;
     if current == Some(sha.as_str()) {
+        // A release published by an older agent (0755) or before `[config] group` changed
+        // gets its modes now, not at the next commit.
+        restrict_if_needed(&releases.join(&sha), spec.group.as_deref())?;
         return Ok(SyncOutcome::Unchanged { commit: sha });
     }
 
@@ -351,6 +354,31 @@ pub fn restrict(dir: &Path, group: Option<&str>) -> Result<()> {
             .with_context(|| format!("setting the mode of {}", path.display()))?;
     }
     Ok(())
+}
+
+/// [`restrict`] unless the release's own folder already has the mode and group it would give.
+/// One `stat` per sync: nobody but root passes a 0700 (or 0750 group) folder, whatever the
+/// modes beneath it, so the folder tells whether the release is closed.
+fn restrict_if_needed(release: &Path, group: Option<&str>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = fs::metadata(release) else {
+        return Ok(());
+    };
+    let closed = match group {
+        None => meta.mode() & 0o777 == 0o700,
+        Some(name) => {
+            meta.mode() & 0o777 == 0o750
+                && nix::unistd::Group::from_name(name)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|g| g.gid.as_raw() == meta.gid())
+        }
+    };
+    if closed {
+        return Ok(());
+    }
+    tracing::info!(release = %release.display(), "closing a release published with other modes");
+    restrict(release, group)
 }
 
 /// Points `current` at `releases/SHA` atomically: a new symlink renamed over the old one.
@@ -696,6 +724,25 @@ mod tests {
         assert!(nobody_reads(&secret), "the group reads the config release");
         let e = restrict(f._tmp.path(), Some("no-such-group-x")).unwrap_err();
         assert!(format!("{e:#}").contains("does not exist"), "{e:#}");
+
+        // A release an older agent left open (0755/0644) is closed by the next sync, even when
+        // the commit has not changed; so is a group taken away.
+        let old = fs::canonicalize(f.layout.repo_current("salt")).unwrap();
+        for entry in [&old, &old.join("pillar")] {
+            fs::set_permissions(entry, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        fs::set_permissions(
+            old.join("pillar/secrets.sls"),
+            fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        assert!(nobody_reads(&old.join("pillar/secrets.sls")));
+        let out = sync(&f.layout, "salt", &f.spec("main"), T).unwrap();
+        assert!(matches!(out, SyncOutcome::Unchanged { .. }), "{out:?}");
+        assert!(!nobody_reads(&old.join("pillar/secrets.sls")));
+        assert_eq!(mode(&old.join("pillar/secrets.sls")), 0o600);
+        sync(&f.layout, "config", &f.spec("main"), T).unwrap();
+        assert!(!nobody_reads(&secret), "the group was taken away");
     }
 
     #[test]

@@ -97,15 +97,10 @@ pub fn render(state: &State) -> String {
             h.commit.as_deref().map(short).unwrap_or("-")
         );
         for f in &h.report.failed {
-            let _ = writeln!(
-                out,
-                "  failed   {}: {}",
-                f.id,
-                f.comment.lines().next().unwrap_or("")
-            );
+            let _ = writeln!(out, "  failed   {} ({})", f.id, f.describe());
         }
         for e in &h.report.render_errors {
-            let _ = writeln!(out, "  render   {}", e.lines().next().unwrap_or(""));
+            let _ = writeln!(out, "  render   {e}");
         }
     }
     if let Some(sync) = &state.last_sync {

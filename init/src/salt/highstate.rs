@@ -3,6 +3,12 @@
 //! Salt writes its JSON result to `Layout::highstate_out()` and its log lines (stdout and
 //! stderr) next to it, as `highstate.log`; the result is judged from the JSON, which says what
 //! failed and why, with the exit code as a second opinion.
+//!
+//! The report keeps what can travel (the console, the ready marker, the journal, `status`,
+//! `state.json`): state ids, their functions and SLS, counts, and reasons in our own words.
+//! Never salt's comments, names or render-error context: a `cmd.run` comment quotes its command,
+//! a YAML error quotes the rendered lines, and both can hold pillar values. Those stay in the
+//! root-only result and log.
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
@@ -19,7 +25,33 @@ use crate::userdata::Timeouts;
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FailedState {
     pub id: String,
-    pub comment: String,
+    /// The state function: `cmd.run`, `file.managed`.
+    #[serde(default)]
+    pub function: String,
+    /// The SLS it came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sls: Option<String>,
+    /// Why, when salt's comment is one of the few known to quote nothing (a failed requisite,
+    /// no top file match); otherwise the reason is in the root-only log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl FailedState {
+    pub fn describe(&self) -> String {
+        let mut s = self.function.clone();
+        if let Some(sls) = &self.sls {
+            s = format!("{s} in {sls}").trim_start().to_string();
+        }
+        if let Some(r) = &self.reason {
+            s = if s.is_empty() {
+                r.clone()
+            } else {
+                format!("{s}, {r}")
+            };
+        }
+        s
+    }
 }
 
 /// What a highstate did.
@@ -33,7 +65,8 @@ pub struct HighstateReport {
     pub changed: usize,
     /// Failed states, in the order salt ran them.
     pub failed: Vec<FailedState>,
-    /// Errors that stopped salt before any state ran: Jinja/YAML render errors, pillar errors.
+    /// Errors that stopped salt before any state ran (Jinja/YAML render errors, pillar errors),
+    /// each as where and what kind ([`render_error_head`]), never the text salt quoted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub render_errors: Vec<String>,
     /// salt-call's exit code (`--retcode-passthrough`); `None` when parsed alone or killed.
@@ -49,8 +82,10 @@ impl HighstateReport {
     /// `2 of 5 failed: id (comment); ...`.
     pub fn summary(&self) -> String {
         if !self.render_errors.is_empty() {
-            let text: Vec<String> = self.render_errors.iter().map(|e| first_line(e)).collect();
-            return format!("render error: {}", shorten(&text.join(" "), 300));
+            return format!(
+                "render error: {}",
+                shorten(&self.render_errors.join("; "), 300)
+            );
         }
         if !self.failed.is_empty() {
             const SHOWN: usize = 3;
@@ -58,7 +93,7 @@ impl HighstateReport {
                 .failed
                 .iter()
                 .take(SHOWN)
-                .map(|f| format!("{} ({})", f.id, shorten(&first_line(&f.comment), 120)))
+                .map(|f| format!("{} ({})", f.id, f.describe()))
                 .collect();
             if self.failed.len() > SHOWN {
                 parts.push(format!("and {} more", self.failed.len() - SHOWN));
@@ -79,12 +114,63 @@ impl HighstateReport {
     }
 }
 
-fn first_line(s: &str) -> String {
-    s.lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or("")
-        .to_string()
+/// Where a render error is and what kind it is, without the message's text: salt's render
+/// errors quote the template lines around the error (for YAML errors, the *rendered* lines,
+/// pillar values included).
+pub fn render_error_head(text: &str) -> String {
+    if text.starts_with("Pillar failed to render") {
+        return "pillar failed to render".into();
+    }
+    let sls = text
+        .split_once("Rendering SLS '")
+        .and_then(|(_, rest)| rest.split_once('\''))
+        .map(|(sls, _)| sls);
+    let Some(sls) = sls else {
+        // "No matching sls found for 'x' in env 'base'" names only the tree's own files.
+        let first = text.lines().next().unwrap_or("");
+        if first.starts_with("No matching sls found for") || first.starts_with("Specified SLS") {
+            return shorten(first, 200);
+        }
+        return "salt reported an error before running any state".into();
+    };
+    let line = text
+        .split_once("; line ")
+        .map(|(_, rest)| {
+            rest.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+        })
+        .filter(|n| !n.is_empty());
+    let first = text.lines().next().unwrap_or("");
+    let kind = if first.contains("Jinja variable") {
+        "undefined Jinja variable"
+    } else if first.contains("Jinja syntax error") {
+        "Jinja syntax error"
+    } else if first.contains("Jinja error") {
+        "Jinja error"
+    } else if first.to_ascii_lowercase().contains("yaml")
+        || first.contains("could not find expected")
+        || first.contains("mapping values are not allowed")
+    {
+        "YAML error"
+    } else {
+        "render error"
+    };
+    match line {
+        Some(n) => format!("SLS '{sls}' line {n}: {kind}"),
+        None => format!("SLS '{sls}': {kind}"),
+    }
+}
+
+/// A reason worth carrying, from comments known to quote nothing from the states.
+fn safe_reason(comment: &str) -> Option<String> {
+    if comment.starts_with("One or more requisite failed") {
+        Some("a requisite failed".into())
+    } else if comment.contains(NO_TOP) {
+        Some("no top file entry matches this minion".into())
+    } else {
+        None
+    }
 }
 
 fn shorten(s: &str, max: usize) -> String {
@@ -104,18 +190,15 @@ pub fn parse(json: &str) -> Result<HighstateReport> {
     let local = match doc.as_object() {
         Some(m) if m.contains_key("local") => &m["local"],
         Some(m) if m.len() == 1 => m.values().next().unwrap_or(&Value::Null),
-        _ => bail!(
-            "salt's result is not an object keyed by `local`: {}",
-            snippet(json)
-        ),
+        _ => bail!("salt's result is not an object keyed by `local`"),
     };
     match local {
         Value::Array(errors) => {
             let render_errors = errors
                 .iter()
                 .map(|e| match e {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
+                    Value::String(s) => render_error_head(s),
+                    _ => render_error_head(""),
                 })
                 .collect();
             Ok(HighstateReport {
@@ -132,10 +215,7 @@ pub fn parse(json: &str) -> Result<HighstateReport> {
             let mut failed: Vec<(u64, FailedState)> = Vec::new();
             for (key, state) in states {
                 let Some(state) = state.as_object() else {
-                    bail!(
-                        "salt's result for {key:?} is not an object: {}",
-                        snippet(&state.to_string())
-                    );
+                    bail!("salt's result has a state that is not an object");
                 };
                 let comment = comment_text(state.get("comment"));
                 let result = state.get("result").and_then(Value::as_bool);
@@ -155,7 +235,29 @@ pub fn parse(json: &str) -> Result<HighstateReport> {
                         .get("__run_num__")
                         .and_then(Value::as_u64)
                         .unwrap_or(u64::MAX);
-                    failed.push((run_num, FailedState { id, comment }));
+                    // The key is `MODULE_|-ID_|-NAME_|-FUNCTION`; NAME can hold anything.
+                    let mut parts = key.split("_|-");
+                    let module = parts.next().unwrap_or("");
+                    let function = match parts.last() {
+                        Some(fun) if !module.is_empty() && fun != "None" => {
+                            format!("{module}.{fun}")
+                        }
+                        _ => String::new(),
+                    };
+                    let sls = state
+                        .get("__sls__")
+                        .and_then(Value::as_str)
+                        .map(str::to_string);
+                    let reason = safe_reason(&comment);
+                    failed.push((
+                        run_num,
+                        FailedState {
+                            id,
+                            function,
+                            sls,
+                            reason,
+                        },
+                    ));
                 } else if has_changes {
                     report.changed += 1;
                 }
@@ -165,10 +267,7 @@ pub fn parse(json: &str) -> Result<HighstateReport> {
             report.ok = report.failed.is_empty();
             Ok(report)
         }
-        other => bail!(
-            "salt's result is neither states nor a list of errors: {}",
-            snippet(&other.to_string())
-        ),
+        _ => bail!("salt's result is neither states nor a list of errors"),
     }
 }
 
@@ -210,19 +309,11 @@ fn find_document(text: &str) -> Result<Value> {
         }
         offset += line.len();
     }
+    // Never quoted: the output can hold pillar values. The caller points to the file.
     bail!(
-        "salt's output is not JSON ({first_error}): {}",
-        snippet(text)
+        "salt's output ({} bytes) is not JSON: {first_error}",
+        text.len()
     )
-}
-
-fn snippet(text: &str) -> String {
-    let t = text.trim();
-    if t.is_empty() {
-        "(empty)".into()
-    } else {
-        format!("{:?}", shorten(t, 200))
-    }
 }
 
 /// Where salt-call's own output (log lines, tracebacks) of the last highstate goes.
@@ -377,32 +468,62 @@ mod tests {
         let ids: Vec<&str> = r.failed.iter().map(|f| f.id.as_str()).collect();
         assert_eq!(ids, ["fails", "missing", "after"]);
         assert_eq!(
-            r.failed[1].comment,
-            "Unable to manage file: Source file salt://nope.txt not found in saltenv 'base'"
+            r.failed[1],
+            FailedState {
+                id: "missing".into(),
+                function: "file.managed".into(),
+                sls: Some("a".into()),
+                reason: None,
+            }
         );
+        // Functions and SLS, never salt's comments (a command line, a diff).
         assert_eq!(
             r.summary(),
-            "3 of 4 failed: fails (Command \"false\" run); missing (Unable to manage file: Source file salt://nope.txt \
-             not found in saltenv 'base'); after (One or more requisite failed: a.fails)"
+            "3 of 4 failed: fails (cmd.run in a); missing (file.managed in a); \
+             after (cmd.run in a, a requisite failed)"
         );
+    }
+
+    #[test]
+    fn nothing_salt_quoted_reaches_the_report() {
+        const CANARY: &str = "canary-8f3a1c";
+        let failing = format!(
+            r#"{{"local": {{"cmd_|-db_|-mysql -p{CANARY}_|-run": {{"name": "mysql -p{CANARY}", "changes": {{"stderr": "{CANARY}"}}, "result": false, "comment": "Command \"mysql -p{CANARY}\" run", "__sls__": "db", "__run_num__": 0, "__id__": "db"}}}}}}"#
+        );
+        let yaml = format!(
+            r#"{{"local": ["Rendering SLS 'base:app' failed: mapping values are not allowed in this context; line 2\n\n---\napp:\n  password: {CANARY}: x    <======================\n---"]}}"#
+        );
+        let jinja = format!(
+            r#"{{"local": ["Rendering SLS 'base:app' failed: Jinja error: Command 'curl -u {CANARY}' failed\nTraceback..."]}}"#
+        );
+        for doc in [failing, yaml, jinja] {
+            let r = parse(&doc).unwrap();
+            assert!(!r.ok);
+            let everywhere = format!("{} {}", r.summary(), serde_json::to_string(&r).unwrap());
+            assert!(!everywhere.contains(CANARY), "{everywhere}");
+        }
+        let r = parse(&format!(
+            r#"{{"local": ["Rendering SLS 'base:app' failed: mapping values are not allowed here; line 2\n\n---\npw: {CANARY}\n---"]}}"#
+        ))
+        .unwrap();
+        assert_eq!(r.render_errors, ["SLS 'base:app' line 2: YAML error"]);
+        let err = format!("{:#}", parse(&format!("not json {CANARY}")).unwrap_err());
+        assert!(!err.contains(CANARY), "{err}");
     }
 
     #[test]
     fn parses_render_and_pillar_errors() {
         let r = parse(RENDER_ERROR).unwrap();
         assert!(!r.ok && r.total == 0 && r.render_errors.len() == 1);
-        assert!(
-            r.summary()
-                .starts_with("render error: Rendering SLS 'base:a' failed: Jinja variable"),
-            "{}",
-            r.summary()
+        assert_eq!(
+            r.summary(),
+            "render error: SLS 'base:a' line 3: undefined Jinja variable"
         );
-        assert!(!r.summary().contains('\n'));
         let r = parse(PILLAR_ERROR).unwrap();
         assert_eq!(r.render_errors.len(), 2);
         assert_eq!(
             r.summary(),
-            "render error: Pillar failed to render with the following messages: Rendering SLS 'p' failed. Please see master log for details."
+            "render error: pillar failed to render; SLS 'p': render error"
         );
     }
 
@@ -413,7 +534,7 @@ mod tests {
         assert_eq!(r.failed[0].id, "states");
         assert!(
             r.summary()
-                .starts_with("1 of 1 failed: states (No Top file"),
+                .starts_with("1 of 1 failed: states (no top file entry matches this minion)"),
             "{}",
             r.summary()
         );
@@ -441,7 +562,7 @@ mod tests {
             "{:#}",
             parse("Traceback (most recent call last): boom").unwrap_err()
         );
-        assert!(err.contains("Traceback"), "{err}");
+        assert!(err.contains("not JSON") && !err.contains("boom"), "{err}");
         // A comment that is a list, and test-mode `null` results, are fine.
         let r = parse(r#"{"local": {"a_|-x_|-x_|-f": {"result": null, "comment": ["one", "two"], "changes": {"k": 1}}}}"#)
             .unwrap();
@@ -466,14 +587,15 @@ mod tests {
             failed: (0..5)
                 .map(|i| FailedState {
                     id: format!("s{i}"),
-                    comment: "no\nmore".into(),
+                    function: "cmd.run".into(),
+                    ..Default::default()
                 })
                 .collect(),
             ..Default::default()
         };
         assert_eq!(
             many.summary(),
-            "5 of 9 failed: s0 (no); s1 (no); s2 (no); and 2 more"
+            "5 of 9 failed: s0 (cmd.run); s1 (cmd.run); s2 (cmd.run); and 2 more"
         );
         let json = serde_json::to_value(&many).unwrap();
         assert!(json.get("render_errors").is_none());
@@ -564,7 +686,7 @@ mod tests {
         assert_eq!(r.retcode, Some(2));
         let ids: Vec<&str> = r.failed.iter().map(|f| f.id.as_str()).collect();
         assert_eq!(ids, ["fails", "missing"]);
-        assert!(r.failed[1].comment.contains("salt://nope.txt"), "{r:?}");
+        assert_eq!(r.failed[1].function, "file.managed", "{r:?}");
 
         // A Jinja error.
         t.file(
@@ -573,14 +695,22 @@ mod tests {
         );
         let r = t.run("db-1");
         assert!(!r.ok && r.total == 0);
-        assert!(r.render_errors[0].contains("no_such_grain"), "{r:?}");
+        assert_eq!(
+            r.render_errors,
+            ["SLS 'base:bad' line 3: undefined Jinja variable"],
+            "{r:?}"
+        );
         assert!(r.summary().starts_with("render error:"));
 
         // A top file that does not target this minion.
         t.top("someone-else", "bad");
         let r = t.run("db-1");
         assert!(!r.ok);
-        assert!(r.failed[0].comment.contains(NO_TOP), "{r:?}");
+        assert_eq!(
+            r.failed[0].reason.as_deref(),
+            Some("no top file entry matches this minion"),
+            "{r:?}"
+        );
     }
 
     #[test]
