@@ -12,10 +12,13 @@ use stackless_init::paths::Layout;
 use stackless_init::private::{self, SecretSource, ASKPASS_ENV};
 use stackless_init::repos::{self, SyncOutcome};
 use stackless_init::userdata::{self, RepoSpec};
+mod common;
+
+use common::servers::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
 
@@ -28,16 +31,6 @@ impl SecretSource for Source {
             None => anyhow::bail!("SSM parameter {parameter} does not exist"),
         }
     }
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.stdin(Stdio::null()).output().expect("run");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 fn git(dir: &Path, args: &[&str]) -> String {
@@ -75,62 +68,6 @@ fn commit(work: &Path, content: &str) -> String {
     git(work, &["commit", "-q", "-m", content]);
     git(work, &["push", "-q", "origin", "HEAD:main"]);
     git(work, &["rev-parse", "HEAD"])
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_listening(port: u16, child: &mut Child, what: &str) {
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited: {status}");
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "{what} never listened"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Every file under `dir` whose bytes contain `needle`.
-fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            let Ok(meta) = std::fs::symlink_metadata(&p) else {
-                continue;
-            };
-            if meta.is_dir() {
-                stack.push(p);
-            } else if meta.is_file() {
-                let bytes = std::fs::read(&p).unwrap_or_default();
-                if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
-                    found.push(p);
-                }
-            }
-        }
-    }
-    found
 }
 
 fn spec_from_user_data(text: &str, section: &str) -> (RepoSpec, userdata::Settings) {
@@ -171,113 +108,16 @@ fn sync(
     )
 }
 
-fn openssl_cert(dir: &Path, name: &str, ca: Option<&str>) {
-    let key = dir.join(format!("{name}.key"));
-    let pem = dir.join(format!("{name}.pem"));
-    let subj = format!("/CN={name}");
-    match ca {
-        None => {
-            run(Command::new("openssl")
-                .args([
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1",
-                    "-nodes",
-                    "-days",
-                    "2",
-                    "-subj",
-                    &subj,
-                    "-keyout",
-                ])
-                .arg(&key)
-                .arg("-out")
-                .arg(&pem));
-        }
-        Some(ca) => {
-            let csr = dir.join(format!("{name}.csr"));
-            let ext = dir.join(format!("{name}.ext"));
-            std::fs::write(&ext, "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
-            run(Command::new("openssl")
-                .args([
-                    "req",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1",
-                    "-nodes",
-                    "-subj",
-                    "/CN=localhost",
-                    "-keyout",
-                ])
-                .arg(&key)
-                .arg("-out")
-                .arg(&csr));
-            run(Command::new("openssl")
-                .args(["x509", "-req", "-days", "2", "-in"])
-                .arg(&csr)
-                .arg("-CA")
-                .arg(dir.join(format!("{ca}.pem")))
-                .arg("-CAkey")
-                .arg(dir.join(format!("{ca}.key")))
-                .arg("-CAcreateserial")
-                .arg("-extfile")
-                .arg(&ext)
-                .arg("-out")
-                .arg(&pem));
-        }
-    }
-}
-
 #[test]
 fn https_token_through_askpass() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path();
     let (_bare, work) = upstream(base);
     let first = git(&work, &["rev-parse", "HEAD"]);
-    openssl_cert(base, "test-ca", None);
-    openssl_cert(base, "other-ca", None);
-    openssl_cert(base, "server", Some("test-ca"));
+    test_certificates(base);
     let good = "ghp_GOODtoken0123456789";
-    std::fs::write(base.join("users"), format!("x-access-token:{good}\n")).unwrap();
-    let port = free_port();
-    let conf = base.join("lighttpd.conf");
-    std::fs::create_dir_all(base.join("www")).unwrap();
-    std::fs::write(
-        &conf,
-        format!(
-            r#"server.document-root = "{d}/www"
-server.port = {port}
-server.bind = "127.0.0.1"
-server.errorlog = "{d}/lighttpd.log"
-server.modules = ("mod_auth", "mod_authn_file", "mod_alias", "mod_setenv", "mod_cgi", "mod_openssl")
-ssl.engine = "enable"
-ssl.pemfile = "{d}/server.pem"
-ssl.privkey = "{d}/server.key"
-alias.url = ("/git" => "/usr/lib/git-core/git-http-backend")
-$HTTP["url"] =~ "^/git" {{
-    cgi.assign = ("" => "")
-    setenv.add-environment = ("GIT_PROJECT_ROOT" => "{d}", "GIT_HTTP_EXPORT_ALL" => "1")
-}}
-auth.backend = "plain"
-auth.backend.plain.userfile = "{d}/users"
-auth.require = ("/git" => ("method" => "basic", "realm" => "git", "require" => "valid-user"))
-"#,
-            d = base.display()
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new("/usr/sbin/lighttpd")
-        .arg("-D")
-        .arg("-f")
-        .arg(&conf)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("lighttpd (apt-get install lighttpd lighttpd-mod-openssl)");
-    wait_listening(port, &mut child, "lighttpd");
-    let _server = Killed(child);
+    let server = HttpsGit::start(base, "x-access-token", good);
+    let port = server.port;
 
     // The CA comes the way users give it: user-data's ca_certificates, checked by the agent's
     // parser. (The agent installs it into the system trust store, trust.rs; a test must not
@@ -471,4 +311,249 @@ fn ssh_deploy_key_with_known_hosts() {
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "left in the run folder: {left:?}");
+}
+
+/// Boots the built agent (`boot --once`, logging at trace) and returns its output.
+fn boot(root: &Path, imds: &str, moto: &str, path: &str, envs: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stackless-init"));
+    cmd.arg("-vv")
+        .arg("--root")
+        .arg(root)
+        .args(["boot", "--once"])
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds)
+        .env("AWS_ENDPOINT_URL_SSM", moto)
+        .env(ASKPASS_ENV, env!("CARGO_BIN_EXE_stackless-init"))
+        .env("PATH", path)
+        .env_remove("STACKLESS_ROOT")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("running stackless-init")
+}
+
+/// The agent's other commands on a root, their stdout and stderr together.
+fn agent_says(root: &Path, args: &[&str]) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_stackless-init"))
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:9")
+        .env_remove("STACKLESS_ROOT")
+        .output()
+        .expect("running stackless-init");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The canary: one secret in the SSM parameter (the git token of a private HTTPS repository),
+/// one in pillar (rendered into a managed file, and into the command of a state that fails, so
+/// salt quotes it in its comment), one in a URL given with credentials. A whole boot of the built
+/// agent runs against moto (IAM auth on, role credentials from the IMDS emulator), lighttpd and
+/// the real salt, logging at trace level; then every stream and file it wrote is searched. The
+/// secrets may only be where they must be (the repository's own pillar and salt's own result,
+/// log and cache), and there only readable by root.
+#[test]
+fn canary_secrets_appear_nowhere() {
+    use stackless_init::imds::emulator::{Emulator, EmulatorConfig, RoleConfig};
+    use stackless_init::imds::Identity;
+    use std::os::unix::fs::PermissionsExt;
+    const TOKEN: &str = "ghp_CANARYtoken7f3e9a1b0c";
+    const PILLAR: &str = "pillarCANARY5d2c8e41";
+    const URL_TOKEN: &str = "ghp_CANARYinURL4b6d0f99";
+    const PARAM: &str = "/stackless/canary/git-token";
+
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    // As on an instance, nobody may walk down to the agent's files (/var/lib is 0755).
+    std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    // The private config repository, over HTTPS with basic auth.
+    let (_bare, work) = upstream(base);
+    let config_head = git(&work, &["rev-parse", "HEAD"]);
+    test_certificates(base);
+    let server = HttpsGit::start(base, "x-access-token", TOKEN);
+
+    // The salt repository (public): the pillar secret in a file and in a failing command.
+    let salt = common::GitRepo::new(&base.join("public"), "salt");
+    let managed = base.join("out/app.conf");
+    salt.commit(
+        &[
+            ("top.sls", "base:\n  '*':\n    - app\n"),
+            (
+                "app.sls",
+                &format!(
+                    "app-config:\n  file.managed:\n    - name: {}\n    - makedirs: True\n    \
+                     - contents: \"password={{{{ pillar['db_password'] }}}}\"\n\
+                     leaky:\n  cmd.run:\n    - name: \"test {{{{ pillar['db_password'] }}}} = no\"\n",
+                    managed.display()
+                ),
+            ),
+            ("pillar/top.sls", "base:\n  '*':\n    - db\n"),
+            ("pillar/db.sls", &format!("db_password: {PILLAR}\n")),
+        ],
+        "states",
+    );
+
+    // SSM through moto with signatures checked; the role's credentials from the emulator.
+    let aws = testkit::roles::start_with_roles(&[(PARAM, TOKEN)]);
+    let role = RoleConfig {
+        name: aws.reader.role.clone(),
+        access_key_id: aws.reader.access_key_id.clone(),
+        secret_access_key: aws.reader.secret_access_key.clone(),
+        token: aws.reader.token.clone(),
+        expiration: aws.reader.expiration.clone(),
+    };
+    let user_data = |config_url: &str| {
+        format!(
+            "minion_id = \"web-{{instance_id}}\"\n[salt]\nrepo = \"{}\"\n[config]\nrepo = \"{config_url}\"\n\
+             [config.credentials]\ntoken_parameter = \"{PARAM}\"\n",
+            salt.url()
+        )
+    };
+    let imds = Emulator::start(
+        EmulatorConfig::new(Identity::example())
+            .with_user_data(user_data(&server.url("upstream")).into_bytes())
+            .with_role(role.clone()),
+    )
+    .expect("emulator");
+
+    // git through a wrapper that records every argv and environment it is given.
+    let bin = base.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let calls = base.join("git-calls.log");
+    let real_git = run(Command::new("sh").args(["-c", "command -v git"]));
+    std::fs::write(
+        bin.join("git"),
+        format!(
+            "#!/bin/sh\n{{ printf 'argv:'; printf ' %s' \"$@\"; echo; env; }} >> {}\nexec {real_git} \"$@\"\n",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(bin.join("git"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), common::test_path());
+    let trusted = base.join("test-ca.pem");
+
+    let root = base.join("root");
+    let o = boot(
+        &root,
+        &imds.endpoint(),
+        &aws.moto.endpoint,
+        &path,
+        &[("GIT_SSL_CAINFO", &trusted)],
+    );
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // The private repository was fetched with the token from SSM, and salt ran with the pillar.
+    assert_eq!(
+        repos::current_commit(&Layout::new(&root), "config").as_deref(),
+        Some(config_head.as_str()),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&managed).unwrap().trim(),
+        format!("password={PILLAR}")
+    );
+    assert!(
+        out.contains("stackless-init: boot degraded") && out.contains("leaky (cmd.run in app"),
+        "the failing state is reported by id and function: {out}"
+    );
+    assert!(std::fs::read_to_string(&calls).unwrap().contains("argv:"));
+
+    // The URL attempt: refused at parse time, pointing to the option, the token never repeated.
+    let url_root = base.join("url-root");
+    let at = server
+        .url("upstream")
+        .replace("https://", &format!("https://x-access-token:{URL_TOKEN}@"));
+    imds.set_user_data(Some(user_data(&at).into_bytes()));
+    let o2 = boot(
+        &url_root,
+        &imds.endpoint(),
+        &aws.moto.endpoint,
+        &path,
+        &[("GIT_SSL_CAINFO", &trusted)],
+    );
+    let out2 = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o2.stdout),
+        String::from_utf8_lossy(&o2.stderr)
+    );
+    assert!(
+        out2.contains("credentials in its URL") && out2.contains("token_parameter"),
+        "{out2}"
+    );
+
+    // Every stream: the boots' console and journal, `status` (human and JSON), `wait`, and
+    // every argv and environment git was given.
+    let mut streams = vec![
+        ("boot output".to_string(), out),
+        ("URL boot output".to_string(), out2),
+        (
+            "git argv and environment".to_string(),
+            std::fs::read_to_string(&calls).unwrap(),
+        ),
+    ];
+    for r in [&root, &url_root] {
+        for args in [
+            &["status"][..],
+            &["status", "--json"],
+            &["wait", "--timeout", "1"],
+        ] {
+            streams.push((format!("{args:?} on {}", r.display()), agent_says(r, args)));
+        }
+    }
+    for secret in [TOKEN, PILLAR, URL_TOKEN] {
+        for (what, text) in &streams {
+            assert!(!text.contains(secret), "{secret} in the {what}:\n{text}");
+        }
+    }
+
+    // Every file. Only these may hold a secret, and only root may read them: the salt
+    // repository's pillar, and what salt-call writes (its result and log, which quote changes,
+    // and its own minion cache).
+    let layout = Layout::new(&root);
+    let salt_release = std::fs::canonicalize(layout.repo_current("salt")).unwrap();
+    let allowed = |p: &Path| {
+        p.starts_with(salt_release.join("pillar"))
+            || p.starts_with(root.join("var/cache/salt"))
+            || p.starts_with(root.join("var/log/salt"))
+            || p == layout.highstate_out()
+            || p == stackless_init::salt::highstate::log_file(&layout)
+    };
+    for secret in [TOKEN, PILLAR, URL_TOKEN] {
+        for dir in [&root, &url_root] {
+            for file in files_containing(dir, secret) {
+                assert!(allowed(&file), "{secret} is in {}", file.display());
+                assert!(
+                    !nobody_reads(&file),
+                    "{} is readable by nobody",
+                    file.display()
+                );
+            }
+        }
+    }
+    assert!(
+        !files_containing(&root, PILLAR).is_empty(),
+        "the search finds what is there (the pillar and salt's log)"
+    );
+    let left: Vec<_> = std::fs::read_dir(layout.run_dir())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "secret folders left in the run folder: {left:?}"
+    );
 }

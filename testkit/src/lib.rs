@@ -3,9 +3,11 @@
 //! Command shim in front of it, and the world a deploy runs in. Tests refuse to run against
 //! anything but a local endpoint, so they can never touch a real AWS account.
 
+pub mod roles;
 pub mod ssm_shim;
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,6 +33,52 @@ pub fn moto_server_bin() -> PathBuf {
         return p;
     }
     panic!("moto_server not found: run scripts/install-test-deps.sh (moto[server]==5.2.5)");
+}
+
+/// A Python with botocore and moto (the one beside `moto_server`), for real AWS client code in
+/// tests: `STACKLESS_PYTHON` when set.
+pub fn python_with_botocore() -> PathBuf {
+    if let Some(p) = std::env::var_os("STACKLESS_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let python = moto_server_bin().with_file_name("python");
+    assert!(
+        python.is_file(),
+        "{} is missing: set STACKLESS_PYTHON or run scripts/install-test-deps.sh",
+        python.display()
+    );
+    python
+}
+
+/// `python -c SCRIPT` with `input` on stdin; its stdout. Panics with stderr when it fails.
+pub fn run_python(python: &Path, script: &str, input: &[u8]) -> Vec<u8> {
+    run_python_args(python, script, &[], input)
+}
+
+/// Like [`run_python`], with arguments after the script.
+pub fn run_python_args(python: &Path, script: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
+    let mut child = Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {}: {e}", python.display()));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input)
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("python output");
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
 
 /// A running moto_server; killed on drop.

@@ -1,6 +1,8 @@
 //! Helpers shared by the end-to-end tests: the built agent, real git repositories, real salt.
 #![allow(dead_code)]
 
+pub mod servers;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -1,5 +1,5 @@
 use super::*;
-use crate::aws::test_support::{Moto, MotoSetup};
+use crate::aws::test_support::{role_config, start_with_roles, Moto, MotoSetup};
 use crate::imds::emulator::{Emulator, EmulatorConfig};
 use crate::imds::Identity;
 
@@ -17,9 +17,9 @@ fn reader(emu: &Emulator, moto: &Moto) -> ParameterReader {
 }
 
 fn moto_and_emulator() -> (MotoSetup, Emulator) {
-    let setup = Moto::start_with_roles(&[(PARAM, CANARY), ("/other/param", "x")]);
+    let setup = start_with_roles(&[(PARAM, CANARY), ("/other/param", "x")]);
     let emu = Emulator::start(
-        EmulatorConfig::new(Identity::example()).with_role(setup.reader.role_config()),
+        EmulatorConfig::new(Identity::example()).with_role(role_config(&setup.reader)),
     )
     .expect("emulator");
     (setup, emu)
@@ -61,7 +61,7 @@ fn reads_a_secure_string_from_moto_with_iam_auth_on() {
 #[test]
 fn access_denied_names_the_action_and_the_arn() {
     let (setup, emu) = moto_and_emulator();
-    emu.set_role(Some(setup.outsider.role_config()));
+    emu.set_role(Some(role_config(&setup.outsider)));
     let err = reader(&emu, &setup.moto)
         .get(PARAM)
         .expect_err("not allowed");
