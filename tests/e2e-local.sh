@@ -6,6 +6,10 @@
 #              commit restarts it once with the new text; a salt commit is applied on the next tick;
 #   bare:      salt is installed at first boot, then the same checks pass;
 #   KVM that aborts or hangs (a stand-in qemu): auto falls back to TCG and still reaches ready;
+#   private:   the config repository is private (HTTPS with basic auth behind lighttpd, TLS from a
+#              test CA); the agent reads its token from moto's SSM (TLS, IAM auth on) with role
+#              credentials from a moto STS AssumeRole served by the emulator; the token shows
+#              nowhere on the console or in the builder's output;
 #   broken user-data: the agent reports the error with its line and column, the boot ends
 #              `failed`, the machine stays up (its serial console reaches the login prompt).
 # Needs root (debootstrap, chroot, mounts) and qemu; scripts/test.sh runs it after the unit tests.
@@ -207,6 +211,132 @@ for kind in kvm-aborts kvm-hangs; do
     say "$kind: ready in $(json_field "$work/$kind.json" '["boot_to_result_ms"]') ms under TCG; $why"
 done
 
+# 5c. A private config repository: its token is a SecureString in moto's SSM, read by the agent
+# with the instance role the emulator serves (credentials from moto's STS, IAM auth on), over
+# TLS from a test CA the user-data's ca_certificates trusts; git gets it through askpass.
+venv="$repo/.venv/bin"
+[[ -x "$venv/moto_server" ]] || fail "no moto_server in $venv (scripts/install-test-deps.sh)"
+tls="$work/tls"
+mkdir -p "$tls"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=e2e-ca \
+    -keyout "$tls/ca.key" -out "$tls/ca.pem" 2>/dev/null || fail "openssl: the test CA"
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=localhost \
+    -keyout "$tls/server.key" -out "$tls/server.csr" 2>/dev/null || fail "openssl: the server key"
+echo "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:169.254.0.101,IP:169.254.0.102" >"$tls/san.ext"
+openssl x509 -req -days 2 -in "$tls/server.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" -CAcreateserial \
+    -extfile "$tls/san.ext" -out "$tls/server.pem" 2>/dev/null || fail "openssl: the server certificate"
+token="ghp_e2eCANARY$(openssl rand -hex 12)"
+moto_port=$(free_port)
+"$venv/moto_server" -H 127.0.0.1 -p "$moto_port" -c "$tls/server.pem" -k "$tls/server.key" \
+    >"$work/moto.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do curl -s --cacert "$tls/ca.pem" -o /dev/null "https://127.0.0.1:$moto_port/" && break; sleep 0.2; done
+# The role, the parameter, STS credentials for the role; then moto checks every signature.
+( umask 077; printf '%s' "$token" | "$venv/python" -c '
+import json, sys, boto3, urllib.request, ssl
+endpoint, ca = sys.argv[1], sys.argv[2]
+kw = dict(endpoint_url=endpoint, region_name="eu-west-1", verify=ca,
+          aws_access_key_id="AKIASETUPSETUPSETUP1", aws_secret_access_key="setup")
+iam, sts, ssm = (boto3.client(s, **kw) for s in ("iam", "sts", "ssm"))
+trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
+         "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
+arn = iam.create_role(RoleName="e2e-web", AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+iam.put_role_policy(RoleName="e2e-web", PolicyName="read-token", PolicyDocument=json.dumps(
+    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["ssm:GetParameter", "kms:Decrypt"],
+                                             "Resource": "*"}]}))
+ssm.put_parameter(Name="/stackless/e2e/git-token", Value=sys.stdin.read(), Type="SecureString")
+out = sts.assume_role(RoleArn=arn, RoleSessionName="e2e")
+out["Credentials"]["Expiration"] = out["Credentials"]["Expiration"].strftime("%Y-%m-%dT%H:%M:%SZ")
+urllib.request.urlopen(urllib.request.Request(endpoint + "/moto-api/reset-auth", data=b"0", method="POST",
+                                              headers={"Content-Type": "text/plain"}),
+                       context=ssl.create_default_context(cafile=ca)).read()
+json.dump({"Credentials": out["Credentials"], "AssumedRoleUser": out["AssumedRoleUser"]}, sys.stdout, default=str)
+' "https://127.0.0.1:$moto_port" "$tls/ca.pem" >"$work/role.json" ) || fail "setting up moto's role and parameter"
+# The private repository: a copy of the config repository with its own greeting.
+mkdir -p "$work/private"
+git clone -q --bare "$work/git/config.git" "$work/private/config.git"
+git clone -q "$work/private/config.git" "$work/private-config" 2>/dev/null
+greeting_private="hello from a private repository"
+printf '%s\n' "$greeting_private" >"$work/private-config/web/greeting.txt"
+example_commit "$work/private-config" "private greeting"
+private_head=$(git -C "$work/private-config" rev-parse HEAD)
+printf 'x-access-token:%s\n' "$token" >"$work/private/users"
+chmod 600 "$work/private/users"
+lighttpd_port=$(free_port)
+cat >"$work/private/lighttpd.conf" <<LIGHTTPD
+server.document-root = "$work/private"
+server.port = $lighttpd_port
+server.bind = "127.0.0.1"
+server.errorlog = "$work/private/lighttpd.log"
+server.modules = ("mod_auth", "mod_authn_file", "mod_alias", "mod_setenv", "mod_cgi", "mod_openssl")
+ssl.engine = "enable"
+ssl.pemfile = "$tls/server.pem"
+ssl.privkey = "$tls/server.key"
+alias.url = ("/git" => "/usr/lib/git-core/git-http-backend")
+\$HTTP["url"] =~ "^/git" {
+    cgi.assign = ("" => "")
+    setenv.add-environment = ("GIT_PROJECT_ROOT" => "$work/private", "GIT_HTTP_EXPORT_ALL" => "1")
+}
+auth.backend = "plain"
+auth.backend.plain.userfile = "$work/private/users"
+auth.require = ("/git" => ("method" => "basic", "realm" => "git", "require" => "valid-user"))
+LIGHTTPD
+/usr/sbin/lighttpd -D -f "$work/private/lighttpd.conf" >"$work/lighttpd.out" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do curl -s --cacert "$tls/ca.pem" -o /dev/null "https://127.0.0.1:$lighttpd_port/" && break; sleep 0.2; done
+# Without the token the repository is closed: the check can fail.
+code=$(curl -s --cacert "$tls/ca.pem" -o /dev/null -w '%{http_code}' "https://127.0.0.1:$lighttpd_port/git/config.git/info/refs?service=git-upload-pack")
+[[ "$code" == 401 ]] || fail "private: lighttpd answered $code without credentials (expected 401)"
+pud="$work/private-user-data.toml"
+{
+    printf 'ca_certificates = """\n%s\n%s\n"""\n' "$(cat /usr/local/share/ca-certificates/*.crt 2>/dev/null || true)" "$(cat "$tls/ca.pem")"
+    cat <<UD
+minion_id = "web-{instance_id}"
+grains = { role = "web", env = "private" }
+
+[salt]
+repo = "git://169.254.0.100:9418/salt.git"
+ref = "main"
+
+[config]
+repo = "https://169.254.0.102:$lighttpd_port/git/config.git"
+ref = "main"
+
+[config.credentials]
+token_parameter = "/stackless/e2e/git-token"
+
+[aws]
+ssm_endpoint = "https://169.254.0.101:$moto_port"
+
+[[watch]]
+paths = ["/var/lib/stackless/repos/config/current/web/*.txt"]
+restart = ["web"]
+UD
+} >"$pud"
+"$builder" -q user-data "$pud" >/dev/null || fail "the private user-data does not validate"
+port=$(free_port)
+say "booting preseeded with a private config repository (token from moto's SSM through the role)"
+"$builder" --output json boot out/preseeded --user-data "$pud" --keep-running --accel "$accel" \
+    --port "$port:8080" --forward "169.254.0.100:9418=127.0.0.1:$git_port" \
+    --forward "169.254.0.101:$moto_port=127.0.0.1:$moto_port" \
+    --forward "169.254.0.102:$lighttpd_port=127.0.0.1:$lighttpd_port" \
+    --role-credentials "$work/role.json" \
+    --console-log "$work/private.console" --no-console --timeout 40m >"$work/private.json" 2>"$work/private.err" &
+pid=$!
+pids+=("$pid")
+wait_result private 1200
+[[ $(json_field "$work/private.result" '["outcome"]') == ready ]] || fail "private: $(cat "$work/private.result")"
+[[ $(json_field "$work/private.result" '["status"]["repos"]["config"]["commit"]') == "$private_head" ]] ||
+    fail "private: the config release is not the private repository's head: $(json_field "$work/private.result" '["status"]["repos"]')"
+wait_http "$port" / "$greeting_private" 60 "private: the web program"
+stop_boot "$pid"
+[[ "$rc" == 0 ]] || fail "private: builder boot exited $rc"
+for f in "$work/private.console" "$work/private.json" "$work/private.err"; do
+    if grep -a -q -F "$token" "$f"; then fail "private: the token is in $f"; fi
+done
+private_ms=$(json_field "$work/private.json" '["boot_to_result_ms"]')
+say "private: ready in ${private_ms} ms with the private repository; the token is not on the console"
+
 # 6. bare: salt is installed at first boot, then the same checks.
 port=$(free_port)
 say "booting bare (salt is pip-installed at first boot; minutes under TCG)"
@@ -257,7 +387,7 @@ mkdir -p out/e2e
 cat >out/e2e/summary.json <<JSON
 {"accel": "$used_accel",
  "bake_ms": {"preseeded": ${bake_s[preseeded]}, "bare": ${bake_s[bare]}},
- "boot_to_ready_ms": {"preseeded": $pre_ready_ms, "bare": $bare_ready_ms},
+ "boot_to_ready_ms": {"preseeded": $pre_ready_ms, "private": $private_ms, "bare": $bare_ready_ms},
  "agent_boot_ms": {"preseeded": $pre_agent_ms, "bare": $bare_agent_ms},
  "config_change_live_s": $config_s, "salt_change_applied_s": $salt_s,
  "measured_at": "$(date -u +%Y-%m-%dT%H:%M:%SZ)"}

@@ -173,6 +173,10 @@ struct BootArgs {
     /// The instance id the metadata service reports [default: a random i-...].
     #[arg(long)]
     instance_id: Option<String>,
+    /// Serve these credentials as the instance role (the JSON `aws sts assume-role` prints), so
+    /// the agent reads its SSM parameters with a real role; default: no instance profile.
+    #[arg(long)]
+    role_credentials: Option<PathBuf>,
     /// Forward a host port on 127.0.0.1 to a guest port: HOST:GUEST (repeatable).
     #[arg(long = "port", value_parser = stackless_builder::vm::qemu::parse_port_forward)]
     ports: Vec<stackless_builder::vm::qemu::PortForward>,
@@ -784,6 +788,9 @@ async fn boot_command(cli: &Cli, a: &BootArgs) -> Result<u8> {
     }
     if let Some(id) = &a.instance_id {
         opts.identity.instance_id = id.clone();
+    }
+    if let Some(f) = &a.role_credentials {
+        opts.role = Some(vm::role::load(f)?);
     }
     opts.ports = a.ports.clone();
     opts.forwards = a.forwards.clone();

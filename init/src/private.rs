@@ -64,15 +64,23 @@ pub fn sync(
     let Some(creds) = &spec.credentials else {
         return repos::sync(layout, name, spec, settings.timeouts.git);
     };
-    let mut source = Ssm::new(settings.ssm_endpoint.clone());
-    sync_with_source(
-        layout,
-        name,
-        spec,
-        creds,
-        settings.timeouts.git,
-        &mut source,
-    )
+    SSM.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell
+            .as_ref()
+            .is_none_or(|s| s.endpoint_setting != settings.ssm_endpoint)
+        {
+            *cell = Some(Ssm::new(settings.ssm_endpoint.clone()));
+        }
+        let source = cell.as_mut().expect("set just now");
+        sync_with_source(layout, name, spec, creds, settings.timeouts.git, source)
+    })
+}
+
+thread_local! {
+    // One reader for the agent's life: its IMDS token and the role's credentials are reused by
+    // every sync (and refreshed before they expire), not fetched again at every tick.
+    static SSM: std::cell::RefCell<Option<Ssm>> = const { std::cell::RefCell::new(None) };
 }
 
 /// [`sync`] with the secrets from `source`.

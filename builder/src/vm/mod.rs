@@ -10,6 +10,7 @@ pub mod accel;
 pub mod local_image;
 pub mod qemu;
 pub mod relay;
+pub mod role;
 
 use crate::console::{parse_result, AgentResult, Assembler};
 use anyhow::{anyhow, bail, Context, Result};
@@ -37,6 +38,8 @@ pub struct BootOptions {
     pub image: PathBuf,
     /// Served as user-data (none: 404, as on an instance launched without).
     pub user_data: Option<Vec<u8>>,
+    /// Served as the instance role's credentials (none: no instance profile).
+    pub role: Option<stackless_init::imds::emulator::RoleConfig>,
     pub identity: Identity,
     pub ports: Vec<PortForward>,
     pub forwards: Vec<GuestForward>,
@@ -70,6 +73,7 @@ impl BootOptions {
         Self {
             image,
             user_data: None,
+            role: None,
             identity: local_identity(),
             ports: Vec::new(),
             forwards: Vec::new(),
@@ -158,6 +162,9 @@ pub async fn boot(
     });
     if let Some(ud) = &opts.user_data {
         emulator_cfg = emulator_cfg.with_user_data(ud.clone());
+    }
+    if let Some(role) = &opts.role {
+        emulator_cfg = emulator_cfg.with_role(role.clone());
     }
     let emulator =
         Emulator::start(emulator_cfg).context("starting the instance metadata emulator")?;

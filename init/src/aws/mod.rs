@@ -2,6 +2,7 @@
 
 pub mod sigv4;
 pub mod ssm;
+pub mod tls;
 
 #[cfg(test)]
 pub(crate) mod test_support;

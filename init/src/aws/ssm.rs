@@ -220,6 +220,8 @@ pub struct ParameterReader {
     imds: ImdsClient,
     cache: CredentialCache,
     deadline: Duration,
+    /// Read when the reader is made: after the boot's trust step.
+    tls: std::sync::Arc<rustls::ClientConfig>,
 }
 
 impl ParameterReader {
@@ -237,6 +239,7 @@ impl ParameterReader {
             imds,
             cache: CredentialCache::new(),
             deadline,
+            tls: super::tls::client_config(),
         })
     }
 
@@ -259,6 +262,7 @@ impl ParameterReader {
                 account: &self.account,
                 role: &creds.role,
                 deadline,
+                tls: self.tls.clone(),
             };
             match call.run(name, &creds.credentials) {
                 Err(SsmError::CredentialsRefused { .. }) if !refreshed => {
@@ -284,6 +288,8 @@ pub struct GetParameter<'a> {
     /// The role name, for error messages.
     pub role: &'a str,
     pub deadline: Instant,
+    /// What to trust ([`super::tls::client_config`]).
+    pub tls: std::sync::Arc<rustls::ClientConfig>,
 }
 
 enum Attempt {
@@ -357,6 +363,7 @@ impl GetParameter<'_> {
             .timeout(REQUEST_TIMEOUT.min(remaining))
             .redirects(0)
             .user_agent(concat!("stackless-init/", env!("CARGO_PKG_VERSION")))
+            .tls_config(self.tls.clone())
             .build();
         let mut request = agent.post(&format!("{}/", self.endpoint));
         for (n, v) in &headers {

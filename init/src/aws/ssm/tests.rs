@@ -50,6 +50,7 @@ fn reads_a_secure_string_from_moto_with_iam_auth_on() {
         account: "123456789012",
         role: "stackless-reader",
         deadline: Instant::now() + Duration::from_secs(10),
+        tls: crate::aws::tls::client_config(),
     };
     let err = call.run(PARAM, &wrong).expect_err("a bad signature");
     assert!(
@@ -141,6 +142,7 @@ fn throttling_and_5xx_are_retried() {
         account: "123456789012",
         role: "r",
         deadline: Instant::now() + Duration::from_secs(10),
+        tls: crate::aws::tls::client_config(),
     };
     assert_eq!(call.run("/p", &creds()).expect("value").expose(), "v4lue");
     assert_eq!(server.join().unwrap(), 3);
@@ -155,6 +157,7 @@ fn retries_end_at_the_deadline() {
         account: "123456789012",
         role: "r",
         deadline: Instant::now() + Duration::from_millis(800),
+        tls: crate::aws::tls::client_config(),
     };
     let start = Instant::now();
     let err = call.run("/p", &creds()).expect_err("always 500");
@@ -176,6 +179,7 @@ fn kms_denial_has_its_own_message() {
             account: "123456789012",
             role: "web",
             deadline: Instant::now() + Duration::from_secs(5),
+            tls: crate::aws::tls::client_config(),
         };
         let err = call.run("/p", &creds()).expect_err("KMS denied");
         assert!(matches!(err, SsmError::KmsDenied { .. }), "{err:?}");
@@ -286,6 +290,7 @@ fn https_endpoints_are_spoken_to_over_tls() {
         account: "123456789012",
         role: "r",
         deadline: Instant::now() + Duration::from_secs(2),
+        tls: crate::aws::tls::client_config(),
     };
     let err = call
         .run("/p", &creds())
@@ -297,5 +302,132 @@ fn https_endpoints_are_spoken_to_over_tls() {
     assert!(
         text.to_lowercase().contains("certificate") || text.contains("UnknownIssuer"),
         "{text}"
+    );
+}
+
+/// A CA the system trusts only after the agent started (the boot's trust step installs the
+/// user-data's `ca_certificates` after the IMDS client exists) is trusted by the next reader:
+/// the trust store is read when a reader is made, not once per process as ureq's default is.
+#[test]
+fn a_ca_trusted_after_start_is_trusted() {
+    let early = crate::aws::tls::client_config(); // what the process had before the CA
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let openssl = |args: &[&str]| {
+        let o = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("openssl (scripts/install-test-deps.sh installs it)");
+        assert!(o.status.success(), "openssl {args:?}: {o:?}");
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-days",
+                "1",
+                "-subj",
+                "/CN=late-ca",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-days",
+        "1",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // Any HTTP answer will do: what matters is that the handshake is accepted.
+    let script = format!(
+        "import http.server,ssl\n\
+         s=http.server.HTTPServer(('127.0.0.1',{port}),http.server.BaseHTTPRequestHandler)\n\
+         c=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); c.load_cert_chain('{0}/server.pem','{0}/server.key')\n\
+         s.socket=c.wrap_socket(s.socket,server_side=True)\n\
+         s.serve_forever()\n",
+        d.display()
+    );
+    let mut server = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3");
+    let up = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            up.elapsed() < Duration::from_secs(10),
+            "the TLS server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let call = |tls| GetParameter {
+        endpoint: &endpoint,
+        region: "eu-west-1",
+        account: "123456789012",
+        role: "r",
+        deadline: Instant::now() + Duration::from_secs(2),
+        tls,
+    };
+    let before = call(early)
+        .run("/p", &creds())
+        .expect_err("not trusted yet")
+        .to_string();
+    // The trust step's effect, in this process: the system bundle now holds the CA.
+    std::env::set_var("SSL_CERT_FILE", d.join("ca.pem"));
+    let after = call(crate::aws::tls::client_config()).run("/p", &creds());
+    std::env::remove_var("SSL_CERT_FILE");
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(before.contains("UnknownIssuer"), "{before}");
+    let after = after.expect_err("the server is no SSM").to_string();
+    assert!(
+        !after.contains("UnknownIssuer") && !after.to_lowercase().contains("certificate"),
+        "the CA trusted after start was not used: {after}"
     );
 }

@@ -1,0 +1,265 @@
+#!/usr/bin/env bash
+# The whole system on one machine, with no AWS account (issue #5): bake `preseeded` and `bare`
+# with the local target, serve real git repositories, boot the images in qemu with the IMDS
+# emulator, and watch stackless-init do its work on a real systemd boot:
+#   preseeded: ready, highstate passed, the web program answers with the configured text; a config
+#              commit restarts it once with the new text; a salt commit is applied on the next tick;
+#   bare:      salt is installed at first boot, then the same checks pass;
+#   KVM that aborts or hangs (a stand-in qemu): auto falls back to TCG and still reaches ready;
+#   private:   the config repository is private (HTTPS with basic auth behind lighttpd, TLS from a
+#              test CA); the agent reads its token from moto's SSM (TLS, IAM auth on) with role
+#              credentials from a moto STS AssumeRole served by the emulator; the token shows
+#              nowhere on the console or in the builder's output;
+#   broken user-data: the agent reports the error with its line and column, the boot ends
+#              `failed`, the machine stays up (its serial console reaches the login prompt).
+# Needs root (debootstrap, chroot, mounts) and qemu; scripts/test.sh runs it after the unit tests.
+# Writes the measured figures to out/e2e/summary.json.
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$repo"
+# shellcheck source=scripts/lib/examples.sh
+source scripts/lib/examples.sh
+builder="${BUILDER:-$repo/target/debug/builder}"
+init="${STACKLESS_INIT_STATIC:-$repo/target/x86_64-unknown-linux-musl/release/stackless-init}"
+accel="${STACKLESS_E2E_ACCEL:-auto}"
+work="$(mktemp -d /tmp/stackless-e2e.XXXXXX)"
+pids=()
+
+say() { echo "e2e: $*" >&2; }
+fail() {
+    say "FAIL: $*"
+    for f in "$work"/*.console; do
+        [[ -f "$f" ]] && { say "--- last lines of $f ---"; tail -n 40 "$f" >&2; }
+    done
+    exit 1
+}
+cleanup() {
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    sleep 1
+    for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+    [[ -n "${KEEP_E2E:-}" ]] || rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+step_detail() { # name step -> the detail of that boot step in the agent's result
+    python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(next((s.get("detail") or "" for s in d["status"]["boot"]["steps"] if s["name"]==sys.argv[2]), "no such step"))' "$work/$1.result" "$2"
+}
+json_field() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval("d"+sys.argv[2]))' "$1" "$2"; }
+
+[[ -x "$builder" ]] || fail "no builder at $builder (cargo build -p builder)"
+# A private copy: qemu runs `builder relay` per guest connection for as long as the test runs,
+# and a rebuild must not swap the binary under it.
+cp "$builder" "$work/builder"
+builder="$work/builder"
+[[ -x "$init" ]] || fail "no static stackless-init at $init (scripts/build-init.sh)"
+
+# 1. Bake both images (reused when nothing that shapes them changed).
+declare -A bake_s
+for image in preseeded bare; do
+    say "baking $image (local)"
+    t0=$(date +%s%N)
+    "$builder" -q bake "$image" --target local --init-binary "$init" >"$work/bake-$image.out" ||
+        fail "baking $image"
+    bake_s[$image]=$(( ($(date +%s%N) - t0) / 1000000 ))
+    say "$image: $(tail -n1 "$work/bake-$image.out") in ${bake_s[$image]} ms"
+done
+
+# The generalising step removed the build host's CA bundle, and the build's policy-rc.d is gone.
+for image in preseeded bare; do
+    disk=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["artifact"])' "out/$image/manifest-local.json")
+    qemu-img convert -O raw "$disk" "$work/check.raw"
+    for f in /usr/local/share/ca-certificates/stackless-build-host.crt /usr/sbin/policy-rc.d; do
+        if debugfs -R "stat $f" "$work/check.raw" 2>/dev/null | grep -q "Inode:"; then
+            fail "$image: $f is still in the baked disk"
+        fi
+    done
+    debugfs -R "stat /usr/local/sbin/stackless-init" "$work/check.raw" 2>/dev/null | grep -q "Inode:" ||
+        fail "$image: the check itself is broken: /usr/local/sbin/stackless-init not found in the disk"
+    rm -f "$work/check.raw"
+done
+
+# 2. A salt repository and a config repository, served by a git daemon on loopback.
+git_port=$(free_port)
+example_repos "$work"
+git daemon --reuseaddr --export-all --base-path="$work/git" --listen=127.0.0.1 --port="$git_port" \
+    "$work/git" >"$work/git-daemon.log" 2>&1 &
+pids+=($!)
+commit() { # repo file content message
+    printf '%s\n' "$3" >"$work/$1/$2"
+    example_commit "$work/$1" "$4"
+}
+
+# The example user-data, with this machine's extra CAs (its HTTPS is intercepted).
+ud="$work/user-data.toml"
+example_user_data "$ud"
+"$builder" -q user-data "$ud" >/dev/null || fail "the e2e user-data does not validate"
+
+# Boots IMAGE in the background, kept running; NAME names its files; sets $pid.
+boot_bg() { # name image user-data port
+    "$builder" --output json boot "out/$2" --user-data "$3" --keep-running --accel "$accel" \
+        --port "$4:8080" --forward "169.254.0.100:9418=127.0.0.1:$git_port" \
+        --console-log "$work/$1.console" --no-console --timeout 40m >"$work/$1.json" 2>"$work/$1.err" &
+    pid=$!
+    pids+=("$pid")
+}
+# Waits for the agent's result line on NAME's console; prints the result JSON.
+wait_result() { # name timeout-seconds
+    local deadline=$(( $(date +%s) + $2 ))
+    while (( $(date +%s) < deadline )); do
+        if line=$(grep -a -m1 'stackless-init-result: ' "$work/$1.console" 2>/dev/null); then
+            echo "${line#*stackless-init-result: }" >"$work/$1.result"
+            return 0
+        fi
+        kill -0 "$pid" 2>/dev/null || fail "$1: builder boot ended before the agent reported: $(cat "$work/$1.err")"
+        sleep 2
+    done
+    fail "$1: no result from the agent within $2 s"
+}
+# GET path on port until it answers want (or the timeout).
+wait_http() { # port path want timeout-seconds what
+    local deadline=$(( $(date +%s) + $4 )) got=""
+    while (( $(date +%s) < deadline )); do
+        got=$(curl -s --max-time 5 "http://127.0.0.1:$1$2" || true)
+        [[ "$got" == "$3" ]] && return 0
+        sleep 2
+    done
+    fail "$5: GET $2 answered '${got}' after $4 s; expected '$3'"
+}
+stop_boot() { # pid -> sets $rc, the boot's exit code
+    kill -TERM "$1"
+    rc=0
+    wait "$1" || rc=$?
+}
+
+greeting_v1="hello from the config repository, v1"
+greeting_v2="hello from the config repository, v2"
+
+accel=tcg
+# 5c. A private config repository: its token is a SecureString in moto's SSM, read by the agent
+# with the instance role the emulator serves (credentials from moto's STS, IAM auth on), over
+# TLS from a test CA the user-data's ca_certificates trusts; git gets it through askpass.
+venv="$repo/.venv/bin"
+[[ -x "$venv/moto_server" ]] || fail "no moto_server in $venv (scripts/install-test-deps.sh)"
+tls="$work/tls"
+mkdir -p "$tls"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=e2e-ca \
+    -keyout "$tls/ca.key" -out "$tls/ca.pem" 2>/dev/null || fail "openssl: the test CA"
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=localhost \
+    -keyout "$tls/server.key" -out "$tls/server.csr" 2>/dev/null || fail "openssl: the server key"
+echo "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:169.254.0.101,IP:169.254.0.102" >"$tls/san.ext"
+openssl x509 -req -days 2 -in "$tls/server.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" -CAcreateserial \
+    -extfile "$tls/san.ext" -out "$tls/server.pem" 2>/dev/null || fail "openssl: the server certificate"
+token="ghp_e2eCANARY$(openssl rand -hex 12)"
+moto_port=$(free_port)
+"$venv/moto_server" -H 127.0.0.1 -p "$moto_port" -c "$tls/server.pem" -k "$tls/server.key" \
+    >"$work/moto.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do curl -s --cacert "$tls/ca.pem" -o /dev/null "https://127.0.0.1:$moto_port/" && break; sleep 0.2; done
+# The role, the parameter, STS credentials for the role; then moto checks every signature.
+( umask 077; printf '%s' "$token" | "$venv/python" -c '
+import json, sys, boto3, urllib.request, ssl
+endpoint, ca = sys.argv[1], sys.argv[2]
+kw = dict(endpoint_url=endpoint, region_name="eu-west-1", verify=ca,
+          aws_access_key_id="AKIASETUPSETUPSETUP1", aws_secret_access_key="setup")
+iam, sts, ssm = (boto3.client(s, **kw) for s in ("iam", "sts", "ssm"))
+trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
+         "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
+arn = iam.create_role(RoleName="e2e-web", AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+iam.put_role_policy(RoleName="e2e-web", PolicyName="read-token", PolicyDocument=json.dumps(
+    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["ssm:GetParameter", "kms:Decrypt"],
+                                             "Resource": "*"}]}))
+ssm.put_parameter(Name="/stackless/e2e/git-token", Value=sys.stdin.read(), Type="SecureString")
+out = sts.assume_role(RoleArn=arn, RoleSessionName="e2e")
+out["Credentials"]["Expiration"] = out["Credentials"]["Expiration"].strftime("%Y-%m-%dT%H:%M:%SZ")
+urllib.request.urlopen(urllib.request.Request(endpoint + "/moto-api/reset-auth", data=b"0", method="POST",
+                                              headers={"Content-Type": "text/plain"}),
+                       context=ssl.create_default_context(cafile=ca)).read()
+json.dump({"Credentials": out["Credentials"], "AssumedRoleUser": out["AssumedRoleUser"]}, sys.stdout, default=str)
+' "https://127.0.0.1:$moto_port" "$tls/ca.pem" >"$work/role.json" ) || fail "setting up moto's role and parameter"
+# The private repository: a copy of the config repository with its own greeting.
+mkdir -p "$work/private"
+git clone -q --bare "$work/git/config.git" "$work/private/config.git"
+git clone -q "$work/private/config.git" "$work/private-config" 2>/dev/null
+greeting_private="hello from a private repository"
+printf '%s\n' "$greeting_private" >"$work/private-config/web/greeting.txt"
+example_commit "$work/private-config" "private greeting"
+private_head=$(git -C "$work/private-config" rev-parse HEAD)
+printf 'x-access-token:%s\n' "$token" >"$work/private/users"
+chmod 600 "$work/private/users"
+lighttpd_port=$(free_port)
+cat >"$work/private/lighttpd.conf" <<LIGHTTPD
+server.document-root = "$work/private"
+server.port = $lighttpd_port
+server.bind = "127.0.0.1"
+server.errorlog = "$work/private/lighttpd.log"
+server.modules = ("mod_auth", "mod_authn_file", "mod_alias", "mod_setenv", "mod_cgi", "mod_openssl")
+ssl.engine = "enable"
+ssl.pemfile = "$tls/server.pem"
+ssl.privkey = "$tls/server.key"
+alias.url = ("/git" => "/usr/lib/git-core/git-http-backend")
+\$HTTP["url"] =~ "^/git" {
+    cgi.assign = ("" => "")
+    setenv.add-environment = ("GIT_PROJECT_ROOT" => "$work/private", "GIT_HTTP_EXPORT_ALL" => "1")
+}
+auth.backend = "plain"
+auth.backend.plain.userfile = "$work/private/users"
+auth.require = ("/git" => ("method" => "basic", "realm" => "git", "require" => "valid-user"))
+LIGHTTPD
+/usr/sbin/lighttpd -D -f "$work/private/lighttpd.conf" >"$work/lighttpd.out" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do curl -s --cacert "$tls/ca.pem" -o /dev/null "https://127.0.0.1:$lighttpd_port/" && break; sleep 0.2; done
+# Without the token the repository is closed: the check can fail.
+code=$(curl -s --cacert "$tls/ca.pem" -o /dev/null -w '%{http_code}' "https://127.0.0.1:$lighttpd_port/git/config.git/info/refs?service=git-upload-pack")
+[[ "$code" == 401 ]] || fail "private: lighttpd answered $code without credentials (expected 401)"
+pud="$work/private-user-data.toml"
+{
+    printf 'ca_certificates = """\n%s\n%s\n"""\n' "$(cat /usr/local/share/ca-certificates/*.crt 2>/dev/null || true)" "$(cat "$tls/ca.pem")"
+    cat <<UD
+minion_id = "web-{instance_id}"
+grains = { role = "web", env = "private" }
+
+[salt]
+repo = "git://169.254.0.100:9418/salt.git"
+ref = "main"
+
+[config]
+repo = "https://169.254.0.102:$lighttpd_port/git/config.git"
+ref = "main"
+
+[config.credentials]
+token_parameter = "/stackless/e2e/git-token"
+
+[aws]
+ssm_endpoint = "https://169.254.0.101:$moto_port"
+
+[[watch]]
+paths = ["/var/lib/stackless/repos/config/current/web/*.txt"]
+restart = ["web"]
+UD
+} >"$pud"
+"$builder" -q user-data "$pud" >/dev/null || fail "the private user-data does not validate"
+port=$(free_port)
+say "booting preseeded with a private config repository (token from moto's SSM through the role)"
+"$builder" --output json boot out/preseeded --user-data "$pud" --keep-running --accel "$accel" \
+    --port "$port:8080" --forward "169.254.0.100:9418=127.0.0.1:$git_port" \
+    --forward "169.254.0.101:$moto_port=127.0.0.1:$moto_port" \
+    --forward "169.254.0.102:$lighttpd_port=127.0.0.1:$lighttpd_port" \
+    --role-credentials "$work/role.json" \
+    --console-log "$work/private.console" --no-console --timeout 40m >"$work/private.json" 2>"$work/private.err" &
+pid=$!
+pids+=("$pid")
+wait_result private 1200
+[[ $(json_field "$work/private.result" '["outcome"]') == ready ]] || fail "private: $(cat "$work/private.result")"
+[[ $(json_field "$work/private.result" '["status"]["repos"]["config"]["commit"]') == "$private_head" ]] ||
+    fail "private: the config release is not the private repository's head: $(json_field "$work/private.result" '["status"]["repos"]')"
+wait_http "$port" / "$greeting_private" 60 "private: the web program"
+stop_boot "$pid"
+[[ "$rc" == 0 ]] || fail "private: builder boot exited $rc"
+for f in "$work/private.console" "$work/private.json" "$work/private.err"; do
+    if grep -a -q -F "$token" "$f"; then fail "private: the token is in $f"; fi
+done
+private_ms=$(json_field "$work/private.json" '["boot_to_result_ms"]')
+say "private: ready in ${private_ms} ms with the private repository; the token is not on the console"
+
+say "private step passed"
+exit 0
