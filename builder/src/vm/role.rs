@@ -110,7 +110,7 @@ mod tests {
     fn bad_files_say_where_and_never_quote_a_value() {
         let e = format!(
             "{:#}",
-            parse("creds.json", "{\n  \"AccessKeyId\": \"secretCANARY\n").unwrap_err()
+            parse("creds.json", "{\n  \"AccessKeyId\": \"secretCANARY\",,\n}").unwrap_err()
         );
         assert!(
             e.starts_with("creds.json:2:") && !e.contains("CANARY"),
