@@ -118,7 +118,7 @@ instance_profile = "no-such-profile"
         .env("AWS_ENDPOINT_URL", &moto.endpoint)
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_MAX_ATTEMPTS", "1")
+        .env("AWS_MAX_ATTEMPTS", "3")
         .arg("--images-dir")
         .arg(defs.path())
         .args(["bake", "pf", "--target", "aws"])

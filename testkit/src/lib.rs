@@ -102,12 +102,14 @@ impl Moto {
             .expect("starting moto_server");
         let endpoint = format!("http://127.0.0.1:{port}");
         let start = Instant::now();
+        // Ready once it answers HTTP, not once it listens: its first request imports the
+        // server's code, and under load a test's first call (one attempt) met a reset.
         loop {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            if answers_http(port) {
                 break;
             }
             assert!(
-                start.elapsed() < Duration::from_secs(30),
+                start.elapsed() < Duration::from_secs(60),
                 "moto_server did not start on {endpoint}"
             );
             std::thread::sleep(Duration::from_millis(100));
@@ -221,4 +223,20 @@ impl DeployWorld {
             amis,
         }
     }
+}
+
+/// Whether an HTTP server on loopback `port` answers a request with a status line.
+fn answers_http(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    if s.write_all(b"GET /moto-api/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.")
 }
