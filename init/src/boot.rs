@@ -111,6 +111,8 @@ pub fn run(layout: &Layout, opts: &BootOptions) -> BootResult {
         total_ms: tl.total_ms(),
         steps: std::mem::take(&mut tl.steps),
     });
+    // After every boot, even one that failed: the fleet must see a failure too.
+    crate::report::update(&mut state, progress.settings.as_ref(), true);
     let error = match state.save(layout) {
         Ok(()) => error,
         Err(e) => {
@@ -177,6 +179,7 @@ fn sequence(
         state.watch = p.watch;
         state.schedule = p.schedule;
         state.last_sync = p.last_sync;
+        state.report = p.report;
     }
 
     // 3. User-data over defaults, rendered for this instance. Nothing is written before this passes.

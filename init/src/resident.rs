@@ -271,6 +271,7 @@ impl Agent {
         }
         self.plan_tick();
         state.schedule = Some(self.schedule_record(recorded.highstate_failures));
+        crate::report::update(&mut state, Some(&self.settings), false);
         if let Err(e) = state.save(&self.layout) {
             tracing::error!("{e:#}");
         }
@@ -466,6 +467,8 @@ impl Agent {
         state.watch = Some(w);
         let failures = state.schedule.as_ref().map_or(0, |s| s.highstate_failures);
         state.schedule = self.has_repos().then(|| self.schedule_record(failures));
+        // A restart that failed (or works again) changes the report; nothing else here does.
+        crate::report::update(&mut state, Some(&self.settings), false);
         state.save(&self.layout)
     }
 }

@@ -32,6 +32,28 @@ pub struct State {
     pub schedule: Option<ScheduleRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watch: Option<WatchRecord>,
+    /// The last report on the instance's tags.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<ReportRecord>,
+}
+
+/// What the agent last reported on its instance's tags ([`crate::report`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReportRecord {
+    /// `[report] enabled`.
+    pub enabled: bool,
+    /// The tags last written or tried (`stackless:reported-at` aside).
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// When they were last written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+    /// Why the last try failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The last try was denied: not tried again until the tags change.
+    #[serde(default)]
+    pub denied: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -138,6 +138,36 @@ pub fn render(state: &State) -> String {
             );
         }
     }
+    if let Some(r) = &state.report {
+        let _ = writeln!(out);
+        let tag = |k: &str| r.tags.get(k).map_or("-", String::as_str);
+        match (&r.error, &r.at) {
+            _ if !r.enabled => {
+                let _ = writeln!(out, "report     off ([report] enabled = false)");
+            }
+            (Some(e), _) => {
+                let _ = writeln!(
+                    out,
+                    "report     FAILED{}: {e}",
+                    if r.denied {
+                        " (not tried again until something changes)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            (None, Some(at)) => {
+                let _ = writeln!(
+                    out,
+                    "report     {} (salt {}, config {}) in the instance's tags at {at}",
+                    tag(crate::report::OUTCOME),
+                    short(tag(crate::report::SALT_COMMIT)),
+                    short(tag(crate::report::CONFIG_COMMIT)),
+                );
+            }
+            (None, None) => {}
+        }
+    }
     if let Some(w) = &state.watch {
         let _ = writeln!(out);
         let _ = writeln!(

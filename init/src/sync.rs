@@ -291,6 +291,7 @@ pub fn run_now(layout: &Layout, lock_wait: Duration) -> Result<SyncRecord> {
         salt_call: salt_call.as_deref(),
     };
     let recorded = run_recorded(ctx, &mut state, Trigger::Manual, retry);
+    crate::report::update(&mut state, Some(&settings), false);
     state.save(layout)?;
     Ok(recorded.record)
 }

@@ -322,6 +322,7 @@ fn boot(root: &Path, imds: &str, moto: &str, path: &str, envs: &[(&str, &Path)])
         .args(["boot", "--once"])
         .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds)
         .env("AWS_ENDPOINT_URL_SSM", moto)
+        .env("AWS_ENDPOINT_URL_EC2", moto)
         .env(ASKPASS_ENV, env!("CARGO_BIN_EXE_stackless-init"))
         .env("PATH", path)
         .env_remove("STACKLESS_ROOT")
@@ -415,8 +416,11 @@ fn canary_secrets_appear_nowhere() {
             salt.url()
         )
     };
+    // The instance moto runs, so the agent's report lands on its tags (searched below too).
+    let mut identity = Identity::example();
+    identity.instance_id = aws.instance_id.clone();
     let imds = Emulator::start(
-        EmulatorConfig::new(Identity::example())
+        EmulatorConfig::new(identity)
             .with_user_data(user_data(&server.url("upstream")).into_bytes())
             .with_role(role.clone()),
     )
@@ -468,7 +472,17 @@ fn canary_secrets_appear_nowhere() {
     );
     assert!(std::fs::read_to_string(&calls).unwrap().contains("argv:"));
 
+    // The report the boot wrote on the instance's tags, through moto with IAM auth on.
+    let tags = instance_tags(&aws);
+    assert!(
+        tags.contains("\"stackless:outcome\": \"degraded\"")
+            && tags.contains(&format!("\"stackless:config-commit\": \"{config_head}\""))
+            && tags.contains("\"stackless:problems\": \"highstate\""),
+        "{tags}"
+    );
+
     // The URL attempt: refused at parse time, pointing to the option, the token never repeated.
+    // (Its failed boot reports too, over the tags read above.)
     let url_root = base.join("url-root");
     let at = server
         .url("upstream")
@@ -491,9 +505,10 @@ fn canary_secrets_appear_nowhere() {
         "{out2}"
     );
 
-    // Every stream: the boots' console and journal, `status` (human and JSON), `wait`, and
-    // every argv and environment git was given.
+    // Every stream: the boots' console and journal, `status` (human and JSON), `wait`, every
+    // argv and environment git was given, and the instance's tags.
     let mut streams = vec![
+        ("instance tags".to_string(), tags),
         ("boot output".to_string(), out),
         ("URL boot output".to_string(), out2),
         (
@@ -556,4 +571,28 @@ fn canary_secrets_appear_nowhere() {
         left.is_empty(),
         "secret folders left in the run folder: {left:?}"
     );
+}
+
+/// The tags of the setup's instance in moto, as JSON (`{"key": "value"}`), asked as the reader.
+fn instance_tags(aws: &testkit::roles::MotoWithRoles) -> String {
+    const READ: &str = r#"
+import json, sys, boto3
+a = json.loads(sys.stdin.read())
+ec2 = boto3.client("ec2", endpoint_url=a["endpoint"], region_name="eu-west-1",
+                   aws_access_key_id=a["key"], aws_secret_access_key=a["secret"],
+                   aws_session_token=a["token"])
+tags = ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [a["id"]]}])["Tags"]
+json.dump({t["Key"]: t["Value"] for t in tags}, sys.stdout, sort_keys=True)
+"#;
+    let input = serde_json::json!({
+        "endpoint": aws.moto.endpoint, "key": aws.reader.access_key_id,
+        "secret": aws.reader.secret_access_key, "token": aws.reader.token,
+        "id": aws.instance_id,
+    });
+    let out = testkit::run_python(
+        &testkit::python_with_botocore(),
+        READ,
+        input.to_string().as_bytes(),
+    );
+    String::from_utf8(out).expect("tags JSON")
 }

@@ -1,7 +1,8 @@
 //! moto with IAM authentication on, as an instance meets AWS: two roles assumed through STS
 //! (their session tokens are real to moto), SecureString parameters, and then every request
-//! signature and permission checked by moto itself. The agent's tests (SSM, tags, the canary
-//! boot) sign with these credentials, served by the IMDS emulator.
+//! signature and permission checked by moto itself. One instance runs, for the agent to tag.
+//! The agent's tests (SSM, tags, the canary boot) sign with these credentials, served by the
+//! IMDS emulator.
 
 use crate::{python_with_botocore, run_python_args, Moto, REGION};
 
@@ -19,10 +20,14 @@ pub struct RoleCredentials {
 /// What [`start_with_roles`] set up.
 pub struct MotoWithRoles {
     pub moto: Moto,
-    /// May call ssm:GetParameter, kms:Decrypt and ec2:CreateTags on everything.
+    /// May call ssm:GetParameter, kms:Decrypt, ec2:CreateTags, ec2:DescribeTags and
+    /// ec2:DescribeInstances on everything.
     pub reader: RoleCredentials,
     /// May do nothing with SSM or EC2.
     pub outsider: RoleCredentials,
+    /// A running instance (tagged `stackless:service=web`), made before IAM auth went on: the
+    /// agent's tests tag it as its own instance.
+    pub instance_id: String,
 }
 
 const SETUP: &str = r#"
@@ -30,7 +35,7 @@ import json, sys, boto3
 endpoint, region, params = sys.argv[1], sys.argv[2], json.loads(sys.stdin.read())
 kw = dict(endpoint_url=endpoint, region_name=region,
           aws_access_key_id="AKIASETUPSETUPSETUP1", aws_secret_access_key="setup")
-iam, sts, ssm = (boto3.client(s, **kw) for s in ("iam", "sts", "ssm"))
+iam, sts, ssm, ec2 = (boto3.client(s, **kw) for s in ("iam", "sts", "ssm", "ec2"))
 trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
          "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
 def role(name, actions):
@@ -42,8 +47,13 @@ def role(name, actions):
             "token": c["SessionToken"], "expiration": c["Expiration"].strftime("%Y-%m-%dT%H:%M:%SZ")}
 for name, value in params.items():
     ssm.put_parameter(Name=name, Value=value, Type="SecureString")
-out = {"reader": role("stackless-reader", ["ssm:GetParameter", "kms:Decrypt", "ec2:CreateTags"]),
+out = {"reader": role("stackless-reader", ["ssm:GetParameter", "kms:Decrypt", "ec2:CreateTags",
+                                           "ec2:DescribeTags", "ec2:DescribeInstances"]),
        "outsider": role("stackless-outsider", ["s3:ListBucket"])}
+out["instance_id"] = ec2.run_instances(
+    ImageId=ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"], MinCount=1, MaxCount=1,
+    TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "stackless:service", "Value": "web"}]}],
+)["Instances"][0]["InstanceId"]
 import urllib.request
 urllib.request.urlopen(urllib.request.Request(endpoint + "/moto-api/reset-auth", data=b"0", method="POST",
                                               headers={"Content-Type": "text/plain"})).read()
@@ -78,6 +88,10 @@ pub fn start_with_roles(params: &[(&str, &str)]) -> MotoWithRoles {
     MotoWithRoles {
         reader: creds("reader"),
         outsider: creds("outsider"),
+        instance_id: out["instance_id"]
+            .as_str()
+            .expect("instance id")
+            .to_string(),
         moto,
     }
 }

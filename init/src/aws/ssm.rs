@@ -7,20 +7,15 @@
 //! no error, log line or Debug output ever carries the value.
 
 use std::fmt;
-use std::io::Read;
 use std::time::{Duration, Instant};
 
-use super::sigv4::{self, Credentials};
+use super::request;
+use super::sigv4::Credentials;
 use crate::imds::role::{unix_now, CredentialCache};
 use crate::imds::{ImdsClient, ImdsError};
 
 pub const ENDPOINT_ENV: &str = "AWS_ENDPOINT_URL_SSM";
-pub const GLOBAL_ENDPOINT_ENV: &str = "AWS_ENDPOINT_URL";
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_CAP: Duration = Duration::from_secs(3);
-const MAX_BODY: u64 = 256 * 1024;
+pub use super::request::GLOBAL_ENDPOINT_ENV;
 
 /// A secret value. Debug and Display never show it; the memory is zeroed when dropped.
 pub struct Secret(String);
@@ -158,40 +153,17 @@ impl std::error::Error for SsmError {}
 
 /// The SSM endpoint: the environment's, else the user-data setting, else the region's.
 pub fn endpoint(region: &str, setting: Option<&str>) -> String {
-    endpoint_from(
-        std::env::var(ENDPOINT_ENV).ok().as_deref(),
-        std::env::var(GLOBAL_ENDPOINT_ENV).ok().as_deref(),
-        setting,
-        region,
-    )
+    request::endpoint("ssm", ENDPOINT_ENV, region, setting)
 }
 
+#[cfg(test)]
 fn endpoint_from(
     ssm_env: Option<&str>,
     global_env: Option<&str>,
     setting: Option<&str>,
     region: &str,
 ) -> String {
-    let chosen = [ssm_env, global_env, setting]
-        .into_iter()
-        .flatten()
-        .map(str::trim)
-        .find(|v| !v.is_empty());
-    match chosen {
-        Some(endpoint) => endpoint.trim_end_matches('/').to_string(),
-        None if region.starts_with("cn-") => format!("https://ssm.{region}.amazonaws.com.cn"),
-        None => format!("https://ssm.{region}.amazonaws.com"),
-    }
-}
-
-fn partition(region: &str) -> &'static str {
-    if region.starts_with("cn-") {
-        "aws-cn"
-    } else if region.starts_with("us-gov-") {
-        "aws-us-gov"
-    } else {
-        "aws"
-    }
+    request::endpoint_from(ssm_env, global_env, setting, "ssm", region)
 }
 
 /// The parameter's ARN, as IAM policies name it.
@@ -206,7 +178,7 @@ pub fn parameter_arn(name: &str, region: &str, account: &str) -> String {
     };
     format!(
         "arn:{}:ssm:{region}:{account}:parameter/{}",
-        partition(region),
+        request::partition(region),
         name.trim_start_matches('/')
     )
 }
@@ -292,99 +264,33 @@ pub struct GetParameter<'a> {
     pub tls: std::sync::Arc<rustls::ClientConfig>,
 }
 
-enum Attempt {
-    Done(Result<Secret, SsmError>),
-    Retry(String),
-}
-
 impl GetParameter<'_> {
     pub fn run(&self, name: &str, credentials: &Credentials) -> Result<Secret, SsmError> {
-        let mut delay = BACKOFF_START;
-        let mut last_error = String::from("no request could be made before the deadline");
-        loop {
-            let remaining = self.deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                break;
-            }
-            match self.once(name, credentials, remaining) {
-                Attempt::Done(result) => return result,
-                Attempt::Retry(error) => {
-                    tracing::debug!(parameter = name, "GetParameter: {error}; retrying");
-                    last_error = error;
-                }
-            }
-            let remaining = self.deadline.saturating_duration_since(Instant::now());
-            if delay >= remaining {
-                break;
-            }
-            std::thread::sleep(delay);
-            delay = (delay * 2).min(BACKOFF_CAP);
-        }
-        Err(SsmError::Deadline {
-            parameter: name.to_string(),
-            endpoint: self.endpoint.to_string(),
-            last_error,
-        })
-    }
-
-    fn once(&self, name: &str, credentials: &Credentials, remaining: Duration) -> Attempt {
         let body = serde_json::json!({ "Name": name, "WithDecryption": true }).to_string();
-        let host = host_of(self.endpoint);
-        let headers = vec![
-            ("Host".to_string(), host.to_string()),
-            (
-                "Content-Type".to_string(),
-                "application/x-amz-json-1.1".to_string(),
-            ),
-            (
-                "X-Amz-Target".to_string(),
-                "AmazonSSM.GetParameter".to_string(),
-            ),
-        ];
-        let amz_date = sigv4::amz_date(unix_now());
-        let signed = sigv4::sign(
-            &sigv4::Request {
-                method: "POST",
-                path: "/",
-                query: "",
-                headers: headers.clone(),
-                body: body.as_bytes(),
-            },
-            &sigv4::Scope {
-                region: self.region,
-                service: "ssm",
-                amz_date: &amz_date,
-                content_sha256_header: false,
-            },
-            credentials,
-        );
-        let agent = ureq::AgentBuilder::new()
-            .timeout_connect(CONNECT_TIMEOUT.min(remaining))
-            .timeout(REQUEST_TIMEOUT.min(remaining))
-            .redirects(0)
-            .user_agent(concat!("stackless-init/", env!("CARGO_PKG_VERSION")))
-            .tls_config(self.tls.clone())
-            .build();
-        let mut request = agent.post(&format!("{}/", self.endpoint));
-        for (n, v) in &headers {
-            request = request.set(n, v);
-        }
-        for (n, v) in &signed.headers {
-            request = request.set(n, v);
-        }
-        let (status, response) = match request.send_bytes(body.as_bytes()) {
-            Ok(response) => (response.status(), response),
-            Err(ureq::Error::Status(status, response)) => (status, response),
-            Err(ureq::Error::Transport(t)) => return Attempt::Retry(format!("{t}")),
+        let call = request::Call {
+            endpoint: self.endpoint,
+            region: self.region,
+            service: "ssm",
+            deadline: self.deadline,
+            tls: self.tls.clone(),
         };
-        let mut text = Vec::new();
-        if let Err(e) = response.into_reader().take(MAX_BODY).read_to_end(&mut text) {
-            return Attempt::Retry(format!("reading the answer failed: {e}"));
+        let headers = [
+            ("Content-Type", "application/x-amz-json-1.1"),
+            ("X-Amz-Target", "AmazonSSM.GetParameter"),
+        ];
+        match call.post(&headers, body.as_bytes(), credentials) {
+            request::Answer::Ok(text) => self.value(name, &text),
+            request::Answer::Error {
+                status,
+                code,
+                message,
+            } => Err(self.failure(name, status, code, message)),
+            request::Answer::GaveUp { last_error } => Err(SsmError::Deadline {
+                parameter: name.to_string(),
+                endpoint: self.endpoint.to_string(),
+                last_error,
+            }),
         }
-        if status == 200 {
-            return Attempt::Done(self.value(name, &text));
-        }
-        self.failure(name, status, &text)
     }
 
     fn value(&self, name: &str, body: &[u8]) -> Result<Secret, SsmError> {
@@ -410,22 +316,12 @@ impl GetParameter<'_> {
             })
     }
 
-    fn failure(&self, name: &str, status: u16, body: &[u8]) -> Attempt {
-        let (code, message) = error_code(body);
+    fn failure(&self, name: &str, status: u16, code: String, message: String) -> SsmError {
         let arn = parameter_arn(name, self.region, self.account);
         let parameter = name.to_string();
         let lower = message.to_ascii_lowercase();
         let kms = code.starts_with("KMS.") || lower.contains("kms");
-        let error = match code.as_str() {
-            "ThrottlingException"
-            | "Throttling"
-            | "TooManyRequestsException"
-            | "RequestLimitExceeded" => {
-                return Attempt::Retry(format!("HTTP {status} {code}"));
-            }
-            _ if status == 429 || status >= 500 => {
-                return Attempt::Retry(format!("HTTP {status} {code}"));
-            }
+        match code.as_str() {
             "ParameterNotFound" => SsmError::NotFound { parameter, arn },
             c if kms
                 && (c.contains("AccessDenied") || c.starts_with("KMS.") || c == "InvalidKeyId") =>
@@ -442,59 +338,17 @@ impl GetParameter<'_> {
                 arn,
                 role: self.role.to_string(),
             },
-            "UnrecognizedClientException"
-            | "InvalidClientTokenId"
-            | "ExpiredTokenException"
-            | "ExpiredToken"
-            | "InvalidSignatureException"
-            | "SignatureDoesNotMatch" => SsmError::CredentialsRefused { parameter, code },
+            c if request::credentials_refused(c) => {
+                SsmError::CredentialsRefused { parameter, code }
+            }
             _ => SsmError::Aws {
                 parameter,
                 status,
                 code,
-                message: message.chars().take(300).collect(),
+                message,
             },
-        };
-        Attempt::Done(Err(error))
+        }
     }
-}
-
-/// `__type` (without its namespace prefix) and `message` of an AWS JSON error, or what can be
-/// made of an XML one (moto answers some authentication errors in XML).
-fn error_code(body: &[u8]) -> (String, String) {
-    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) {
-        let code = value["__type"]
-            .as_str()
-            .or(value["code"].as_str())
-            .unwrap_or("")
-            .rsplit('#')
-            .next()
-            .unwrap_or("")
-            .to_string();
-        let message = value["message"]
-            .as_str()
-            .or(value["Message"].as_str())
-            .unwrap_or("")
-            .to_string();
-        return (code, message);
-    }
-    let text = String::from_utf8_lossy(body);
-    let between = |open: &str, close: &str| {
-        text.split_once(open)
-            .and_then(|(_, rest)| rest.split_once(close))
-            .map(|(v, _)| v.trim().to_string())
-            .unwrap_or_default()
-    };
-    (
-        between("<Code>", "</Code>"),
-        between("<Message>", "</Message>"),
-    )
-}
-
-/// `host[:port]` of `scheme://host[:port]/...`.
-fn host_of(endpoint: &str) -> &str {
-    let rest = endpoint.split_once("://").map_or(endpoint, |(_, r)| r);
-    rest.split(['/', '?', '#']).next().unwrap_or(rest)
 }
 
 #[cfg(test)]

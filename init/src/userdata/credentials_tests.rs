@@ -139,6 +139,21 @@ fn bad_combinations_are_located() {
             (2, 16),
             "http:// only on loopback",
         ),
+        (
+            "[aws]\nssm_endpoint = \"https://ssm.example\"\nec2_endpoint = \"http://ec2.example\"\n",
+            (3, 16),
+            "[aws] ec2_endpoint must be an https://",
+        ),
+        (
+            "[report]\nenabled = \"yes\"\n",
+            (2, 11),
+            "invalid type",
+        ),
+        (
+            "[report]\nenable = true\n",
+            (2, 1),
+            "unknown field `enable`",
+        ),
     ];
     for (text, (line, column), message) in cases {
         let e = err(text);
@@ -233,4 +248,14 @@ fn config_group_reaches_the_spec_and_salt_stays_root_only() {
     let e = err("[config]\nrepo = \"https://h/c.git\"\ngroup = \"-x y\"\n");
     assert_eq!((e.line, e.column), (3, 9), "{e}");
     assert!(e.message.contains("is not a group name"), "{e}");
+}
+
+#[test]
+fn reporting_is_on_unless_switched_off() {
+    let s = parse_ok("");
+    assert!(s.report);
+    assert_eq!(s.ec2_endpoint, None);
+    let s = parse_ok("[report]\nenabled = false\n[aws]\nec2_endpoint = \"https://ec2.vpce/\"\n");
+    assert!(!s.report);
+    assert_eq!(s.ec2_endpoint.as_deref(), Some("https://ec2.vpce/"));
 }

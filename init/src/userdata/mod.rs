@@ -59,17 +59,32 @@ pub struct UserData {
     pub timeouts: Option<TimeoutsSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aws: Option<AwsSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<ReportSection>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub watch: Vec<WatchRule>,
 }
 
-/// `[aws]`: how the agent reaches AWS for repository credentials.
+/// `[report]`: the tags the agent writes on its own instance (what `builder fleet` reads).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportSection {
+    /// Default true; false makes no EC2 call at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<Spanned<bool>>,
+}
+
+/// `[aws]`: how the agent reaches AWS (repository credentials from SSM, its report in EC2 tags).
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AwsSection {
     /// The SSM endpoint (a VPC endpoint, FIPS, a test server). `AWS_ENDPOINT_URL_SSM` and
     /// `AWS_ENDPOINT_URL` in the agent's environment win over it, as in the AWS SDKs.
     pub ssm_endpoint: Option<Spanned<String>>,
+    /// The EC2 endpoint for the report's tags. `AWS_ENDPOINT_URL_EC2` and `AWS_ENDPOINT_URL`
+    /// win over it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ec2_endpoint: Option<Spanned<String>>,
 }
 
 /// `[timeouts]`: deadlines of the programs the agent runs. A program still running at its
@@ -425,7 +440,13 @@ fn validate(doc: &Document) -> Result<(), UserDataError> {
             }
         }
     }
-    if let Some(e) = d.aws.as_ref().and_then(|a| a.ssm_endpoint.as_ref()) {
+    let endpoints = d.aws.as_ref().map_or([None, None], |a| {
+        [
+            a.ssm_endpoint.as_ref().map(|e| ("ssm", e)),
+            a.ec2_endpoint.as_ref().map(|e| ("ec2", e)),
+        ]
+    });
+    for (service, e) in endpoints.into_iter().flatten() {
         let v = e.get_ref();
         // Signed requests carry the role's session token: plain http only to this machine.
         let loopback = [
@@ -442,8 +463,11 @@ fn validate(doc: &Document) -> Result<(), UserDataError> {
         if !ok {
             return Err(doc.error_at(
                 e.span().start,
-                "[aws] ssm_endpoint must be an https:// URL (http:// only on loopback) without \
-                 credentials, such as https://vpce-0123-abcd.ssm.eu-west-1.vpce.amazonaws.com",
+                format!(
+                    "[aws] {service}_endpoint must be an https:// URL (http:// only on loopback) \
+                     without credentials, such as \
+                     https://vpce-0123-abcd.{service}.eu-west-1.vpce.amazonaws.com"
+                ),
             ));
         }
     }
@@ -567,6 +591,10 @@ pub struct Settings {
     pub timeouts: Timeouts,
     /// `[aws] ssm_endpoint`, when set.
     pub ssm_endpoint: Option<String>,
+    /// `[aws] ec2_endpoint`, when set.
+    pub ec2_endpoint: Option<String>,
+    /// `[report] enabled` (default true): write the report tags on this instance.
+    pub report: bool,
     #[serde(skip)]
     pub watch: Vec<WatchRule>,
 }
@@ -861,6 +889,18 @@ pub fn resolve(
         .and_then(|a| a.ssm_endpoint.clone())
         .or_else(|| d.aws.as_ref().and_then(|a| a.ssm_endpoint.clone()))
         .map(Spanned::into_inner);
+    let ec2_endpoint = u
+        .aws
+        .as_ref()
+        .and_then(|a| a.ec2_endpoint.clone())
+        .or_else(|| d.aws.as_ref().and_then(|a| a.ec2_endpoint.clone()))
+        .map(Spanned::into_inner);
+    let report = u
+        .report
+        .as_ref()
+        .and_then(|r| r.enabled.clone())
+        .or_else(|| d.report.as_ref().and_then(|r| r.enabled.clone()))
+        .is_none_or(Spanned::into_inner);
     let watch = d.watch.iter().chain(&u.watch).cloned().collect();
     Ok(Settings {
         minion_id,
@@ -875,6 +915,8 @@ pub fn resolve(
         watch_max_delay,
         timeouts,
         ssm_endpoint,
+        ec2_endpoint,
+        report,
         watch,
     })
 }

@@ -233,9 +233,12 @@ fn endpoints_and_arns() {
         parameter_arn("plain", "eu-west-1", "1"),
         "arn:aws:ssm:eu-west-1:1:parameter/plain"
     );
-    assert_eq!(host_of("http://127.0.0.1:5000/x"), "127.0.0.1:5000");
     assert_eq!(
-        host_of("https://ssm.eu-west-1.amazonaws.com"),
+        request::host_of("http://127.0.0.1:5000/x"),
+        "127.0.0.1:5000"
+    );
+    assert_eq!(
+        request::host_of("https://ssm.eu-west-1.amazonaws.com"),
         "ssm.eu-west-1.amazonaws.com"
     );
 }
