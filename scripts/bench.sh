@@ -20,10 +20,10 @@ ANSIBLE_PIN="ansible-core==2.18.19"
 QUICK="${BENCH_QUICK:-0}"
 if [[ $QUICK == 1 ]]; then
     OUT="${BENCH_OUT:-$W/benchmarks.md}"
-    N_BOOT=2 N_LAT=8 N_NOOP=4 N_ANS=2 N_COMMIT=2 IDLE_S=5 BURST_WINDOW=4
+    N_BOOT=2 N_LAT=8 N_NOOP=4 N_ANS=2 N_COMMIT=2 IDLE_S=5 BURST_WINDOW=4 N_FLEET=1
 else
     OUT="${BENCH_OUT:-$repo/docs/benchmarks.md}"
-    N_BOOT=9 N_LAT=60 N_NOOP=21 N_ANS=7 N_COMMIT=5 IDLE_S=60 BURST_WINDOW=10
+    N_BOOT=9 N_LAT=60 N_NOOP=21 N_ANS=7 N_COMMIT=5 IDLE_S=60 BURST_WINDOW=10 N_FLEET=3
 fi
 VENV="$repo/.venv/bin"
 PY="$VENV/python"
@@ -94,9 +94,11 @@ else
     log "building the static binary and the IMDS emulator"
     BIN=$("$repo/scripts/build-init.sh" | tail -1)
     (cd "$repo" && cargo build --quiet --locked -p init --features emulator --bin imds-emulator >&2)
+    (cd "$repo" && cargo build --quiet --locked -p builder --bin builder >&2)
 fi
-EMU="$repo/target/debug/imds-emulator"
-[[ -x $BIN && -x $EMU ]] || die "missing $BIN or $EMU"
+EMU="${CARGO_TARGET_DIR:-$repo/target}/debug/imds-emulator"
+BUILDER="${CARGO_TARGET_DIR:-$repo/target}/debug/builder"
+[[ -x $BIN && -x $EMU && -x $BUILDER ]] || die "missing $BIN, $EMU or $BUILDER"
 prepared=$(($(date +%s) - started))
 export PATH="$VENV:$PATH"
 export ANSIBLE_HOME="$W/ansible-home" ANSIBLE_LOCAL_TEMP="$W/ansible-home/tmp"
@@ -364,6 +366,17 @@ b_hand=$(burst hand "$BURST_WINDOW")
 stop "$PID_hand"
 printf '{"agent": %s, "naive": %s, "hand": %s}\n' "$b_agent" "$b_naive" "$b_hand" >"$R/burst.json"
 cp "$W/roots/agent/var/lib/stackless/state.json" "$R/agent-state.json" 2>/dev/null || true
+busy burst
+
+# --- 6. fleet: `builder fleet` listing 1,000 instances with report tags, against moto ---------------
+log "fleet: builder fleet over 1,000 moto instances, x3, beside boto3"
+moto_port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+daemon "$W/moto.log" "$VENV/moto_server" -H 127.0.0.1 -p "$moto_port"
+PID_moto=$last_pid
+wait_for 30 "moto_server" "$PY" -c "import socket; socket.create_connection(('127.0.0.1', $moto_port))"
+"$PY" "$here/bench.py" fleet --endpoint "http://127.0.0.1:$moto_port" --builder "$BUILDER" --count 1000 \
+    --runs "$N_FLEET" >"$R/fleet.json"
+stop "$PID_moto"
 busy end
 
 # --- the page ----------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ pub mod communicator;
 pub mod console;
 pub mod definition;
 pub mod deploy;
+pub mod fleet;
 pub mod pipeline;
 pub mod platform;
 pub mod preflight;

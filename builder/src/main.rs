@@ -154,6 +154,10 @@ enum Command {
         #[arg(long)]
         skip_preflight: bool,
     },
+    /// What every instance of a service says it applied (the agent's report tags): a table and a
+    /// summary, or `--output json`. With --wait, exits 0 when every running instance reports the
+    /// commit ready, 1 as soon as one reports it failed or degraded, 3 at the deadline.
+    Fleet(FleetArgs),
     /// Boot a locally baked image in qemu with an emulated metadata service; exits 0 when the
     /// agent reports ready, 1 failed, 2 degraded, 3 when it did not report in time.
     Boot(BootArgs),
@@ -217,6 +221,35 @@ struct BootArgs {
     /// Do not echo the serial console.
     #[arg(long)]
     no_console: bool,
+}
+
+#[derive(clap::Args)]
+struct FleetArgs {
+    /// The service: instances tagged stackless:service=SERVICE.
+    #[arg(required_unless_present = "asg", conflicts_with = "asg")]
+    service: Option<String>,
+    /// The instances of this Auto Scaling group instead.
+    #[arg(long)]
+    asg: Option<String>,
+    /// Wait until the fleet has applied --config or --salt.
+    #[arg(long, requires = "commit")]
+    wait: bool,
+    /// The config repository commit to wait for: a sha (short or full) or a ref (HEAD, a
+    /// branch, a tag) resolved with `git ls-remote --repo`.
+    #[arg(long, value_name = "REF", group = "commit", requires = "wait")]
+    config: Option<String>,
+    /// The salt repository commit to wait for (as --config).
+    #[arg(long, value_name = "REF", group = "commit", requires = "wait")]
+    salt: Option<String>,
+    /// The repository a ref is resolved in (`git ls-remote` URL; no credentials in it).
+    #[arg(long, value_name = "URL")]
+    repo: Option<String>,
+    /// Longest wait.
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+    /// Time between looks (one paginated DescribeInstances each).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    interval: std::time::Duration,
 }
 
 /// What a deploy takes on the command line; each flag wins over `deploy/SERVICE.toml`.
@@ -333,6 +366,8 @@ fn main() -> ExitCode {
     };
     let result = if let Command::Boot(args) = &cli.command {
         runtime.block_on(boot_command(&cli, args))
+    } else if let Command::Fleet(args) = &cli.command {
+        runtime.block_on(fleet_command(&cli, args))
     } else {
         runtime.block_on(run(cli)).map(|()| 0)
     };
@@ -367,14 +402,68 @@ fn main() -> ExitCode {
     }
 }
 
+/// `builder fleet`: the listing, or the wait's exit code (0, 1, 3).
+async fn fleet_command(cli: &Cli, args: &FleetArgs) -> Result<u8> {
+    use stackless_builder::fleet::{self, commit, list, render, wait};
+    let selector = match (&args.service, &args.asg) {
+        (_, Some(asg)) => fleet::Selector::Asg(asg.clone()),
+        (Some(service), None) => fleet::Selector::Service(service.clone()),
+        (None, None) => bail!("fleet takes a SERVICE or --asg NAME"),
+    };
+    let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let ec2 = aws_sdk_ec2::Client::new(&config);
+    let now = std::time::SystemTime::now;
+    if !args.wait {
+        let instances = list::list(&ec2, &selector).await?;
+        if cli.output == Output::Json {
+            println!("{}", render::json(&instances));
+        } else {
+            print!("{}", render::table(&instances, now()));
+        }
+        return Ok(0);
+    }
+    let (repo, reference) = match (&args.config, &args.salt) {
+        (Some(r), _) => (wait::Repo::Config, r),
+        (None, Some(r)) => (wait::Repo::Salt, r),
+        (None, None) => bail!("--wait takes --config REF or --salt REF"),
+    };
+    let wanted = commit::resolve(
+        reference,
+        args.repo.as_deref(),
+        std::time::Duration::from_secs(60),
+    )
+    .await?;
+    let pace = wait::Pace {
+        timeout: args.timeout,
+        interval: args.interval,
+    };
+    let ended = wait::wait(&ec2, &selector, repo, &wanted, pace).await?;
+    let what = format!(
+        "{} {} ({})",
+        repo.as_str(),
+        wanted.short(),
+        wanted.reference
+    );
+    if cli.output == Output::Json {
+        println!(
+            "{}",
+            render::wait_json(&ended, repo.as_str(), &wanted.commit)
+        );
+    } else {
+        print!("{}", render::table(&ended.instances, now()));
+    }
+    eprintln!("builder: {}", render::wait_line(&ended, &what));
+    Ok(ended.code)
+}
+
 fn load(cli: &Cli, image: &str) -> Result<ImageDef> {
     Ok(definition::load(&cli.images_dir, image)?)
 }
 
 async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
-        Command::Boot(_) | Command::Relay { .. } => {
-            bail!("internal: `boot` and `relay` are dispatched by main")
+        Command::Boot(_) | Command::Fleet(_) | Command::Relay { .. } => {
+            bail!("internal: `boot`, `fleet` and `relay` are dispatched by main")
         }
         Command::Validate { names } => {
             let names = if names.is_empty() {

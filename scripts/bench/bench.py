@@ -189,6 +189,51 @@ def run_timed(argv, env=None):
     return wall, ru.ru_utime, ru.ru_stime, os.waitstatus_to_exitcode(status), t0
 
 
+def cmd_fleet(a):
+    """`builder fleet` listing a.count moto instances, each with the agent's report tags, against
+    boto3 paginating the same DescribeInstances (what moto alone costs)."""
+    import boto3
+
+    kw = dict(endpoint_url=a.endpoint, region_name="eu-west-1",
+              aws_access_key_id="testing", aws_secret_access_key="testing")
+    ec2 = boto3.client("ec2", **kw)
+    ami = sorted(i["ImageId"] for i in ec2.describe_images(Owners=["amazon"])["Images"])[0]
+    ids = []
+    while len(ids) < a.count:
+        n = min(250, a.count - len(ids))
+        r = ec2.run_instances(ImageId=ami, MinCount=n, MaxCount=n, TagSpecifications=[{
+            "ResourceType": "instance", "Tags": [{"Key": "stackless:service", "Value": "bench"}]}])
+        ids += [i["InstanceId"] for i in r["Instances"]]
+    report = {"stackless:salt-commit": "a" * 40, "stackless:config-commit": "c" * 40,
+              "stackless:outcome": "ready", "stackless:failed-states": "0",
+              "stackless:problems": "", "stackless:reported-at": "2026-01-01T00:00:00Z"}
+    for i in range(0, len(ids), 500):
+        ec2.create_tags(Resources=ids[i:i + 500], Tags=[{"Key": k, "Value": v} for k, v in report.items()])
+    env = dict(os.environ, AWS_ENDPOINT_URL=a.endpoint, AWS_REGION="eu-west-1",
+               AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+               AWS_EC2_METADATA_DISABLED="true")
+    out = subprocess.run([a.builder, "fleet", "bench", "--output", "json"], env=env,
+                         capture_output=True, check=True).stdout
+    listed = len(json.loads(out)["instances"])
+    if listed != a.count:
+        sys.exit(f"fleet: builder listed {listed} of {a.count} instances")
+    ours, theirs = [], []
+    filters = [{"Name": "tag:stackless:service", "Values": ["bench"]},
+               {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "shutting-down"]}]
+    for _ in range(a.runs):
+        wall, _, _, code, _ = run_timed([a.builder, "fleet", "bench", "--output", "json"], env)
+        if code != 0:
+            sys.exit(f"fleet: builder exited {code}")
+        ours.append(wall)
+        t0 = time.perf_counter()
+        n = sum(len(r["Instances"]) for page in ec2.get_paginator("describe_instances").paginate(
+            Filters=filters, PaginationConfig={"PageSize": 1000}) for r in page["Reservations"])
+        theirs.append(time.perf_counter() - t0)
+        if n != a.count:
+            sys.exit(f"fleet: boto3 listed {n}")
+    json.dump({"count": a.count, "builder_s": ours, "boto3_s": theirs}, sys.stdout)
+
+
 def cmd_cpu(a):
     runs = []
     for i in range(a.warmup + a.runs):
@@ -685,6 +730,19 @@ def cmd_render(a):
         None,
     )
 
+    # fleet listing
+    if os.path.exists(os.path.join(d, "fleet.json")):
+        fl = load(d, "fleet.json")
+        row(
+            f"`builder fleet` listing {fl['count']:,} moto instances, median of {len(fl['builder_s'])}",
+            fmt(med(fl["builder_s"]), "s", 2),
+            "boto3 paginating the same `DescribeInstances` (moto's own time)",
+            fmt(med(fl["boto3_s"]), "s", 2),
+            ratio(med(fl["boto3_s"]), med(fl["builder_s"]), 2),
+            "< 5 s",
+            med(fl["builder_s"]) < 5,
+        )
+
     # idle
     idle = load(d, "idle.json")
     ag, nv, hd = idle["agent"], idle["naive"], idle["hand"]
@@ -949,6 +1007,12 @@ def main():
     p.add_argument("--workdir", default="/tmp")
     p.add_argument("trees", nargs="+", help="NAME=PID")
 
+    p = sub.add_parser("fleet")
+    p.add_argument("--endpoint", required=True)
+    p.add_argument("--builder", required=True)
+    p.add_argument("--count", type=int, default=1000)
+    p.add_argument("--runs", type=int, default=3)
+
     p = sub.add_parser("render")
     p.add_argument("results")
 
@@ -957,6 +1021,7 @@ def main():
         "latency": cmd_latency,
         "burst": cmd_burst,
         "cpu": cmd_cpu,
+        "fleet": cmd_fleet,
         "spawnstamp": cmd_spawnstamp,
         "boot": cmd_boot,
         "idle": cmd_idle,
