@@ -10,6 +10,10 @@
 #              test CA); the agent reads its token from moto's SSM (TLS, IAM auth on) with role
 #              credentials from a moto STS AssumeRole served by the emulator; the token shows
 #              nowhere on the console or in the builder's output;
+#   fleet:     the agent reports what it applied on its instance's tags in moto (ec2:CreateTags,
+#              role credentials, over TLS); `builder fleet web --wait` on the host sees it converge
+#              on a config commit pushed while it runs (exit 0), then fail on a salt commit with a
+#              failing state (exit 1, naming the instance);
 #   broken user-data: the agent reports the error with its line and column, the boot ends
 #              `failed`, the machine stays up (its serial console reaches the login prompt).
 # Needs root (debootstrap, chroot, mounts) and qemu; scripts/test.sh runs it after the unit tests.
@@ -234,17 +238,22 @@ for _ in $(seq 100); do curl -s --cacert "$tls/ca.pem" -o /dev/null "https://127
 # The role, the parameter, STS credentials for the role; then moto checks every signature.
 ( umask 077; printf '%s' "$token" | "$venv/python" -c '
 import json, sys, boto3, urllib.request, ssl
-endpoint, ca = sys.argv[1], sys.argv[2]
+endpoint, ca, instance_file = sys.argv[1], sys.argv[2], sys.argv[3]
 kw = dict(endpoint_url=endpoint, region_name="eu-west-1", verify=ca,
           aws_access_key_id="AKIASETUPSETUPSETUP1", aws_secret_access_key="setup")
-iam, sts, ssm = (boto3.client(s, **kw) for s in ("iam", "sts", "ssm"))
+iam, sts, ssm, ec2 = (boto3.client(s, **kw) for s in ("iam", "sts", "ssm", "ec2"))
 trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
          "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
 arn = iam.create_role(RoleName="e2e-web", AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
 iam.put_role_policy(RoleName="e2e-web", PolicyName="read-token", PolicyDocument=json.dumps(
-    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["ssm:GetParameter", "kms:Decrypt"],
-                                             "Resource": "*"}]}))
+    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["ssm:GetParameter", "kms:Decrypt",
+                                             "ec2:CreateTags", "ec2:DescribeInstances"], "Resource": "*"}]}))
 ssm.put_parameter(Name="/stackless/e2e/git-token", Value=sys.stdin.read(), Type="SecureString")
+# The instance the fleet step boots as (5d), tagged with its service.
+ami = sorted(i["ImageId"] for i in ec2.describe_images(Owners=["amazon"])["Images"])[0]
+iid = ec2.run_instances(ImageId=ami, MinCount=1, MaxCount=1, TagSpecifications=[{"ResourceType": "instance",
+      "Tags": [{"Key": "stackless:service", "Value": "web"}]}])["Instances"][0]["InstanceId"]
+open(instance_file, "w").write(iid)
 out = sts.assume_role(RoleArn=arn, RoleSessionName="e2e")
 out["Credentials"]["Expiration"] = out["Credentials"]["Expiration"].strftime("%Y-%m-%dT%H:%M:%SZ")
 urllib.request.urlopen(urllib.request.Request(endpoint + "/moto-api/reset-auth", data=b"0", method="POST",
@@ -337,6 +346,67 @@ done
 private_ms=$(json_field "$work/private.json" '["boot_to_result_ms"]')
 say "private: ready in ${private_ms} ms with the private repository; the token is not on the console"
 
+# 5d. Fleet convergence: the agent reports on its instance's tags in moto (CreateTags with the
+# role's credentials, over TLS, IAM auth on), and `builder fleet web --wait` on the host, reading
+# moto as the same role, sees the instance converge on a config commit pushed while it runs (exit
+# 0), then fail on a salt commit whose state fails (exit 1, naming the instance).
+iid=$(cat "$work/instance-id")
+fud="$work/fleet-user-data.toml"
+sed -e 's|^ssm_endpoint = .*|&\nec2_endpoint = "https://169.254.0.101:'"$moto_port"'"|' "$pud" >"$fud"
+printf '\n[sync]\nschedule = "@every 30s"\nsplay = "0s"\n' >>"$fud"
+"$builder" -q user-data "$fud" >/dev/null || fail "the fleet user-data does not validate"
+fleet() { # builder fleet ARGS..., as the role, against moto over TLS
+    env AWS_ENDPOINT_URL="https://127.0.0.1:$moto_port" SSL_CERT_FILE="$tls/ca.pem" AWS_REGION=eu-west-1 \
+        AWS_EC2_METADATA_DISABLED=true \
+        AWS_ACCESS_KEY_ID="$(json_field "$work/role.json" '["Credentials"]["AccessKeyId"]')" \
+        AWS_SECRET_ACCESS_KEY="$(json_field "$work/role.json" '["Credentials"]["SecretAccessKey"]')" \
+        AWS_SESSION_TOKEN="$(json_field "$work/role.json" '["Credentials"]["SessionToken"]')" \
+        "$builder" fleet "$@"
+}
+port=$(free_port)
+say "booting preseeded as $iid, reporting to moto's EC2"
+"$builder" --output json boot out/preseeded --user-data "$fud" --keep-running --accel "$accel" \
+    --instance-id "$iid" \
+    --port "$port:8080" --forward "169.254.0.100:9418=127.0.0.1:$git_port" \
+    --forward "169.254.0.101:$moto_port=127.0.0.1:$moto_port" \
+    --forward "169.254.0.102:$lighttpd_port=127.0.0.1:$lighttpd_port" \
+    --role-credentials "$work/role.json" \
+    --console-log "$work/fleet.console" --no-console --timeout 40m >"$work/fleet.json" 2>"$work/fleet.err" &
+pid=$!
+pids+=("$pid")
+wait_result fleet 1200
+[[ $(json_field "$work/fleet.result" '["outcome"]') == ready ]] || fail "fleet: $(cat "$work/fleet.result")"
+fleet web >"$work/fleet-list.out" 2>&1 || fail "fleet: listing: $(cat "$work/fleet-list.out")"
+grep -q "$iid.*${private_head:0:12}.*ready" "$work/fleet-list.out" ||
+    fail "fleet: the boot's report is not in the listing: $(cat "$work/fleet-list.out")"
+say "fleet: pushing a config commit and waiting for the fleet"
+greeting_fleet="hello from the fleet step"
+printf '%s\n' "$greeting_fleet" >"$work/private-config/web/greeting.txt"
+example_commit "$work/private-config" "fleet greeting"
+t0=$(date +%s)
+rc=0
+fleet web --wait --config HEAD --repo "file://$work/private/config.git" --timeout 10m --interval 5s \
+    >"$work/fleet-wait.out" 2>&1 || rc=$?
+[[ "$rc" == 0 ]] || fail "fleet: builder fleet --wait exited $rc: $(cat "$work/fleet-wait.out")"
+fleet_s=$(( $(date +%s) - t0 ))
+wait_http "$port" / "$greeting_fleet" 60 "fleet: the new greeting"
+say "fleet: converged on the config commit in ${fleet_s} s"
+say "fleet: pushing a salt commit with a failing state"
+printf '\nfleet-breaks:\n  cmd.run:\n    - name: "false"\n' >>"$work/salt/web/init.sls"
+example_commit "$work/salt" "a failing state"
+rc=0
+fleet web --wait --salt HEAD --repo "file://$work/git/salt.git" --timeout 10m --interval 5s \
+    >"$work/fleet-fail.out" 2>&1 || rc=$?
+[[ "$rc" == 1 ]] || fail "fleet: builder fleet --wait exited $rc on a failing state (expected 1): $(cat "$work/fleet-fail.out")"
+grep -q "failed on salt.*$iid.*highstate" "$work/fleet-fail.out" ||
+    fail "fleet: the failure does not name the instance and its problem: $(cat "$work/fleet-fail.out")"
+# Put the salt repository back for the boots below.
+git -C "$work/salt" -c user.name=stackless -c user.email=stackless@localhost revert --no-edit HEAD >/dev/null
+git -C "$work/salt" push -q origin main
+stop_boot "$pid"
+[[ "$rc" == 0 ]] || fail "fleet: builder boot exited $rc (expected 0: the boot itself was ready)"
+say "fleet: the failing state was named: $(tail -n1 "$work/fleet-fail.out")"
+
 # 6. bare: salt is installed at first boot, then the same checks.
 port=$(free_port)
 say "booting bare (salt is pip-installed at first boot; minutes under TCG)"
@@ -390,6 +460,7 @@ cat >out/e2e/summary.json <<JSON
  "boot_to_ready_ms": {"preseeded": $pre_ready_ms, "private": $private_ms, "bare": $bare_ready_ms},
  "agent_boot_ms": {"preseeded": $pre_agent_ms, "bare": $bare_agent_ms},
  "config_change_live_s": $config_s, "salt_change_applied_s": $salt_s,
+ "fleet_config_converged_s": $fleet_s,
  "measured_at": "$(date -u +%Y-%m-%dT%H:%M:%SZ)"}
 JSON
 say "passed; figures in out/e2e/summary.json:"
