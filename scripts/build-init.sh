@@ -18,7 +18,7 @@ fi
 
 cd "$repo"
 cargo build --quiet --release --locked --target "$target" -p init --bin stackless-init >&2
-bin="$repo/target/$target/release/stackless-init"
+bin="${CARGO_TARGET_DIR:-$repo/target}/$target/release/stackless-init"
 
 # Static means no program interpreter and no dynamic section.
 if readelf -l "$bin" | grep -q "Requesting program interpreter"; then

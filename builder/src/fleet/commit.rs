@@ -67,7 +67,9 @@ pub async fn resolve(reference: &str, repo: Option<&str>, timeout: Duration) -> 
 async fn ls_remote(repo: &str, reference: &str, timeout: Duration) -> Result<String> {
     let what = format!("resolving `{reference}` with git ls-remote {repo}");
     let mut cmd = Command::new("git");
-    cmd.args(["ls-remote", "--", repo, reference])
+    // An annotated tag's commit is its peeled entry, listed only when asked for by name.
+    let peeled = format!("{reference}^{{}}");
+    cmd.args(["ls-remote", "--", repo, reference, &peeled])
         .env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
         .stdin(Stdio::null())

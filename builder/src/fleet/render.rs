@@ -83,12 +83,18 @@ pub fn summary(instances: &[Instance]) -> String {
         ("config", |i: &Instance| i.config_commit.clone()),
     ] {
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        let mut unknown = 0;
         for i in instances {
-            let c = get(i).map_or("(no report)".to_string(), |c| short(&c).to_string());
-            *counts.entry(c).or_default() += 1;
+            match get(i) {
+                Some(c) => *counts.entry(short(&c).to_string()).or_default() += 1,
+                None => unknown += 1,
+            }
         }
-        if !counts.is_empty() {
-            let parts: Vec<String> = counts.iter().map(|(c, n)| format!("{c} x{n}")).collect();
+        if !instances.is_empty() {
+            let mut parts: Vec<String> = counts.iter().map(|(c, n)| format!("{c} x{n}")).collect();
+            if unknown > 0 {
+                parts.push(format!("(no report) x{unknown}"));
+            }
             let _ = writeln!(out, "{name:<7} {}", parts.join(", "));
         }
     }
