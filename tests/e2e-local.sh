@@ -260,7 +260,8 @@ urllib.request.urlopen(urllib.request.Request(endpoint + "/moto-api/reset-auth",
                                               headers={"Content-Type": "text/plain"}),
                        context=ssl.create_default_context(cafile=ca)).read()
 json.dump({"Credentials": out["Credentials"], "AssumedRoleUser": out["AssumedRoleUser"]}, sys.stdout, default=str)
-' "https://127.0.0.1:$moto_port" "$tls/ca.pem" >"$work/role.json" ) || fail "setting up moto's role and parameter"
+' "https://127.0.0.1:$moto_port" "$tls/ca.pem" "$work/instance-id" >"$work/role.json" ) ||
+    fail "setting up moto's role and parameter"
 # The private repository: a copy of the config repository with its own greeting.
 mkdir -p "$work/private"
 git clone -q --bare "$work/git/config.git" "$work/private/config.git"
