@@ -348,3 +348,59 @@ async fn wait_times_out_naming_the_stragglers() {
         "{err}"
     );
 }
+
+/// `--asg NAME`: the instances Auto Scaling launched (tagged aws:autoscaling:groupName by it),
+/// whatever their service tag.
+#[tokio::test(flavor = "multi_thread")]
+async fn lists_the_instances_of_an_auto_scaling_group() {
+    use aws_sdk_ec2::types::RequestLaunchTemplateData;
+    let moto = Moto::start();
+    let fleet = Fleet::new(&moto).await;
+    let config = moto.sdk_config().await;
+    fleet
+        .ec2
+        .create_launch_template()
+        .launch_template_name("web")
+        .launch_template_data(
+            RequestLaunchTemplateData::builder()
+                .image_id(&fleet.ami)
+                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    aws_sdk_autoscaling::Client::new(&config)
+        .create_auto_scaling_group()
+        .auto_scaling_group_name("web-asg")
+        .launch_template(
+            aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
+                .launch_template_name("web")
+                .build(),
+        )
+        .min_size(2)
+        .max_size(2)
+        .desired_capacity(2)
+        .availability_zones(format!("{REGION}a"))
+        .send()
+        .await
+        .unwrap();
+    let outside = fleet.launch("web").await;
+
+    let home = tempfile::tempdir().unwrap();
+    let o = builder(&moto, home.path())
+        .args(["fleet", "--asg", "web-asg", "--output", "json"])
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let ids: Vec<&str> = j["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["instance_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{out}");
+    assert!(!ids.contains(&outside.as_str()), "{out}");
+}
