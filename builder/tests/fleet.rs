@@ -1,7 +1,7 @@
 //! `builder fleet` through the real binary against moto: the listing with instances in every
-//! state (reporting, silent, failed, degraded, on another service, terminated), and the wait's
-//! three exits, with instances terminated and launched while it waits and the commit named by
-//! a ref that real git resolves. The tags are written as the agent writes them (init's report
+//! state (reporting, silent, failed, degraded, on another service, terminated), an Auto Scaling
+//! group, and the wait's three exits, with instances terminated and launched while it waits and
+//! the commit named by a ref that real git resolves. The tags are written as the agent writes them (init's report
 //! module, whose own tests write them to moto with signatures checked).
 
 use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
