@@ -317,6 +317,8 @@ token_parameter = "/stackless/e2e/git-token"
 
 [aws]
 ssm_endpoint = "https://169.254.0.101:$moto_port"
+# The agent's report goes to moto too, never to AWS (step 5d checks it).
+ec2_endpoint = "https://169.254.0.101:$moto_port"
 
 [[watch]]
 paths = ["/var/lib/stackless/repos/config/current/web/*.txt"]
@@ -353,8 +355,7 @@ say "private: ready in ${private_ms} ms with the private repository; the token i
 # 0), then fail on a salt commit whose state fails (exit 1, naming the instance).
 iid=$(cat "$work/instance-id")
 fud="$work/fleet-user-data.toml"
-sed -e 's|^ssm_endpoint = .*|&\nec2_endpoint = "https://169.254.0.101:'"$moto_port"'"|' "$pud" >"$fud"
-printf '\n[sync]\nschedule = "@every 30s"\nsplay = "0s"\n' >>"$fud"
+{ cat "$pud"; printf '\n[sync]\nschedule = "@every 30s"\nsplay = "0s"\n'; } >"$fud"
 "$builder" -q user-data "$fud" >/dev/null || fail "the fleet user-data does not validate"
 fleet() { # builder fleet ARGS..., as the role, against moto over TLS
     env AWS_ENDPOINT_URL="https://127.0.0.1:$moto_port" SSL_CERT_FILE="$tls/ca.pem" AWS_REGION=eu-west-1 \
