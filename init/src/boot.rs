@@ -177,6 +177,7 @@ fn sequence(
         state.watch = p.watch;
         state.schedule = p.schedule;
         state.last_sync = p.last_sync;
+        state.releases = p.releases;
     }
 
     // 3. User-data over defaults, rendered for this instance. Nothing is written before this passes.

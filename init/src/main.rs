@@ -66,6 +66,15 @@ enum Command {
         #[arg(long, default_value_t = 1800)]
         lock_wait: u64,
     },
+    /// List each repository's releases with their verdicts (good, bad, pinned), the last good
+    /// one and the quarantined commit; `pin` and `unpin` them by hand.
+    Releases {
+        #[command(subcommand)]
+        action: Option<ReleasesAction>,
+        /// Longest wait for a running sync to finish before pinning, in seconds.
+        #[arg(long, default_value_t = 1800, global = true)]
+        lock_wait: u64,
+    },
     /// git's askpass helper for private HTTPS repositories: answers git's prompt from the file
     /// the agent names in STACKLESS_ASKPASS_FILE (the agent runs it; not for people).
     #[command(hide = true)]
@@ -86,6 +95,23 @@ enum Command {
         /// Give up after this many seconds (default: wait forever).
         #[arg(long)]
         timeout: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReleasesAction {
+    /// Publish a release the repository still has and stay on it: syncs do not follow the ref
+    /// until `unpin`. The release counts as good (a revert goes back to it).
+    Pin {
+        /// `salt` or `config`.
+        repo: String,
+        /// The release's commit (a unique prefix is enough).
+        commit: String,
+    },
+    /// Follow the ref again from the next sync.
+    Unpin {
+        /// `salt` or `config`.
+        repo: String,
     },
 }
 
@@ -254,6 +280,28 @@ fn run(command: Command, layout: &Layout) -> anyhow::Result<u8> {
                     settings.minion_id,
                     Identity::example().instance_id
                 );
+            }
+            Ok(0)
+        }
+        Command::Releases { action, lock_wait } => {
+            let wait = Duration::from_secs(lock_wait);
+            match action {
+                None => {
+                    let state = State::load(layout)?.unwrap_or_default();
+                    print!("{}", stackless_init::releases::render(layout, &state));
+                }
+                Some(ReleasesAction::Pin { repo, commit }) => {
+                    let full = stackless_init::releases::pin(layout, &repo, &commit, wait)?;
+                    println!("{repo} pinned at {full}; `stackless-init releases unpin {repo}` follows the ref again");
+                }
+                Some(ReleasesAction::Unpin { repo }) => {
+                    match stackless_init::releases::unpin(layout, &repo, wait)? {
+                        Some(c) => {
+                            println!("{repo} unpinned (was {c}); the next sync follows the ref")
+                        }
+                        None => println!("{repo} was not pinned"),
+                    }
+                }
             }
             Ok(0)
         }

@@ -32,6 +32,65 @@ pub struct State {
     pub schedule: Option<ScheduleRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watch: Option<WatchRecord>,
+    /// Per repository (`salt`, `config`): the last good release, the quarantined commit, the
+    /// verdicts and the last revert. Commits and the agent's own words only: never file contents
+    /// or program output (they may hold secrets).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub releases: BTreeMap<String, ReleasesRecord>,
+}
+
+/// What the agent knows of one repository's releases.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReleasesRecord {
+    /// The last release everything it triggered succeeded with: what a revert goes back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub good: Option<String>,
+    /// A bad commit: not applied again until the remote tip moves to another commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantined: Option<Quarantine>,
+    /// Pinned by hand (`stackless-init releases pin`): syncs keep this release and do not
+    /// follow the ref until `unpin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
+    /// Verdicts of recent commits, oldest first, at most [`MAX_VERDICTS`].
+    #[serde(default)]
+    pub verdicts: Vec<Verdict>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_revert: Option<Revert>,
+    #[serde(default)]
+    pub reverts: u64,
+}
+
+/// How many verdicts a repository's record keeps.
+pub const MAX_VERDICTS: usize = 20;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Quarantine {
+    pub commit: String,
+    pub reason: String,
+    pub at: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub commit: String,
+    /// `good`, `bad` or `pinned`.
+    pub verdict: String,
+    pub at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Revert {
+    /// The bad commit.
+    pub from: String,
+    /// The good release published again.
+    pub to: String,
+    pub reason: String,
+    pub at: String,
+    /// From the bad release's publication to the revert acted on.
+    pub ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

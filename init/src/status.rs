@@ -79,6 +79,36 @@ pub fn render(state: &State) -> String {
             }
         }
     }
+    for (name, r) in &state.releases {
+        let good = r.good.as_deref().map(short).unwrap_or("-");
+        let _ = write!(out, "  {name:<7} last good {good}");
+        if let Some(p) = &r.pinned {
+            let _ = write!(out, ", pinned at {}", short(p));
+        }
+        if r.reverts > 0 {
+            let _ = write!(out, ", {} revert(s)", r.reverts);
+        }
+        out.push('\n');
+        if let Some(v) = &r.last_revert {
+            let _ = writeln!(
+                out,
+                "          reverted {} -> {} at {} ({} ms): {}",
+                short(&v.from),
+                short(&v.to),
+                v.at,
+                v.ms,
+                v.reason
+            );
+        }
+        if let Some(q) = &r.quarantined {
+            let _ = writeln!(
+                out,
+                "          quarantined {} since {} until upstream moves on",
+                short(&q.commit),
+                q.at
+            );
+        }
+    }
     if let Some(h) = &state.highstate {
         let _ = writeln!(out);
         let verdict = if h.error.is_none() && h.report.ok {

@@ -121,6 +121,8 @@ pub struct SaltSection {
     pub timeout: Option<Spanned<String>>,
     /// `[salt.credentials]`: the repository's secret, in SSM.
     pub credentials: Option<CredentialsSection>,
+    /// What a failed highstate on a new commit does: `retry` (default) or `revert`.
+    pub on_failure: Option<SaltOnFailure>,
 }
 
 /// `[config]`: the application configuration repository.
@@ -135,6 +137,33 @@ pub struct RepoSection {
     /// The group the programs run as, which may then read the releases (dirs 0750, files
     /// 0640). Without it, root alone reads them.
     pub group: Option<Spanned<String>>,
+    /// What a release whose programs fail to start does: `revert` (default) or `keep`.
+    pub on_failure: Option<ConfigOnFailure>,
+    /// How long a restarted program must stay up past its `startsecs` for its release to be
+    /// good (default `5s`).
+    pub grace: Option<Spanned<String>>,
+}
+
+/// `[config] on_failure`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConfigOnFailure {
+    /// Flip `current` back to the last good release, act again, quarantine the commit.
+    #[default]
+    Revert,
+    /// Leave the bad release published (the verdict is still recorded).
+    Keep,
+}
+
+/// `[salt] on_failure`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SaltOnFailure {
+    /// Keep the new states and retry the highstate with back-off.
+    #[default]
+    Retry,
+    /// Re-apply the last good release's states and quarantine the commit.
+    Revert,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -390,6 +419,10 @@ fn validate(doc: &Document) -> Result<(), UserDataError> {
             config.repo.as_ref(),
             config.credentials.as_ref(),
         )?;
+        if let Some(g) = &config.grace {
+            schedule::parse_bounded(g.get_ref(), "[config] grace", Duration::from_secs(600))
+                .map_err(|m| doc.error_at(g.span().start, m))?;
+        }
     }
     if let Some(sync) = &d.sync {
         if let Some(s) = &sync.schedule {
@@ -567,8 +600,29 @@ pub struct Settings {
     pub timeouts: Timeouts,
     /// `[aws] ssm_endpoint`, when set.
     pub ssm_endpoint: Option<String>,
+    /// What a bad release does (`[config] on_failure`, `[config] grace`, `[salt] on_failure`).
+    pub releases: ReleaseSettings,
     #[serde(skip)]
     pub watch: Vec<WatchRule>,
+}
+
+/// How releases are judged and what a bad one does.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ReleaseSettings {
+    pub config_on_failure: ConfigOnFailure,
+    #[serde(with = "humantime_serde_compat")]
+    pub config_grace: Duration,
+    pub salt_on_failure: SaltOnFailure,
+}
+
+impl Default for ReleaseSettings {
+    fn default() -> Self {
+        Self {
+            config_on_failure: ConfigOnFailure::Revert,
+            config_grace: DEFAULT_CONFIG_GRACE,
+            salt_on_failure: SaltOnFailure::Retry,
+        }
+    }
 }
 
 /// Deadlines of the programs the agent runs (`[timeouts]`), each with the setting's name for
@@ -649,6 +703,7 @@ pub const DEFAULT_GIT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_SALT_INSTALL_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 pub const DEFAULT_TRUST_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_SYSTEMCTL_TIMEOUT: Duration = Duration::from_secs(3 * 60);
+pub const DEFAULT_CONFIG_GRACE: Duration = Duration::from_secs(5);
 
 /// Merges user-data over the image defaults and renders placeholders for this instance.
 /// User-data wins field by field; grains merge key by key; watch rules add up.
@@ -861,6 +916,11 @@ pub fn resolve(
         .and_then(|a| a.ssm_endpoint.clone())
         .or_else(|| d.aws.as_ref().and_then(|a| a.ssm_endpoint.clone()))
         .map(Spanned::into_inner);
+    let releases = ReleaseSettings {
+        config_on_failure: uc.on_failure.or(dc.on_failure).unwrap_or_default(),
+        config_grace: duration(uc.grace.clone(), dc.grace.clone(), DEFAULT_CONFIG_GRACE),
+        salt_on_failure: us.on_failure.or(ds.on_failure).unwrap_or_default(),
+    };
     let watch = d.watch.iter().chain(&u.watch).cloned().collect();
     Ok(Settings {
         minion_id,
@@ -875,6 +935,7 @@ pub fn resolve(
         watch_max_delay,
         timeouts,
         ssm_endpoint,
+        releases,
         watch,
     })
 }
