@@ -82,13 +82,19 @@ pub fn mark_bad(state: &mut State, name: &str, commit: &str, reason: &str, quara
 pub fn record_revert(state: &mut State, name: &str, from: &str, to: &str, reason: &str, ms: u64) {
     let r = record(state, name);
     r.reverts += 1;
-    r.last_revert = Some(Revert {
+    let revert = Revert {
         from: from.to_string(),
         to: to.to_string(),
         reason: reason.to_string(),
         at: now_rfc3339(),
         ms,
-    });
+    };
+    // On the console as it happens (the boot's report is long printed by then).
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(crate::status::revert_report(name, &revert).as_bytes());
+    let _ = out.flush();
+    r.last_revert = Some(revert);
 }
 
 /// Upstream moved to a commit other than the quarantined one: the quarantine ends.

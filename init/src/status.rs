@@ -201,6 +201,31 @@ pub fn render(state: &State) -> String {
     out
 }
 
+/// Prefix of the line a revert prints on the console, for programs reading it.
+pub const REVERT_PREFIX: &str = "stackless-init-revert: ";
+
+/// What a revert prints on the console (stdout: the journal and the serial console), as it
+/// happens: a line for people and one of JSON after [`REVERT_PREFIX`]. The agent's own words
+/// only (commits, supervisord's states): never program output or file contents.
+pub fn revert_report(repo: &str, r: &crate::state::Revert) -> String {
+    let one = crate::timeline::one_line(&r.reason);
+    let json = serde_json::json!({
+        "repo": repo,
+        "outcome": "reverted",
+        "from": r.from,
+        "to": r.to,
+        "reason": one,
+        "at": r.at,
+        "ms": r.ms,
+    });
+    format!(
+        "stackless-init: {repo} release {} reverted to {} after {} ms: {one}\n{REVERT_PREFIX}{json}\n",
+        short(&r.from),
+        short(&r.to),
+        r.ms
+    )
+}
+
 /// The JSON report: the state record as saved.
 pub fn render_json(state: &State) -> String {
     serde_json::to_string_pretty(state).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
@@ -252,6 +277,28 @@ pub fn console_report(state: &State, outcome: Outcome, error: Option<&str>) -> S
 mod tests {
     use super::*;
     use crate::state::{BootRecord, Step};
+
+    #[test]
+    fn a_revert_prints_one_line_for_people_and_one_of_json() {
+        let r = crate::state::Revert {
+            from: "b".repeat(40),
+            to: "a".repeat(40),
+            reason: "restart: web is FATAL\nnot RUNNING".into(),
+            at: "2026-12-03T04:40:05Z".into(),
+            ms: 2710,
+        };
+        let text = revert_report("config", &r);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].contains("config release bbbbbbbbbbbb reverted to aaaaaaaaaaaa after 2710 ms")
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(lines[1].strip_prefix(REVERT_PREFIX).unwrap()).unwrap();
+        assert_eq!(json["outcome"], "reverted");
+        assert_eq!(json["from"], r.from.as_str());
+        assert_eq!(json["to"], r.to.as_str());
+    }
 
     #[test]
     fn human_output_lists_steps_with_start_offsets() {
