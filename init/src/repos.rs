@@ -1022,6 +1022,42 @@ mod tests {
     }
 
     #[test]
+    fn a_quarantined_tip_is_skipped_and_the_good_release_outlives_pruning() {
+        let f = Fixture::new();
+        let good = sh_git(&f.work, &["rev-parse", "HEAD"]);
+        sync(&f.layout, "salt", &f.spec("main"), T).unwrap();
+        let bad = f.commit("n.txt", "bad");
+        let policy = Policy {
+            skip: Some(bad.clone()),
+            keep: Some(good.clone()),
+        };
+        let out = sync_with_auth(&f.layout, "salt", &f.spec("main"), T, None, &policy).unwrap();
+        assert_eq!(
+            out,
+            SyncOutcome::Quarantined {
+                commit: good.clone(),
+                skipped: bad.clone()
+            }
+        );
+        assert_eq!(f.releases(), vec![good.clone()], "nothing was fetched");
+        let keep = Policy {
+            skip: None,
+            keep: Some(good.clone()),
+        };
+        for i in 0..5 {
+            f.commit("n.txt", &i.to_string());
+            sync_with_auth(&f.layout, "salt", &f.spec("main"), T, None, &keep).unwrap();
+        }
+        let kept = f.releases();
+        assert!(kept.contains(&good), "{kept:?}");
+        assert_eq!(kept.len(), KEEP_PREVIOUS + 2, "{kept:?}");
+        publish(&f.layout, "salt", &good).unwrap();
+        assert_eq!(current_commit(&f.layout, "salt"), Some(good));
+        let e = publish(&f.layout, "salt", &"0".repeat(40)).unwrap_err();
+        assert!(e.to_string().contains("has no release"), "{e}");
+    }
+
+    #[test]
     fn stale_temp_folders_of_dead_syncs_are_removed() {
         let f = Fixture::new();
         let releases = f.layout.repo_dir("salt").join("releases");
