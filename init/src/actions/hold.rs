@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 /// How often the programs are looked at during the grace.
 const POLL: Duration = Duration::from_millis(200);
+/// Units are asked less often: each look runs `systemctl`.
+const UNIT_EVERY: u32 = 5;
 /// Deadline of one look at supervisord: the grace must stay bounded.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much of a program's own output goes to the log after it failed.
@@ -37,15 +39,23 @@ pub fn hold(backends: &Backends, targets: &[String], grace: Duration) -> Vec<(St
             Err(why) => failed.push((t.clone(), why)),
         }
     }
+    let mut round = 0u32;
     loop {
-        seen.retain(|(t, s)| match look(backends, &sup, t, s) {
-            Ok(()) => true,
-            Err(why) => {
-                let after = started.elapsed().as_secs_f64();
-                failed.push((t.clone(), format!("{why}, {after:.1} s after its restart")));
-                false
+        let last = Instant::now() + POLL >= deadline;
+        seen.retain(|(t, s)| {
+            if matches!(s, Seen::Unit) && round % UNIT_EVERY != 0 && !last {
+                return true;
+            }
+            match look(backends, &sup, t, s) {
+                Ok(()) => true,
+                Err(why) => {
+                    let after = started.elapsed().as_secs_f64();
+                    failed.push((t.clone(), format!("{why}, {after:.1} s after its restart")));
+                    false
+                }
             }
         });
+        round += 1;
         let now = Instant::now();
         if seen.is_empty() || now >= deadline {
             break;
@@ -138,4 +148,84 @@ pub fn last_output(backends: &Backends, target: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actions::{SupervisordBackend, SystemdBackend};
+    use crate::supervisor::test_support::Supervisord;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn backends(socket: &std::path::Path, systemctl: Option<String>) -> Backends {
+        Backends {
+            supervisord: SupervisordBackend::new(socket),
+            systemd: SystemdBackend {
+                systemctl,
+                timeout: Duration::from_secs(30),
+            },
+        }
+    }
+
+    #[test]
+    fn a_program_that_dies_within_the_grace_fails_and_its_output_is_fetched() {
+        let dir = tempfile::tempdir().unwrap();
+        let sup = Supervisord::start(
+            dir.path(),
+            &[
+                ("steady", "sleep 1000"),
+                ("late", "sh -c 'sleep 0.5; echo late-words >&2; exit 3'"),
+            ],
+        );
+        let b = backends(&sup.socket(), None);
+        for p in ["steady", "late"] {
+            b.act(p, None).unwrap();
+        }
+        let started = Instant::now();
+        let failed = hold(
+            &b,
+            &["steady".into(), "late".into()],
+            Duration::from_secs(2),
+        );
+        assert!(
+            started.elapsed() >= Duration::from_secs(2),
+            "steady is watched to the end"
+        );
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].0, "late");
+        assert!(
+            failed[0].1.contains("late is EXITED (exit status 3)"),
+            "{failed:?}"
+        );
+        assert!(
+            !failed[0].1.contains("late-words"),
+            "no program output in the reason"
+        );
+        let out = last_output(&b, "late");
+        assert!(out.contains("--- late stderr ---\nlate-words"), "{out}");
+    }
+
+    #[test]
+    fn a_unit_that_fails_within_the_grace_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        // A stand-in systemctl (no systemd here): active for the first two looks, then failed.
+        let count = dir.path().join("count");
+        let script = dir.path().join("systemctl");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho x >> {c}\nn=$(wc -l < {c})\nif [ $n -le 2 ]; then echo active; else echo failed; exit 3; fi\n",
+                c = count.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let b = backends(
+            &dir.path().join("no.sock"),
+            Some(script.display().to_string()),
+        );
+        let failed = hold(&b, &["systemd:app.service".into()], Duration::from_secs(3));
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert!(failed[0].1.contains("app.service is failed"), "{failed:?}");
+    }
 }
