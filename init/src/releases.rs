@@ -10,7 +10,7 @@
 use crate::lock::SyncLock;
 use crate::paths::Layout;
 use crate::repos::{self, short, Policy};
-use crate::state::{now_rfc3339, Quarantine, ReleasesRecord, Revert, State, Verdict, MAX_VERDICTS};
+use crate::state::{now_rfc3339, ReleasesRecord, Revert, State, Verdict, MAX_VERDICTS};
 use anyhow::{bail, Result};
 use std::fmt::Write;
 use std::time::Duration;
@@ -49,6 +49,10 @@ fn push_verdict(r: &mut ReleasesRecord, commit: &str, verdict: &str, reason: Opt
         at: now_rfc3339(),
         reason,
     });
+    if verdict == "bad" && r.quarantined.as_ref().is_some_and(|q| q.commit == commit) {
+        // The quarantine is the verdict itself (kept when older verdicts roll out).
+        r.quarantined = r.verdicts.last().cloned();
+    }
     let extra = r.verdicts.len().saturating_sub(MAX_VERDICTS);
     r.verdicts.drain(..extra);
 }
@@ -59,7 +63,7 @@ pub fn mark_good(state: &mut State, name: &str, commit: &str) {
     if r.good.as_deref() == Some(commit) {
         return;
     }
-    tracing::info!(repo = name, commit = short(commit), "release is good");
+    tracing::info!("{name} release {} is good", short(commit));
     r.good = Some(commit.to_string());
     push_verdict(r, commit, "good", None);
 }
@@ -70,11 +74,7 @@ pub fn mark_bad(state: &mut State, name: &str, commit: &str, reason: &str, quara
     let r = record(state, name);
     push_verdict(r, commit, "bad", Some(reason.to_string()));
     if quarantine {
-        r.quarantined = Some(Quarantine {
-            commit: commit.to_string(),
-            reason: reason.to_string(),
-            at: now_rfc3339(),
-        });
+        r.quarantined = r.verdicts.last().cloned();
     }
 }
 
@@ -105,10 +105,9 @@ pub fn lift_quarantine(state: &mut State, name: &str, tip: &str) {
     if r.quarantined.as_ref().is_some_and(|q| q.commit != tip) {
         let q = r.quarantined.take().expect("checked");
         tracing::info!(
-            repo = name,
-            quarantined = short(&q.commit),
-            tip = short(tip),
-            "upstream moved on; the quarantine ends"
+            "{name}: upstream moved on to {}; the quarantine of {} ends",
+            short(tip),
+            short(&q.commit)
         );
     }
 }
@@ -170,8 +169,8 @@ pub fn render(layout: &Layout, state: &State) -> String {
     out
 }
 
-/// `stackless-init releases pin REPO COMMIT`: publishes a release the repository still has
-/// and keeps it there (syncs do not follow the ref) until `unpin`. A prefix of the commit is
+/// `stackless-init releases --pin REPO COMMIT`: publishes a release the repository still has
+/// and keeps it there (syncs do not follow the ref) until `--unpin`. A prefix of the commit is
 /// enough when it names one release.
 pub fn pin(layout: &Layout, name: &str, commit: &str, lock_wait: Duration) -> Result<String> {
     check_name(name)?;
@@ -196,11 +195,11 @@ pub fn pin(layout: &Layout, name: &str, commit: &str, lock_wait: Duration) -> Re
         r.quarantined = None;
     }
     state.save(layout)?;
-    tracing::info!(repo = name, commit = %full, "pinned");
+    tracing::info!("{name} pinned at {full}");
     Ok(full)
 }
 
-/// `stackless-init releases unpin REPO`: syncs follow the ref again.
+/// `stackless-init releases --unpin REPO`: syncs follow the ref again.
 pub fn unpin(layout: &Layout, name: &str, lock_wait: Duration) -> Result<Option<String>> {
     check_name(name)?;
     let _lock = SyncLock::acquire(layout, lock_wait)?;

@@ -447,7 +447,7 @@ pub fn publish(layout: &Layout, name: &str, commit: &str) -> Result<()> {
         bail!("repository {name} has no release {commit} (see `stackless-init releases`)");
     }
     flip(&dir, commit)?;
-    tracing::info!(repo = name, %commit, "published a kept release again");
+    tracing::info!("{name}: published the kept release {commit} again");
     Ok(())
 }
 

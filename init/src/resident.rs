@@ -261,10 +261,7 @@ impl Agent {
             return;
         }
         let now = Instant::now();
-        tracing::debug!(
-            commit = short(&current),
-            "config release pending its verdict"
-        );
+        tracing::debug!("config release {} pending its verdict", short(&current));
         self.pending = Some(Pending {
             commit: current,
             since: now,
@@ -590,65 +587,45 @@ impl Agent {
         for (target, why) in &failures {
             // The program's own words go to the log (the journal) alone: they may hold secrets.
             let output = hold::last_output(&self.backends, target);
-            tracing::error!(
-                target = %target,
-                commit = short(&commit),
-                "{why}; its last output:\n{output}"
-            );
+            tracing::error!("{target}: {why}; its last output:\n{output}");
         }
         let reason = failures
             .iter()
             .map(|(_, why)| why.as_str())
             .collect::<Vec<_>>()
             .join("; ");
+        let bad = short(&commit).to_string();
         let revert = self.settings.releases.config_on_failure == ConfigOnFailure::Revert;
-        let to = good.filter(|_| revert);
-        let Some(to) = to else {
-            let why = if revert {
-                "no earlier good release to revert to"
-            } else {
-                "[config] on_failure = \"keep\""
-            };
-            tracing::error!(
-                commit = short(&commit),
-                "config release is bad ({reason}); keeping it: {why}"
-            );
-            let r =
-                self.update_state(|st| releases::mark_bad(st, "config", &commit, &reason, false));
-            if let Err(e) = r {
-                tracing::error!("{e:#}");
-            }
-            return;
+        // Where to go back to, or why the bad release stays.
+        let back = match good.filter(|_| revert) {
+            Some(to) => repos::publish(&self.layout, "config", &to)
+                .map(|()| to)
+                .map_err(|e| format!("reverting failed: {e:#}")),
+            None if revert => Err("no earlier good release to revert to".to_string()),
+            None => Err("[config] on_failure = \"keep\"".to_string()),
         };
-        lifecycle::status(&format!("reverting config to {}", short(&to)));
-        if let Err(e) = repos::publish(&self.layout, "config", &to) {
-            tracing::error!(
-                commit = short(&commit),
-                "config release is bad ({reason}); reverting to {} failed: {e:#}",
-                short(&to)
-            );
-            let r =
-                self.update_state(|st| releases::mark_bad(st, "config", &commit, &reason, false));
-            if let Err(e) = r {
-                tracing::error!("{e:#}");
-            }
-            return;
-        }
         let ms = since.elapsed().as_millis() as u64;
-        tracing::warn!(
-            bad = short(&commit),
-            good = short(&to),
-            ms,
-            "config release is bad ({reason}); reverted to the last good release and quarantined the commit until upstream moves on"
-        );
-        let r = self.update_state(|st| {
-            releases::mark_bad(st, "config", &commit, &reason, true);
-            releases::record_revert(st, "config", &commit, &to, &reason, ms);
-            if let Some(rec) = st.repos.get_mut("config") {
-                rec.commit = Some(to.clone());
-                rec.result = "reverted".into();
+        let r = match back {
+            Err(why) => {
+                tracing::error!("config release {bad} is bad ({reason}); keeping it: {why}");
+                self.update_state(|st| releases::mark_bad(st, "config", &commit, &reason, false))
             }
-        });
+            Ok(to) => {
+                tracing::warn!(
+                    "config release {bad} is bad ({reason}); reverted to the last good release {} \
+                     after {ms} ms and quarantined the commit until upstream moves on",
+                    short(&to)
+                );
+                self.update_state(|st| {
+                    releases::mark_bad(st, "config", &commit, &reason, true);
+                    releases::record_revert(st, "config", &commit, &to, &reason, ms);
+                    if let Some(rec) = st.repos.get_mut("config") {
+                        rec.commit = Some(to.clone());
+                        rec.result = "reverted".into();
+                    }
+                })
+            }
+        };
         if let Err(e) = r {
             tracing::error!("{e:#}");
         }

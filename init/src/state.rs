@@ -45,10 +45,11 @@ pub struct ReleasesRecord {
     /// The last release everything it triggered succeeded with: what a revert goes back to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub good: Option<String>,
-    /// A bad commit: not applied again until the remote tip moves to another commit.
+    /// A bad commit (its verdict): not applied again until the remote tip moves to another
+    /// commit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub quarantined: Option<Quarantine>,
-    /// Pinned by hand (`stackless-init releases pin`): syncs keep this release and do not
+    pub quarantined: Option<Verdict>,
+    /// Pinned by hand (`stackless-init releases --pin`): syncs keep this release and do not
     /// follow the ref until `unpin`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pinned: Option<String>,
@@ -63,13 +64,6 @@ pub struct ReleasesRecord {
 
 /// How many verdicts a repository's record keeps.
 pub const MAX_VERDICTS: usize = 20;
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Quarantine {
-    pub commit: String,
-    pub reason: String,
-    pub at: String,
-}
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {

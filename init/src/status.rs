@@ -209,15 +209,16 @@ pub const REVERT_PREFIX: &str = "stackless-init-revert: ";
 /// only (commits, supervisord's states): never program output or file contents.
 pub fn revert_report(repo: &str, r: &crate::state::Revert) -> String {
     let one = crate::timeline::one_line(&r.reason);
-    let json = serde_json::json!({
-        "repo": repo,
-        "outcome": "reverted",
-        "from": r.from,
-        "to": r.to,
-        "reason": one,
-        "at": r.at,
-        "ms": r.ms,
-    });
+    let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let json = format!(
+        "{{\"repo\":{},\"outcome\":\"reverted\",\"from\":{},\"to\":{},\"reason\":{},\"at\":{},\"ms\":{}}}",
+        q(repo),
+        q(&r.from),
+        q(&r.to),
+        q(&one),
+        q(&r.at),
+        r.ms
+    );
     format!(
         "stackless-init: {repo} release {} reverted to {} after {} ms: {one}\n{REVERT_PREFIX}{json}\n",
         short(&r.from),

@@ -74,7 +74,7 @@ pub fn run(
         let Some(spec) = spec else { continue };
         if let Some(pin) = releases::pinned(state, name) {
             if repos::current_commit(layout, name).as_deref() == Some(pin.as_str()) {
-                // Pinned by hand: the ref is not followed until `stackless-init releases unpin`.
+                // Pinned by hand: the ref is not followed until `stackless-init releases --unpin`.
                 tl.step(&format!("sync-{name}"), || {
                     Ok(((), Some(format!("pinned at {}", short(&pin)))))
                 })?;
@@ -114,22 +114,16 @@ pub fn run(
                 (r, None)
             }
             SyncOutcome::Quarantined { commit, skipped } => {
-                // Logged loudly once, at the revert; each skip after that is a debug line.
-                let level_info = trigger == Trigger::Boot;
-                if level_info {
-                    tracing::info!(
-                        repo = name,
-                        skipped = short(skipped),
-                        kept = short(commit),
-                        "upstream is at a quarantined commit; keeping the last good release"
-                    );
+                // Logged loudly at the revert and at boot; each tick's skip is a debug line.
+                let msg = format!(
+                    "{name}: upstream is at the quarantined {}; keeping the release {}",
+                    short(skipped),
+                    short(commit)
+                );
+                if trigger == Trigger::Boot {
+                    tracing::info!("{msg}");
                 } else {
-                    tracing::debug!(
-                        repo = name,
-                        skipped = short(skipped),
-                        kept = short(commit),
-                        "upstream is at a quarantined commit; keeping the last good release"
-                    );
+                    tracing::debug!("{msg}");
                 }
                 ("quarantined", None)
             }
@@ -198,10 +192,9 @@ pub fn run(
     let started = std::time::Instant::now();
     let reason = format!("highstate failed: {reason}");
     tracing::warn!(
-        repo = "salt",
-        bad = short(&commit),
-        good = short(&good),
-        "{reason}; reverting to the last good release and quarantining the commit"
+        "salt release {}: {reason}; reverting to the last good release {} and quarantining the commit",
+        short(&commit),
+        short(&good)
     );
     if let Err(e) = repos::publish(layout, "salt", &good) {
         tl.degrade(format!("highstate: {reason}; the revert failed: {e:#}"));

@@ -206,7 +206,7 @@ fn a_config_commit_whose_program_exits_at_start_is_reverted_and_quarantined() {
     let o = init(
         &s.root(),
         "http://127.0.0.1:9",
-        &["releases", "pin", "config", &good[..10]],
+        &["releases", "--pin", "config", &good[..10]],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(published(&s), good);
@@ -221,7 +221,7 @@ fn a_config_commit_whose_program_exits_at_start_is_reverted_and_quarantined() {
     let o = init(
         &s.root(),
         "http://127.0.0.1:9",
-        &["releases", "unpin", "config"],
+        &["releases", "--unpin", "config"],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     wait_for("the ref followed again", 20, || published(&s) == next);
