@@ -10,7 +10,7 @@
 use crate::lock::SyncLock;
 use crate::paths::Layout;
 use crate::repos::{self, short, Policy};
-use crate::state::{now_rfc3339, ReleasesRecord, Revert, State, Verdict, MAX_VERDICTS};
+use crate::state::{now_rfc3339, ReleasesRecord, State, Verdict, MAX_VERDICTS};
 use anyhow::{bail, Result};
 use std::fmt::Write;
 use std::time::Duration;
@@ -48,6 +48,7 @@ fn push_verdict(r: &mut ReleasesRecord, commit: &str, verdict: &str, reason: Opt
         verdict: verdict.to_string(),
         at: now_rfc3339(),
         reason,
+        ..Default::default()
     });
     if verdict == "bad" && r.quarantined.as_ref().is_some_and(|q| q.commit == commit) {
         // The quarantine is the verdict itself (kept when older verdicts roll out).
@@ -82,12 +83,13 @@ pub fn mark_bad(state: &mut State, name: &str, commit: &str, reason: &str, quara
 pub fn record_revert(state: &mut State, name: &str, from: &str, to: &str, reason: &str, ms: u64) {
     let r = record(state, name);
     r.reverts += 1;
-    let revert = Revert {
-        from: from.to_string(),
-        to: to.to_string(),
-        reason: reason.to_string(),
+    let revert = Verdict {
+        commit: from.to_string(),
+        verdict: "reverted".into(),
         at: now_rfc3339(),
-        ms,
+        reason: Some(reason.to_string()),
+        to: Some(to.to_string()),
+        ms: Some(ms),
     };
     // On the console as it happens (the boot's report is long printed by then).
     use std::io::Write;

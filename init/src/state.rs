@@ -56,8 +56,10 @@ pub struct ReleasesRecord {
     /// Verdicts of recent commits, oldest first, at most [`MAX_VERDICTS`].
     #[serde(default)]
     pub verdicts: Vec<Verdict>,
+    /// The last revert: `commit` is the bad commit, `to` the release published again, `ms`
+    /// the time from the bad release's publication to the revert.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_revert: Option<Revert>,
+    pub last_revert: Option<Verdict>,
     #[serde(default)]
     pub reverts: u64,
 }
@@ -68,23 +70,17 @@ pub const MAX_VERDICTS: usize = 20;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {
     pub commit: String,
-    /// `good`, `bad` or `pinned`.
+    /// `good`, `bad`, `pinned` or (a revert) `reverted`.
     pub verdict: String,
     pub at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Revert {
-    /// The bad commit.
-    pub from: String,
-    /// The good release published again.
-    pub to: String,
-    pub reason: String,
-    pub at: String,
-    /// From the bad release's publication to the revert acted on.
-    pub ms: u64,
+    /// A revert's: the release published again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// A revert's: from the bad release's publication to the revert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -93,11 +93,11 @@ pub fn render(state: &State) -> String {
             let _ = writeln!(
                 out,
                 "          reverted {} -> {} at {} ({} ms): {}",
-                short(&v.from),
-                short(&v.to),
+                short(&v.commit),
+                short(v.to.as_deref().unwrap_or("-")),
                 v.at,
-                v.ms,
-                v.reason
+                v.ms.unwrap_or(0),
+                v.reason.as_deref().unwrap_or("")
             );
         }
         if let Some(q) = &r.quarantined {
@@ -207,23 +207,25 @@ pub const REVERT_PREFIX: &str = "stackless-init-revert: ";
 /// What a revert prints on the console (stdout: the journal and the serial console), as it
 /// happens: a line for people and one of JSON after [`REVERT_PREFIX`]. The agent's own words
 /// only (commits, supervisord's states): never program output or file contents.
-pub fn revert_report(repo: &str, r: &crate::state::Revert) -> String {
-    let one = crate::timeline::one_line(&r.reason);
+pub fn revert_report(repo: &str, r: &crate::state::Verdict) -> String {
+    let one = crate::timeline::one_line(r.reason.as_deref().unwrap_or(""));
+    let to = r.to.as_deref().unwrap_or("");
+    let ms = r.ms.unwrap_or(0);
     let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
     let json = format!(
         "{{\"repo\":{},\"outcome\":\"reverted\",\"from\":{},\"to\":{},\"reason\":{},\"at\":{},\"ms\":{}}}",
         q(repo),
-        q(&r.from),
-        q(&r.to),
+        q(&r.commit),
+        q(to),
         q(&one),
         q(&r.at),
-        r.ms
+        ms
     );
     format!(
         "stackless-init: {repo} release {} reverted to {} after {} ms: {one}\n{REVERT_PREFIX}{json}\n",
-        short(&r.from),
-        short(&r.to),
-        r.ms
+        short(&r.commit),
+        short(to),
+        ms
     )
 }
 
@@ -281,12 +283,13 @@ mod tests {
 
     #[test]
     fn a_revert_prints_one_line_for_people_and_one_of_json() {
-        let r = crate::state::Revert {
-            from: "b".repeat(40),
-            to: "a".repeat(40),
-            reason: "restart: web is FATAL\nnot RUNNING".into(),
+        let r = crate::state::Verdict {
+            commit: "b".repeat(40),
+            verdict: "reverted".into(),
             at: "2026-12-03T04:40:05Z".into(),
-            ms: 2710,
+            reason: Some("restart: web is FATAL\nnot RUNNING".into()),
+            to: Some("a".repeat(40)),
+            ms: Some(2710),
         };
         let text = revert_report("config", &r);
         let lines: Vec<&str> = text.lines().collect();
@@ -297,8 +300,8 @@ mod tests {
         let json: serde_json::Value =
             serde_json::from_str(lines[1].strip_prefix(REVERT_PREFIX).unwrap()).unwrap();
         assert_eq!(json["outcome"], "reverted");
-        assert_eq!(json["from"], r.from.as_str());
-        assert_eq!(json["to"], r.to.as_str());
+        assert_eq!(json["from"], r.commit.as_str());
+        assert_eq!(json["to"], "a".repeat(40).as_str());
     }
 
     #[test]

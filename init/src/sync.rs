@@ -75,9 +75,6 @@ pub fn run(
         if let Some(pin) = releases::pinned(state, name) {
             if repos::current_commit(layout, name).as_deref() == Some(pin.as_str()) {
                 // Pinned by hand: the ref is not followed until `stackless-init releases --unpin`.
-                tl.step(&format!("sync-{name}"), || {
-                    Ok(((), Some(format!("pinned at {}", short(&pin)))))
-                })?;
                 if name == "salt" {
                     salt_commit = Some(pin.clone());
                 }
@@ -165,16 +162,7 @@ pub fn run(
     }
     let at = now_rfc3339();
     summary.highstate_ran = true;
-    let report = tl.step("highstate", || {
-        let r = highstate::run(
-            layout,
-            salt_call,
-            &settings.minion_id,
-            settings.salt.timeout,
-        )?;
-        let d = r.summary();
-        Ok((r, Some(d)))
-    });
+    let report = highstate_step(tl, "highstate", ctx, salt_call);
     let failure = record_highstate(state, &mut summary, report, &commit, at);
     let Some(reason) = failure else {
         releases::mark_good(state, "salt", &commit);
@@ -211,16 +199,7 @@ pub fn run(
         None,
     );
     let at = now_rfc3339();
-    let report = tl.step("highstate-revert", || {
-        let r = highstate::run(
-            layout,
-            salt_call,
-            &settings.minion_id,
-            settings.salt.timeout,
-        )?;
-        let d = format!("{} (reverted to {})", r.summary(), short(&good));
-        Ok((r, Some(d)))
-    });
+    let report = highstate_step(tl, "highstate-revert", ctx, salt_call);
     summary.salt_reverted = Some(commit.clone());
     let ms = started.elapsed().as_millis() as u64;
     releases::record_revert(state, "salt", &commit, &good, &reason, ms);
@@ -231,6 +210,25 @@ pub fn run(
         ));
     }
     Ok(summary)
+}
+
+/// One highstate as a timed step (one copy of the step's code for both runs).
+fn highstate_step(
+    tl: &mut Timeline,
+    step: &str,
+    ctx: SyncContext<'_>,
+    salt_call: &Path,
+) -> Result<highstate::HighstateReport> {
+    tl.step(step, || {
+        let r = highstate::run(
+            ctx.layout,
+            salt_call,
+            &ctx.settings.minion_id,
+            ctx.settings.salt.timeout,
+        )?;
+        let d = r.summary();
+        Ok((r, Some(d)))
+    })
 }
 
 fn spec_of(settings: &Settings) -> &RepoSpec {

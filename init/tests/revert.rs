@@ -119,7 +119,7 @@ fn a_config_commit_whose_program_exits_at_start_is_reverted_and_quarantined() {
 
     let bad = s.config.commit(&[("app/app.conf", "bad\n")], "breaks app");
     wait_for("the bad release reverted", 60, || {
-        config_release(&s.root())["last_revert"]["from"] == bad.as_str()
+        config_release(&s.root())["last_revert"]["commit"] == bad.as_str()
     });
     wait_for("app running again", 20, || {
         s.app().state == ProcessState::Running
@@ -239,7 +239,7 @@ fn a_program_that_dies_within_the_grace_fails_its_release() {
     });
     let bad = s.config.commit(&[("app/app.conf", "dies\n")], "dies late");
     wait_for("the late death reverted", 60, || {
-        config_release(&s.root())["last_revert"]["from"] == bad.as_str()
+        config_release(&s.root())["last_revert"]["commit"] == bad.as_str()
     });
     let reason = config_release(&s.root())["last_revert"]["reason"]
         .as_str()
@@ -290,7 +290,7 @@ fn a_salt_commit_that_fails_under_revert_reapplies_the_previous_tree() {
         "two, with a failing state",
     );
     wait_for("the failing salt commit reverted", 60, || {
-        status(&s.root())["releases"]["salt"]["last_revert"]["from"] == two.as_str()
+        status(&s.root())["releases"]["salt"]["last_revert"]["commit"] == two.as_str()
     });
     let st = status(&s.root());
     assert_eq!(
