@@ -126,14 +126,7 @@ pub fn render(layout: &Layout, state: &State) -> String {
         }
         let current = repos::current_commit(layout, name);
         let _ = writeln!(out, "{name}");
-        let mut listed: Vec<String> = on_disk.clone();
-        // Quarantined commits were never kept (or were pruned): still worth showing.
-        for v in rec.verdicts.iter().rev() {
-            if !listed.contains(&v.commit) {
-                listed.push(v.commit.clone());
-            }
-        }
-        for c in &listed {
+        for c in &on_disk {
             let mut marks = Vec::new();
             if current.as_deref() == Some(c.as_str()) {
                 marks.push("current".to_string());
@@ -146,9 +139,6 @@ pub fn render(layout: &Layout, state: &State) -> String {
             }
             if rec.quarantined.as_ref().is_some_and(|q| &q.commit == c) {
                 marks.push("quarantined".into());
-            }
-            if !on_disk.contains(c) {
-                marks.push("not kept".into());
             }
             let v = rec.verdicts.iter().find(|v| &v.commit == c);
             let verdict = v.map_or("-", |v| v.verdict.as_str());

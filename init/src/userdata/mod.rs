@@ -122,7 +122,7 @@ pub struct SaltSection {
     /// `[salt.credentials]`: the repository's secret, in SSM.
     pub credentials: Option<CredentialsSection>,
     /// What a failed highstate on a new commit does: `retry` (default) or `revert`.
-    pub on_failure: Option<SaltOnFailure>,
+    pub on_failure: Option<Spanned<String>>,
 }
 
 /// `[config]`: the application configuration repository.
@@ -138,14 +138,14 @@ pub struct RepoSection {
     /// 0640). Without it, root alone reads them.
     pub group: Option<Spanned<String>>,
     /// What a release whose programs fail to start does: `revert` (default) or `keep`.
-    pub on_failure: Option<ConfigOnFailure>,
+    pub on_failure: Option<Spanned<String>>,
     /// How long a restarted program must stay up past its `startsecs` for its release to be
     /// good (default `5s`).
     pub grace: Option<Spanned<String>>,
 }
 
-/// `[config] on_failure`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+/// `[config] on_failure` (checked as a string: a located error names the choices).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ConfigOnFailure {
     /// Flip `current` back to the last good release, act again, quarantine the commit.
@@ -156,7 +156,7 @@ pub enum ConfigOnFailure {
 }
 
 /// `[salt] on_failure`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SaltOnFailure {
     /// Keep the new states and retry the highstate with back-off.
@@ -378,6 +378,12 @@ fn validate(doc: &Document) -> Result<(), UserDataError> {
                 ));
             }
         }
+        check_choice(
+            doc,
+            salt.on_failure.as_ref(),
+            "[salt] on_failure",
+            &["retry", "revert"],
+        )?;
         if let Some(t) = &salt.timeout {
             schedule::parse_bounded(t.get_ref(), "[salt] timeout", Duration::from_secs(86_400))
                 .map_err(|m| doc.error_at(t.span().start, m))?;
@@ -418,6 +424,12 @@ fn validate(doc: &Document) -> Result<(), UserDataError> {
             "config",
             config.repo.as_ref(),
             config.credentials.as_ref(),
+        )?;
+        check_choice(
+            doc,
+            config.on_failure.as_ref(),
+            "[config] on_failure",
+            &["revert", "keep"],
         )?;
         if let Some(g) = &config.grace {
             schedule::parse_bounded(g.get_ref(), "[config] grace", Duration::from_secs(600))
@@ -705,6 +717,26 @@ pub const DEFAULT_TRUST_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_SYSTEMCTL_TIMEOUT: Duration = Duration::from_secs(3 * 60);
 pub const DEFAULT_CONFIG_GRACE: Duration = Duration::from_secs(5);
 
+/// A key whose value is one of `allowed`.
+fn check_choice(
+    doc: &Document,
+    value: Option<&Spanned<String>>,
+    key: &str,
+    allowed: &[&str],
+) -> Result<(), UserDataError> {
+    match value {
+        Some(v) if !allowed.contains(&v.get_ref().as_str()) => Err(doc.error_at(
+            v.span().start,
+            format!(
+                "{key} `{}` is not one of: {}",
+                v.get_ref(),
+                allowed.join(", ")
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Merges user-data over the image defaults and renders placeholders for this instance.
 /// User-data wins field by field; grains merge key by key; watch rules add up.
 pub fn resolve(
@@ -916,10 +948,19 @@ pub fn resolve(
         .and_then(|a| a.ssm_endpoint.clone())
         .or_else(|| d.aws.as_ref().and_then(|a| a.ssm_endpoint.clone()))
         .map(Spanned::into_inner);
+    let choice = |a: &Option<Spanned<String>>, b: &Option<Spanned<String>>| {
+        a.as_ref().or(b.as_ref()).map(|v| v.get_ref().clone())
+    };
     let releases = ReleaseSettings {
-        config_on_failure: uc.on_failure.or(dc.on_failure).unwrap_or_default(),
+        config_on_failure: match choice(&uc.on_failure, &dc.on_failure).as_deref() {
+            Some("keep") => ConfigOnFailure::Keep,
+            _ => ConfigOnFailure::Revert,
+        },
         config_grace: duration(uc.grace.clone(), dc.grace.clone(), DEFAULT_CONFIG_GRACE),
-        salt_on_failure: us.on_failure.or(ds.on_failure).unwrap_or_default(),
+        salt_on_failure: match choice(&us.on_failure, &ds.on_failure).as_deref() {
+            Some("revert") => SaltOnFailure::Revert,
+            _ => SaltOnFailure::Retry,
+        },
     };
     let watch = d.watch.iter().chain(&u.watch).cloned().collect();
     Ok(Settings {

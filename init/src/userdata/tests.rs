@@ -386,8 +386,8 @@ fn release_failure_policies_resolve_and_bad_values_are_located() {
     let e = err("[config]\nrepo = \"https://x/c.git\"\ngrace = \"soon\"\n");
     assert_eq!((e.line, e.column), (3, 9), "{e}");
     let e = err("[config]\nrepo = \"https://x/c.git\"\non_failure = \"ignore\"\n");
-    assert_eq!(e.line, 3, "{e}");
-    assert!(e.to_string().contains("revert"), "{e}");
+    assert_eq!((e.line, e.column), (3, 14), "{e}");
+    assert!(e.to_string().contains("is not one of: revert, keep"), "{e}");
     let e = err("[salt]\nrepo = \"https://x/s.git\"\non_failure = \"keep\"\n");
-    assert_eq!(e.line, 3, "{e}");
+    assert_eq!((e.line, e.column), (3, 14), "{e}");
 }
