@@ -111,17 +111,13 @@ pub fn run(
                 (r, None)
             }
             SyncOutcome::Quarantined { commit, skipped } => {
-                // Logged loudly at the revert and at boot; each tick's skip is a debug line.
+                // Logged loudly once, at the revert (and shown by status); each skip is a debug line.
                 let msg = format!(
                     "{name}: upstream is at the quarantined {}; keeping the release {}",
                     short(skipped),
                     short(commit)
                 );
-                if trigger == Trigger::Boot {
-                    tracing::info!("{msg}");
-                } else {
-                    tracing::debug!("{msg}");
-                }
+                tracing::debug!("{msg}");
                 ("quarantined", None)
             }
             SyncOutcome::KeptLast { error, commit } => {
