@@ -43,7 +43,7 @@ pub fn hold(backends: &Backends, targets: &[String], grace: Duration) -> Vec<(St
     loop {
         let last = Instant::now() + POLL >= deadline;
         seen.retain(|(t, s)| {
-            if matches!(s, Seen::Unit) && round % UNIT_EVERY != 0 && !last {
+            if matches!(s, Seen::Unit) && !round.is_multiple_of(UNIT_EVERY) && !last {
                 return true;
             }
             match look(backends, &sup, t, s) {
