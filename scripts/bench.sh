@@ -20,10 +20,10 @@ ANSIBLE_PIN="ansible-core==2.18.19"
 QUICK="${BENCH_QUICK:-0}"
 if [[ $QUICK == 1 ]]; then
     OUT="${BENCH_OUT:-$W/benchmarks.md}"
-    N_BOOT=2 N_LAT=8 N_NOOP=4 N_ANS=2 N_COMMIT=2 IDLE_S=5 BURST_WINDOW=4 N_FLEET=1
+    N_BOOT=2 N_LAT=8 N_NOOP=4 N_ANS=2 N_COMMIT=2 IDLE_S=5 BURST_WINDOW=4 N_FLEET=1 N_REVERT=2
 else
     OUT="${BENCH_OUT:-$repo/docs/benchmarks.md}"
-    N_BOOT=9 N_LAT=60 N_NOOP=21 N_ANS=7 N_COMMIT=5 IDLE_S=60 BURST_WINDOW=10 N_FLEET=3
+    N_BOOT=9 N_LAT=60 N_NOOP=21 N_ANS=7 N_COMMIT=5 IDLE_S=60 BURST_WINDOW=10 N_FLEET=3 N_REVERT=5
 fi
 VENV="$repo/.venv/bin"
 PY="$VENV/python"
@@ -378,6 +378,70 @@ wait_for 30 "moto_server" "$PY" -c "import socket; socket.create_connection(('12
     --runs "$N_FLEET" >"$R/fleet.json"
 stop "$PID_moto"
 busy end
+
+# --- 7. a bad config commit: from its release published to the program running on the good one ----
+log "bad config commit, reverted: $N_REVERT times"
+git init -q --bare -b main "$W/git/config.git"
+git init -q -b main "$W/git/config-work"
+g "$W/git/config-work" remote add origin "$W/git/config.git"
+ccommit() { # CONTENT MESSAGE: prints the new commit
+    echo "$1" >"$W/git/config-work/app.conf"
+    g "$W/git/config-work" add -A
+    g "$W/git/config-work" commit -q -m "$2"
+    g "$W/git/config-work" push -q origin main
+    g "$W/git/config-work" rev-parse HEAD
+}
+good=$(ccommit "good 0" "good 0")
+CUR="$W/roots/revert/var/lib/stackless/repos/config/current"
+# supervisord's default startsecs, fewer retries: a bad start is FATAL after one retry.
+STARTSECS=1 STARTRETRIES=1
+cat >"$SUP/conf.d/app-revert.conf" <<EOF
+[program:app-revert]
+command=/bin/sh -c 'grep -q good $CUR/app.conf || { echo refusing this configuration >&2; exit 1; }; echo \$\$ > $W/pids/app-revert; exec sleep 1000000'
+autostart=false
+startsecs=$STARTSECS
+startretries=$STARTRETRIES
+autorestart=false
+stopwaitsecs=5
+stopasgroup=true
+killasgroup=true
+EOF
+"$VENV/supervisorctl" -s "unix://$SOCK" update >/dev/null
+cat >"$W/ud-revert.toml" <<EOF
+minion_id = "bench-revert"
+[config]
+repo = "file://$W/git/config.git"
+[sync]
+schedule = "@every 1s"
+[supervisor]
+socket = "$SOCK"
+conf_dir = "$SUP/conf.d"
+[[watch]]
+paths = ["$CUR/app.conf"]
+restart = ["app-revert"]
+EOF
+emulator revert "$W/ud-revert.toml"
+daemon "$W/log/agent-revert.log" env AWS_EC2_METADATA_SERVICE_ENDPOINT="$endpoint" "$BIN" --root "$W/roots/revert" boot
+"$BIN" --root "$W/roots/revert" wait --timeout 120 >/dev/null || die "the revert agent is not ready: $(tail -5 "$W/log/agent-revert.log")"
+"$VENV/supervisorctl" -s "unix://$SOCK" start app-revert >/dev/null
+judged_good() { # SHA: the agent recorded SHA as the last good config release
+    "$BIN" --root "$W/roots/revert" status --json |
+        "$PY" -c 'import json,sys; sys.exit(json.load(sys.stdin).get("releases",{}).get("config",{}).get("good") != sys.argv[1])' "$1"
+}
+wait_for 60 "the first config release judged good" judged_good "$good"
+: >"$W/revert.jsonl"
+for i in $(seq "$N_REVERT"); do
+    bad=$(ccommit "broken $i" "bad $i")
+    "$PY" "$here/bench.py" revert --socket "$SOCK" --program app-revert --pidfile "$W/pids/app-revert" \
+        --current "$CUR" --bad "$bad" --good "$good" >>"$W/revert.jsonl" ||
+        die "revert $i: $(tail -5 "$W/log/agent-revert.log")"
+    echo >>"$W/revert.jsonl"
+    good=$(ccommit "good $i" "good $i")
+    wait_for 60 "config release good $i judged good" judged_good "$good"
+done
+"$PY" -c 'import json,sys; ms=[json.loads(l)["ms"] for l in open(sys.argv[1]) if l.strip()]; print(json.dumps({"ms": ms, "startsecs": int(sys.argv[2]), "startretries": int(sys.argv[3])}))' \
+    "$W/revert.jsonl" "$STARTSECS" "$STARTRETRIES" >"$R/revert.json"
+busy revert
 
 # --- the page ----------------------------------------------------------------------------------------
 tools="stackless-init $("$BIN" --version 2>/dev/null | awk '{print $NF}'), $(salt-call --version 2>/dev/null), supervisor $("$VENV/supervisord" --version), $("$AVENV/bin/ansible-pull" --version 2>/dev/null | sed -n '1{s/[][]//g;p}'), $(git --version), inotifywait $(inotifywait --help 2>&1 | awk 'NR == 1 {print $2}'), $(/usr/bin/python3 --version)"

@@ -3,7 +3,10 @@
 # with the local target, serve real git repositories, boot the images in qemu with the IMDS
 # emulator, and watch stackless-init do its work on a real systemd boot:
 #   preseeded: ready, highstate passed, the web program answers with the configured text; a config
-#              commit restarts it once with the new text; a salt commit is applied on the next tick;
+#              commit restarts it once with the new text; a commit that breaks it (an empty
+#              greeting: it refuses to start) is reverted by the agent, which says so on the
+#              console, and the web program answers the previous text again; a salt commit is
+#              applied on the next tick;
 #   bare:      salt is installed at first boot, then the same checks pass;
 #   KVM that aborts or hangs (a stand-in qemu): auto falls back to TCG and still reaches ready;
 #   private:   the config repository is private (HTTPS with basic auth behind lighttpd, TLS from a
@@ -160,6 +163,27 @@ wait_http "$port" / "$greeting_v2" 300 "preseeded: the new greeting"
 config_s=$(( $(date +%s) - t0 ))
 sleep 5 # a second restart would show up here
 wait_http "$port" /starts 2 10 "preseeded: restarted exactly once"
+
+say "preseeded: pushing a config commit that breaks the web program"
+good_config=$(git -C "$work/config" rev-parse HEAD)
+t0=$(date +%s)
+commit config web/greeting.txt "" "an empty greeting: web refuses to start"
+bad_config=$(git -C "$work/config" rev-parse HEAD)
+# The agent prints each revert on the console as it happens (stackless-init-revert: JSON).
+deadline=$(( $(date +%s) + 300 ))
+until grep -a 'stackless-init-revert: ' "$work/preseeded.console" 2>/dev/null |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    r = json.loads(l.split("stackless-init-revert: ", 1)[1])
+    if r["repo"] == "config" and r["from"] == sys.argv[1] and r["to"] == sys.argv[2]:
+        sys.exit(0)
+sys.exit(1)' "$bad_config" "$good_config"; do
+    (( $(date +%s) < deadline )) || fail "preseeded: no revert of $bad_config to $good_config on the console in 300 s"
+    sleep 2
+done
+wait_http "$port" / "$greeting_v2" 120 "preseeded: the previous greeting again after the revert"
+revert_s=$(( $(date +%s) - t0 ))
+say "preseeded: the bad config commit was reverted and web answers the previous text, ${revert_s} s after the push"
 
 say "preseeded: pushing a salt commit"
 t0=$(date +%s)
@@ -461,7 +485,7 @@ cat >out/e2e/summary.json <<JSON
  "bake_ms": {"preseeded": ${bake_s[preseeded]}, "bare": ${bake_s[bare]}},
  "boot_to_ready_ms": {"preseeded": $pre_ready_ms, "private": $private_ms, "bare": $bare_ready_ms},
  "agent_boot_ms": {"preseeded": $pre_agent_ms, "bare": $bare_agent_ms},
- "config_change_live_s": $config_s, "salt_change_applied_s": $salt_s,
+ "config_change_live_s": $config_s, "bad_config_reverted_s": $revert_s, "salt_change_applied_s": $salt_s,
  "fleet_config_converged_s": $fleet_s,
  "measured_at": "$(date -u +%Y-%m-%dT%H:%M:%SZ)"}
 JSON

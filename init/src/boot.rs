@@ -180,6 +180,7 @@ fn sequence(
         state.schedule = p.schedule;
         state.last_sync = p.last_sync;
         state.report = p.report;
+        state.releases = p.releases;
     }
 
     // 3. User-data over defaults, rendered for this instance. Nothing is written before this passes.

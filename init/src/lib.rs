@@ -16,6 +16,7 @@ pub mod lock;
 pub mod paths;
 pub mod private;
 pub mod process;
+pub mod releases;
 pub mod report;
 pub mod repos;
 pub mod resident;

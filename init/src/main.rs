@@ -66,6 +66,20 @@ enum Command {
         #[arg(long, default_value_t = 1800)]
         lock_wait: u64,
     },
+    /// List each repository's releases with their verdicts (good, bad, pinned), the last good
+    /// one and the quarantined commit; pin one by hand, or unpin.
+    Releases {
+        /// Publish a release the repository still has (a unique prefix of its commit) and stay
+        /// on it: syncs do not follow the ref until --unpin. It counts as good.
+        #[arg(long, num_args = 2, value_names = ["REPO", "COMMIT"])]
+        pin: Option<Vec<String>>,
+        /// Follow the ref again from the next sync.
+        #[arg(long, value_name = "REPO", conflicts_with = "pin")]
+        unpin: Option<String>,
+        /// Longest wait for a running sync to finish, in seconds.
+        #[arg(long, default_value_t = 1800)]
+        lock_wait: u64,
+    },
     /// git's askpass helper for private HTTPS repositories: answers git's prompt from the file
     /// the agent names in STACKLESS_ASKPASS_FILE (the agent runs it; not for people).
     #[command(hide = true)]
@@ -254,6 +268,26 @@ fn run(command: Command, layout: &Layout) -> anyhow::Result<u8> {
                     settings.minion_id,
                     Identity::example().instance_id
                 );
+            }
+            Ok(0)
+        }
+        Command::Releases {
+            pin,
+            unpin,
+            lock_wait,
+        } => {
+            let wait = Duration::from_secs(lock_wait);
+            if let Some([repo, commit]) = pin.as_deref() {
+                let full = stackless_init::releases::pin(layout, repo, commit, wait)?;
+                println!("{repo} pinned at {full}; `stackless-init releases --unpin {repo}` follows the ref again");
+            } else if let Some(repo) = unpin {
+                match stackless_init::releases::unpin(layout, &repo, wait)? {
+                    Some(c) => println!("{repo} unpinned (was {c}); the next sync follows the ref"),
+                    None => println!("{repo} was not pinned"),
+                }
+            } else {
+                let state = State::load(layout)?.unwrap_or_default();
+                print!("{}", stackless_init::releases::render(layout, &state));
             }
             Ok(0)
         }

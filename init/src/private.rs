@@ -60,9 +60,10 @@ pub fn sync(
     name: &str,
     spec: &RepoSpec,
     settings: &Settings,
+    policy: &repos::Policy,
 ) -> Result<SyncOutcome> {
     let Some(creds) = &spec.credentials else {
-        return repos::sync(layout, name, spec, settings.timeouts.git);
+        return repos::sync_with_auth(layout, name, spec, settings.timeouts.git, None, policy);
     };
     SSM.with(|cell| {
         let mut cell = cell.borrow_mut();
@@ -73,7 +74,15 @@ pub fn sync(
             *cell = Some(Ssm::new(settings.ssm_endpoint.clone()));
         }
         let source = cell.as_mut().expect("set just now");
-        sync_with_source(layout, name, spec, creds, settings.timeouts.git, source)
+        sync_with_source(
+            layout,
+            name,
+            spec,
+            creds,
+            settings.timeouts.git,
+            source,
+            policy,
+        )
     })
 }
 
@@ -91,6 +100,7 @@ pub fn sync_with_source(
     creds: &RepoCredentials,
     timeout: Duration,
     source: &mut dyn SecretSource,
+    policy: &repos::Policy,
 ) -> Result<SyncOutcome> {
     let auth = match git_auth(layout, creds, source) {
         Ok(auth) => auth,
@@ -104,7 +114,7 @@ pub fn sync_with_source(
             return repos::keep_last(name, Err(e), repos::current_commit(layout, name));
         }
     };
-    repos::sync_with_auth(layout, name, spec, timeout, Some(&auth))
+    repos::sync_with_auth(layout, name, spec, timeout, Some(&auth), policy)
     // `auth` drops here: its folder under /run/stackless goes with it.
 }
 

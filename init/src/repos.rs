@@ -39,6 +39,18 @@ pub enum SyncOutcome {
     Unchanged { commit: String },
     /// The fetch failed; the last good release stays published.
     KeptLast { commit: String, error: String },
+    /// Upstream is at a quarantined commit (a bad release that was reverted); the published
+    /// release stays and nothing was fetched.
+    Quarantined { commit: String, skipped: String },
+}
+
+/// What the release verdicts ask of a sync.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// A quarantined commit: when upstream is at it, keep the published release.
+    pub skip: Option<String>,
+    /// A release pruning must keep (the last good one, which a revert goes back to).
+    pub keep: Option<String>,
 }
 
 impl SyncOutcome {
@@ -47,7 +59,8 @@ impl SyncOutcome {
         match self {
             SyncOutcome::Updated { commit, .. }
             | SyncOutcome::Unchanged { commit }
-            | SyncOutcome::KeptLast { commit, .. } => commit,
+            | SyncOutcome::KeptLast { commit, .. }
+            | SyncOutcome::Quarantined { commit, .. } => commit,
         }
     }
 }
@@ -61,19 +74,28 @@ pub fn sync(
     spec: &RepoSpec,
     timeout: Duration,
 ) -> Result<SyncOutcome> {
-    sync_with_auth(layout, name, spec, timeout, None)
+    sync_with_auth(layout, name, spec, timeout, None, &Policy::default())
 }
 
-/// [`sync`] for a private repository: git's ls-remote and fetch get `auth`.
+/// [`sync`] for a private repository (git's ls-remote and fetch get `auth`), under `policy`.
 pub fn sync_with_auth(
     layout: &Layout,
     name: &str,
     spec: &RepoSpec,
     timeout: Duration,
     auth: Option<&GitAuth>,
+    policy: &Policy,
 ) -> Result<SyncOutcome> {
     let current = current_commit(layout, name);
-    let result = sync_inner(layout, name, spec, current.as_deref(), timeout, auth);
+    let result = sync_inner(
+        layout,
+        name,
+        spec,
+        current.as_deref(),
+        timeout,
+        auth,
+        policy,
+    );
     let result = result.with_context(|| {
         let with = spec
             .credentials
@@ -127,6 +149,7 @@ fn sync_inner(
     current: Option<&str>,
     timeout: Duration,
     auth: Option<&GitAuth>,
+    policy: &Policy,
 ) -> Result<SyncOutcome> {
     validate(name, spec)?;
     let repo_dir = layout.repo_dir(name);
@@ -138,6 +161,14 @@ fn sync_inner(
         // gets its modes now, not at the next commit.
         restrict_if_needed(&releases.join(&sha), spec.group.as_deref())?;
         return Ok(SyncOutcome::Unchanged { commit: sha });
+    }
+    if let (Some(bad), Some(cur)) = (policy.skip.as_deref(), current) {
+        if bad == sha {
+            return Ok(SyncOutcome::Quarantined {
+                commit: cur.to_string(),
+                skipped: sha,
+            });
+        }
     }
 
     fs::create_dir_all(&releases).with_context(|| format!("creating {}", releases.display()))?;
@@ -182,7 +213,7 @@ fn sync_inner(
         previous = current.unwrap_or("none"),
         "published a new release"
     );
-    if let Err(e) = prune(&releases, &commit) {
+    if let Err(e) = prune(&releases, &commit, policy.keep.as_deref()) {
         tracing::warn!(repo = name, "pruning old releases: {e:#}");
     }
     Ok(SyncOutcome::Updated {
@@ -409,15 +440,44 @@ fn flip(repo_dir: &Path, sha: &str) -> Result<()> {
     Ok(())
 }
 
-/// Removes all releases but `current` and the `KEEP_PREVIOUS` most recently published others.
-fn prune(releases: &Path, current: &str) -> Result<()> {
+/// Publishes a release this repository still has (a revert, a pin): `current` flips to it.
+pub fn publish(layout: &Layout, name: &str, commit: &str) -> Result<()> {
+    let dir = layout.repo_dir(name);
+    if !is_full_sha(commit) || !dir.join("releases").join(commit).is_dir() {
+        bail!("repository {name} has no release {commit} (see `stackless-init releases`)");
+    }
+    flip(&dir, commit)?;
+    tracing::info!("{name}: published the kept release {commit} again");
+    Ok(())
+}
+
+/// The releases a repository holds, newest published first.
+pub fn releases(layout: &Layout, name: &str) -> Vec<String> {
+    let dir = layout.repo_dir(name).join("releases");
+    let mut found: Vec<(SystemTime, String)> = fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_str()?.to_string();
+            let at = e.metadata().and_then(|m| m.modified()).ok()?;
+            is_full_sha(&n).then_some((at, n))
+        })
+        .collect();
+    found.sort_by(|a, b| b.cmp(a));
+    found.into_iter().map(|(_, n)| n).collect()
+}
+
+/// Removes all releases but `current`, `keep` and the `KEEP_PREVIOUS` most recently published
+/// others.
+fn prune(releases: &Path, current: &str, keep: Option<&str>) -> Result<()> {
     let mut others = Vec::new();
     for entry in
         fs::read_dir(releases).with_context(|| format!("listing {}", releases.display()))?
     {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !is_full_sha(&name) || name == current {
+        if !is_full_sha(&name) || name == current || Some(name.as_str()) == keep {
             continue;
         }
         let modified = entry
@@ -959,6 +1019,42 @@ mod tests {
         kept.sort();
         assert_eq!(f.releases(), kept);
         assert_eq!(current_commit(&f.layout, "salt").as_ref(), commits.last());
+    }
+
+    #[test]
+    fn a_quarantined_tip_is_skipped_and_the_good_release_outlives_pruning() {
+        let f = Fixture::new();
+        let good = sh_git(&f.work, &["rev-parse", "HEAD"]);
+        sync(&f.layout, "salt", &f.spec("main"), T).unwrap();
+        let bad = f.commit("n.txt", "bad");
+        let policy = Policy {
+            skip: Some(bad.clone()),
+            keep: Some(good.clone()),
+        };
+        let out = sync_with_auth(&f.layout, "salt", &f.spec("main"), T, None, &policy).unwrap();
+        assert_eq!(
+            out,
+            SyncOutcome::Quarantined {
+                commit: good.clone(),
+                skipped: bad.clone()
+            }
+        );
+        assert_eq!(f.releases(), vec![good.clone()], "nothing was fetched");
+        let keep = Policy {
+            skip: None,
+            keep: Some(good.clone()),
+        };
+        for i in 0..5 {
+            f.commit("n.txt", &i.to_string());
+            sync_with_auth(&f.layout, "salt", &f.spec("main"), T, None, &keep).unwrap();
+        }
+        let kept = f.releases();
+        assert!(kept.contains(&good), "{kept:?}");
+        assert_eq!(kept.len(), KEEP_PREVIOUS + 2, "{kept:?}");
+        publish(&f.layout, "salt", &good).unwrap();
+        assert_eq!(current_commit(&f.layout, "salt"), Some(good));
+        let e = publish(&f.layout, "salt", &"0".repeat(40)).unwrap_err();
+        assert!(e.to_string().contains("has no release"), "{e}");
     }
 
     #[test]

@@ -7,14 +7,16 @@
 //! middle of a highstate. A manual `stackless-init sync` in another process holds the same lock;
 //! actions due while it runs are deferred until it lets go.
 
-use crate::actions::{Backends, SupervisordBackend, SystemdBackend};
+use crate::actions::{hold, Backends, SupervisordBackend, SystemdBackend};
 use crate::boot::BootResult;
 use crate::lifecycle;
 use crate::lock::SyncLock;
 use crate::paths::Layout;
+use crate::releases;
+use crate::repos::{self, short};
 use crate::state::{now_rfc3339, ProgramRecord, RuleRecord, ScheduleRecord, State, WatchRecord};
 use crate::sync::{self, Trigger};
-use crate::userdata::{self, schedule::splay_offset, Settings};
+use crate::userdata::{self, schedule::splay_offset, ConfigOnFailure, Settings};
 use crate::watch::{Due, Rule, Timing, Watcher};
 use anyhow::{Context, Result};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -32,6 +34,18 @@ const SUPERVISOR_UPDATE: &str = "stackless:supervisor-update";
 const DEFER_RETRY: Duration = Duration::from_millis(200);
 /// Most ticks a failing highstate waits between retries.
 const MAX_RETRY_TICKS: u32 = 16;
+/// A config release that triggered nothing within the watcher's window plus this is good.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// A config release published and not judged yet.
+#[derive(Debug, Clone)]
+struct Pending {
+    commit: String,
+    /// When the agent noticed it (the revert time counts from here).
+    since: Instant,
+    /// When it is good if it triggered nothing.
+    settle_at: Instant,
+}
 
 /// The signals the resident agent takes through its signalfd.
 fn signal_set() -> SigSet {
@@ -74,6 +88,7 @@ pub struct Agent {
     next_tick: Option<SystemTime>,
     last_tick: Option<SystemTime>,
     ticks_since_highstate: u32,
+    pending: Option<Pending>,
 }
 
 impl Agent {
@@ -108,8 +123,10 @@ impl Agent {
             next_tick: None,
             last_tick: None,
             ticks_since_highstate: 0,
+            pending: None,
             settings,
         };
+        agent.notice_release();
         agent.plan_tick();
         agent.save_locked(|_| {})?;
         Ok(agent)
@@ -141,6 +158,13 @@ impl Agent {
             let mut deadline: Option<Instant> = self.watcher.next_deadline();
             if let Some(at) = self.retry_at {
                 deadline = Some(deadline.map_or(at, |d| d.min(at)));
+            }
+            if let Some(p) = &self.pending {
+                // Judged once the watcher has nothing pending: no busy wait meanwhile.
+                if deadline.is_none() || self.watcher.next_deadline().is_none() {
+                    let at = p.settle_at;
+                    deadline = Some(deadline.map_or(at, |d| d.min(at)));
+                }
             }
             if let Some(tick) = self.next_tick {
                 let in_ = tick.duration_since(SystemTime::now()).unwrap_or_default();
@@ -216,7 +240,64 @@ impl Agent {
             if !due.is_empty() {
                 self.act(due);
             }
+            self.settle_release();
         }
+    }
+
+    /// Notes a config release that is not known good as pending its verdict.
+    fn notice_release(&mut self) {
+        if self.settings.config.is_none() {
+            return;
+        }
+        let Some(current) = repos::current_commit(&self.layout, "config") else {
+            return;
+        };
+        if self.pending.as_ref().is_some_and(|p| p.commit == current) {
+            return;
+        }
+        let state = State::load(&self.layout).ok().flatten().unwrap_or_default();
+        if releases::good(&state, "config").as_deref() == Some(current.as_str()) {
+            self.pending = None;
+            return;
+        }
+        let now = Instant::now();
+        tracing::debug!("config release {} pending its verdict", short(&current));
+        self.pending = Some(Pending {
+            commit: current,
+            since: now,
+            settle_at: now + self.settings.watch_max_delay + SETTLE,
+        });
+    }
+
+    /// A pending release that triggered nothing once the watcher is quiet is good.
+    fn settle_release(&mut self) {
+        let Some(p) = &self.pending else { return };
+        let now = Instant::now();
+        if now < p.settle_at || self.watcher.next_deadline().is_some() || !self.deferred.is_empty()
+        {
+            return;
+        }
+        let commit = p.commit.clone();
+        let Ok(Some(_lock)) = SyncLock::try_acquire(&self.layout) else {
+            if let Some(p) = self.pending.as_mut() {
+                p.settle_at = now + DEFER_RETRY;
+            }
+            return;
+        };
+        self.pending = None;
+        if repos::current_commit(&self.layout, "config").as_deref() != Some(commit.as_str()) {
+            return;
+        }
+        if let Err(e) = self.update_state(|st| releases::mark_good(st, "config", &commit)) {
+            tracing::error!("{e:#}");
+        }
+    }
+
+    /// Loads the record, changes it, saves it. The caller holds the sync lock.
+    fn update_state(&self, change: impl FnOnce(&mut State)) -> Result<()> {
+        let mut state = State::load(&self.layout)?.unwrap_or_default();
+        change(&mut state);
+        state.save(&self.layout)
     }
 
     fn idle_status(&self) -> String {
@@ -276,6 +357,7 @@ impl Agent {
             tracing::error!("{e:#}");
         }
         drop(lock);
+        self.notice_release();
         match &recorded.record.error {
             Some(e) => tracing::warn!("scheduled sync {}: {e}", recorded.record.outcome.as_str()),
             None => tracing::info!("scheduled sync done"),
@@ -326,8 +408,16 @@ impl Agent {
             _ => 2,
         });
         let mut records: Vec<(String, ProgramRecord)> = Vec::new();
+        // Actions caused by a config release not yet known good decide its verdict.
+        let judged = self.judged_release(&due);
+        let config_dir = self.layout.repo_dir("config");
+        let acted_at = Instant::now();
+        let mut held: Vec<String> = Vec::new();
+        let mut failures: Vec<(String, String)> = Vec::new();
         for d in due {
             let started = Instant::now();
+            let from_release =
+                judged.is_some() && d.paths.iter().any(|p| p.starts_with(&config_dir));
             let paths: Vec<String> = d.paths.iter().map(|p| p.display().to_string()).collect();
             match d.target.as_str() {
                 RELOAD_RULES => {
@@ -397,8 +487,14 @@ impl Agent {
                             }
                             rec.pid = done.pid;
                             rec.last_outcome = "ok".into();
+                            if from_release {
+                                held.push(target.to_string());
+                            }
                         }
                         Err(e) => {
+                            if from_release {
+                                failures.push((target.to_string(), format!("{action}: {e:#}")));
+                            }
                             tracing::error!(target, ms, "{action} after {paths:?} changed: {e:#}");
                             rec.failures = 1;
                             rec.last_outcome = format!("{e:#}");
@@ -407,6 +503,16 @@ impl Agent {
                     records.push((target.to_string(), rec));
                 }
             }
+        }
+        if judged.is_some() && !held.is_empty() {
+            // startsecs was waited for by the restart; the grace catches a program that dies
+            // just after. Bounded: the resident loop waits no longer than the grace.
+            lifecycle::status("watching restarted programs");
+            failures.extend(hold::hold(
+                &self.backends,
+                &held,
+                self.settings.releases.config_grace,
+            ));
         }
         let overflows = self.watcher.overflows();
         let dirs = self.watcher.watched_dirs().len();
@@ -434,7 +540,96 @@ impl Agent {
         if let Err(e) = r {
             tracing::error!("{e:#}");
         }
+        if let Some((commit, good)) = judged {
+            self.judge(commit, good, failures, acted_at);
+        }
         lifecycle::status(&self.idle_status());
+    }
+
+    /// The published config release and its last good one, when `due` holds an action caused
+    /// by a change under the config repository and that release is not known good yet.
+    fn judged_release(&self, due: &[Due]) -> Option<(String, Option<String>)> {
+        self.settings.config.as_ref()?;
+        let config_dir = self.layout.repo_dir("config");
+        let ours = due.iter().any(|d| {
+            d.target != RELOAD_RULES
+                && d.target != SUPERVISOR_UPDATE
+                && d.paths.iter().any(|p| p.starts_with(&config_dir))
+        });
+        if !ours {
+            return None;
+        }
+        let current = repos::current_commit(&self.layout, "config")?;
+        let state = State::load(&self.layout).ok().flatten().unwrap_or_default();
+        let good = releases::good(&state, "config");
+        (good.as_deref() != Some(current.as_str())).then_some((current, good))
+    }
+
+    /// The verdict of a config release from what its actions did; a bad one is reverted (by
+    /// default) and quarantined. The caller holds the sync lock.
+    fn judge(
+        &mut self,
+        commit: String,
+        good: Option<String>,
+        failures: Vec<(String, String)>,
+        acted_at: Instant,
+    ) {
+        let since = match &self.pending {
+            Some(p) if p.commit == commit => p.since,
+            _ => acted_at,
+        };
+        self.pending = None;
+        if failures.is_empty() {
+            if let Err(e) = self.update_state(|st| releases::mark_good(st, "config", &commit)) {
+                tracing::error!("{e:#}");
+            }
+            return;
+        }
+        for (target, why) in &failures {
+            // The program's own words go to the log (the journal) alone: they may hold secrets.
+            let output = hold::last_output(&self.backends, target);
+            tracing::error!("{target}: {why}; its last output:\n{output}");
+        }
+        let reason = failures
+            .iter()
+            .map(|(_, why)| why.as_str())
+            .collect::<Vec<_>>()
+            .join("; ");
+        let bad = short(&commit).to_string();
+        let revert = self.settings.releases.config_on_failure == ConfigOnFailure::Revert;
+        // Where to go back to, or why the bad release stays.
+        let back = match good.filter(|_| revert) {
+            Some(to) => repos::publish(&self.layout, "config", &to)
+                .map(|()| to)
+                .map_err(|e| format!("reverting failed: {e:#}")),
+            None if revert => Err("no earlier good release to revert to".to_string()),
+            None => Err("[config] on_failure = \"keep\"".to_string()),
+        };
+        let ms = since.elapsed().as_millis() as u64;
+        let r = match back {
+            Err(why) => {
+                tracing::error!("config release {bad} is bad ({reason}); keeping it: {why}");
+                self.update_state(|st| releases::mark_bad(st, "config", &commit, &reason, false))
+            }
+            Ok(to) => {
+                tracing::warn!(
+                    "config release {bad} is bad ({reason}); reverted to the last good release {} \
+                     after {ms} ms and quarantined the commit until upstream moves on",
+                    short(&to)
+                );
+                self.update_state(|st| {
+                    releases::mark_bad(st, "config", &commit, &reason, true);
+                    releases::record_revert(st, "config", &commit, &to, &reason, ms);
+                    if let Some(rec) = st.repos.get_mut("config") {
+                        rec.commit = Some(to.clone());
+                        rec.result = "reverted".into();
+                    }
+                })
+            }
+        };
+        if let Err(e) = r {
+            tracing::error!("{e:#}");
+        }
     }
 
     /// Reloads the rules; the caller records them (act_locked saves, SIGHUP saves under the lock).

@@ -35,6 +35,11 @@ pub struct State {
     /// The last report on the instance's tags.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<ReportRecord>,
+    /// Per repository (`salt`, `config`): the last good release, the quarantined commit, the
+    /// verdicts and the last revert. Commits and the agent's own words only: never file contents
+    /// or program output (they may hold secrets).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub releases: BTreeMap<String, ReleasesRecord>,
 }
 
 /// What the agent last reported on its instance's tags ([`crate::report`]).
@@ -54,6 +59,50 @@ pub struct ReportRecord {
     /// The last try was denied: not tried again until the tags change.
     #[serde(default)]
     pub denied: bool,
+}
+
+/// What the agent knows of one repository's releases.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReleasesRecord {
+    /// The last release everything it triggered succeeded with: what a revert goes back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub good: Option<String>,
+    /// A bad commit (its verdict): not applied again until the remote tip moves to another
+    /// commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantined: Option<Verdict>,
+    /// Pinned by hand (`stackless-init releases --pin`): syncs keep this release and do not
+    /// follow the ref until `unpin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
+    /// Verdicts of recent commits, oldest first, at most [`MAX_VERDICTS`].
+    #[serde(default)]
+    pub verdicts: Vec<Verdict>,
+    /// The last revert: `commit` is the bad commit, `to` the release published again, `ms`
+    /// the time from the bad release's publication to the revert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_revert: Option<Verdict>,
+    #[serde(default)]
+    pub reverts: u64,
+}
+
+/// How many verdicts a repository's record keeps.
+pub const MAX_VERDICTS: usize = 20;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub commit: String,
+    /// `good`, `bad`, `pinned` or (a revert) `reverted`.
+    pub verdict: String,
+    pub at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// A revert's: the release published again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// A revert's: from the bad release's publication to the revert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

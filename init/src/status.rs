@@ -79,6 +79,36 @@ pub fn render(state: &State) -> String {
             }
         }
     }
+    for (name, r) in &state.releases {
+        let good = r.good.as_deref().map(short).unwrap_or("-");
+        let _ = write!(out, "  {name:<7} last good {good}");
+        if let Some(p) = &r.pinned {
+            let _ = write!(out, ", pinned at {}", short(p));
+        }
+        if r.reverts > 0 {
+            let _ = write!(out, ", {} revert(s)", r.reverts);
+        }
+        out.push('\n');
+        if let Some(v) = &r.last_revert {
+            let _ = writeln!(
+                out,
+                "          reverted {} -> {} at {} ({} ms): {}",
+                short(&v.commit),
+                short(v.to.as_deref().unwrap_or("-")),
+                v.at,
+                v.ms.unwrap_or(0),
+                v.reason.as_deref().unwrap_or("")
+            );
+        }
+        if let Some(q) = &r.quarantined {
+            let _ = writeln!(
+                out,
+                "          quarantined {} since {} until upstream moves on",
+                short(&q.commit),
+                q.at
+            );
+        }
+    }
     if let Some(h) = &state.highstate {
         let _ = writeln!(out);
         let verdict = if h.error.is_none() && h.report.ok {
@@ -201,6 +231,34 @@ pub fn render(state: &State) -> String {
     out
 }
 
+/// Prefix of the line a revert prints on the console, for programs reading it.
+pub const REVERT_PREFIX: &str = "stackless-init-revert: ";
+
+/// What a revert prints on the console (stdout: the journal and the serial console), as it
+/// happens: a line for people and one of JSON after [`REVERT_PREFIX`]. The agent's own words
+/// only (commits, supervisord's states): never program output or file contents.
+pub fn revert_report(repo: &str, r: &crate::state::Verdict) -> String {
+    let one = crate::timeline::one_line(r.reason.as_deref().unwrap_or(""));
+    let to = r.to.as_deref().unwrap_or("");
+    let ms = r.ms.unwrap_or(0);
+    let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let json = format!(
+        "{{\"repo\":{},\"outcome\":\"reverted\",\"from\":{},\"to\":{},\"reason\":{},\"at\":{},\"ms\":{}}}",
+        q(repo),
+        q(&r.commit),
+        q(to),
+        q(&one),
+        q(&r.at),
+        ms
+    );
+    format!(
+        "stackless-init: {repo} release {} reverted to {} after {} ms: {one}\n{REVERT_PREFIX}{json}\n",
+        short(&r.commit),
+        short(to),
+        ms
+    )
+}
+
 /// The JSON report: the state record as saved.
 pub fn render_json(state: &State) -> String {
     serde_json::to_string_pretty(state).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
@@ -252,6 +310,29 @@ pub fn console_report(state: &State, outcome: Outcome, error: Option<&str>) -> S
 mod tests {
     use super::*;
     use crate::state::{BootRecord, Step};
+
+    #[test]
+    fn a_revert_prints_one_line_for_people_and_one_of_json() {
+        let r = crate::state::Verdict {
+            commit: "b".repeat(40),
+            verdict: "reverted".into(),
+            at: "2026-12-03T04:40:05Z".into(),
+            reason: Some("restart: web is FATAL\nnot RUNNING".into()),
+            to: Some("a".repeat(40)),
+            ms: Some(2710),
+        };
+        let text = revert_report("config", &r);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].contains("config release bbbbbbbbbbbb reverted to aaaaaaaaaaaa after 2710 ms")
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(lines[1].strip_prefix(REVERT_PREFIX).unwrap()).unwrap();
+        assert_eq!(json["outcome"], "reverted");
+        assert_eq!(json["from"], r.commit.as_str());
+        assert_eq!(json["to"], "a".repeat(40).as_str());
+    }
 
     #[test]
     fn human_output_lists_steps_with_start_offsets() {

@@ -3,11 +3,12 @@
 //! run this; the caller holds the sync lock, so runs never overlap.
 
 use crate::paths::Layout;
-use crate::repos::{short, RepoSpec, SyncOutcome};
+use crate::releases;
+use crate::repos::{self, short, RepoSpec, SyncOutcome};
 use crate::salt::highstate;
 use crate::state::{now_rfc3339, HighstateRecord, Outcome, RepoRecord, State, SyncRecord};
 use crate::timeline::Timeline;
-use crate::userdata::{HighstateMode, Settings};
+use crate::userdata::{HighstateMode, SaltOnFailure, Settings};
 use anyhow::{Context, Result};
 use std::path::Path;
 use std::time::Duration;
@@ -39,6 +40,8 @@ pub struct SyncSummary {
     pub highstate_ran: bool,
     /// `Some(false)` when highstate ran and did not converge.
     pub highstate_ok: Option<bool>,
+    /// The salt commit reverted (`[salt] on_failure = "revert"`), when one was.
+    pub salt_reverted: Option<String>,
 }
 
 /// What every sync of one agent shares.
@@ -69,8 +72,19 @@ pub fn run(
     let mut salt_commit = None;
     for (name, spec) in [("salt", &settings.salt.repo), ("config", &settings.config)] {
         let Some(spec) = spec else { continue };
+        if let Some(pin) = releases::pinned(state, name) {
+            if repos::current_commit(layout, name).as_deref() == Some(pin.as_str()) {
+                // Pinned by hand: the ref is not followed until `stackless-init releases --unpin`.
+                if name == "salt" {
+                    salt_commit = Some(pin.clone());
+                }
+                record_repo(state, name, spec, Some(pin), "pinned", None);
+                continue;
+            }
+        }
+        let policy = releases::policy(state, name);
         let outcome = tl.step(&format!("sync-{name}"), || {
-            let o = crate::private::sync(layout, name, spec, settings)
+            let o = crate::private::sync(layout, name, spec, settings, &policy)
                 .with_context(|| format!("syncing the {name} repository"))?;
             let d = describe(&o);
             Ok((o, Some(d)))
@@ -87,8 +101,25 @@ pub fn run(
             }
         };
         let (result, error) = match &outcome {
-            SyncOutcome::Updated { .. } => ("updated", None),
-            SyncOutcome::Unchanged { .. } => ("unchanged", None),
+            SyncOutcome::Updated { commit, .. } | SyncOutcome::Unchanged { commit } => {
+                releases::lift_quarantine(state, name, commit);
+                let r = if matches!(outcome, SyncOutcome::Updated { .. }) {
+                    "updated"
+                } else {
+                    "unchanged"
+                };
+                (r, None)
+            }
+            SyncOutcome::Quarantined { commit, skipped } => {
+                // Logged loudly once, at the revert (and shown by status); each skip is a debug line.
+                let msg = format!(
+                    "{name}: upstream is at the quarantined {}; keeping the release {}",
+                    short(skipped),
+                    short(commit)
+                );
+                tracing::debug!("{msg}");
+                ("quarantined", None)
+            }
             SyncOutcome::KeptLast { error, commit } => {
                 tl.degrade(format!(
                     "{name} repository: fetch failed, kept the last good release {}: {error}",
@@ -127,42 +158,116 @@ pub fn run(
     }
     let at = now_rfc3339();
     summary.highstate_ran = true;
-    let report = tl.step("highstate", || {
+    let report = highstate_step(tl, "highstate", ctx, salt_call);
+    let failure = record_highstate(state, &mut summary, report, &commit, at);
+    let Some(reason) = failure else {
+        releases::mark_good(state, "salt", &commit);
+        return Ok(summary);
+    };
+    // `[salt] on_failure = "revert"`: a new commit that fails goes back to the last good tree.
+    let good = releases::good(state, "salt").filter(|g| *g != commit);
+    let revert = settings.releases.salt_on_failure == SaltOnFailure::Revert
+        && summary.salt_changed
+        && good.is_some();
+    let Some(good) = good.filter(|_| revert) else {
+        tl.degrade(format!("highstate: {reason}"));
+        return Ok(summary);
+    };
+    let started = std::time::Instant::now();
+    let reason = format!("highstate failed: {reason}");
+    tracing::warn!(
+        "salt release {}: {reason}; reverting to the last good release {} and quarantining the commit",
+        short(&commit),
+        short(&good)
+    );
+    if let Err(e) = repos::publish(layout, "salt", &good) {
+        tl.degrade(format!("highstate: {reason}; the revert failed: {e:#}"));
+        releases::mark_bad(state, "salt", &commit, &reason, false);
+        return Ok(summary);
+    }
+    releases::mark_bad(state, "salt", &commit, &reason, true);
+    record_repo(
+        state,
+        "salt",
+        spec_of(settings),
+        Some(good.clone()),
+        "reverted",
+        None,
+    );
+    let at = now_rfc3339();
+    let report = highstate_step(tl, "highstate-revert", ctx, salt_call);
+    summary.salt_reverted = Some(commit.clone());
+    let ms = started.elapsed().as_millis() as u64;
+    releases::record_revert(state, "salt", &commit, &good, &reason, ms);
+    if let Some(again) = record_highstate(state, &mut summary, report, &good, at) {
+        tl.degrade(format!(
+            "highstate: {reason}; reverted to {}, which failed too: {again}",
+            short(&good)
+        ));
+    }
+    Ok(summary)
+}
+
+/// One highstate as a timed step (one copy of the step's code for both runs).
+fn highstate_step(
+    tl: &mut Timeline,
+    step: &str,
+    ctx: SyncContext<'_>,
+    salt_call: &Path,
+) -> Result<highstate::HighstateReport> {
+    tl.step(step, || {
         let r = highstate::run(
-            layout,
+            ctx.layout,
             salt_call,
-            &settings.minion_id,
-            settings.salt.timeout,
+            &ctx.settings.minion_id,
+            ctx.settings.salt.timeout,
         )?;
         let d = r.summary();
         Ok((r, Some(d)))
-    });
+    })
+}
+
+fn spec_of(settings: &Settings) -> &RepoSpec {
+    settings
+        .salt
+        .repo
+        .as_ref()
+        .expect("a salt commit means a salt repository")
+}
+
+/// Records a highstate's result; `Some(why)` when it did not converge.
+fn record_highstate(
+    state: &mut State,
+    summary: &mut SyncSummary,
+    report: Result<highstate::HighstateReport>,
+    commit: &str,
+    at: String,
+) -> Option<String> {
+    let commit = Some(commit.to_string());
     match report {
         Ok(report) => {
             summary.highstate_ok = Some(report.ok);
-            if !report.ok {
-                tl.degrade(format!("highstate: {}", report.summary()));
-            }
+            let failure = (!report.ok).then(|| report.summary());
             state.highstate = Some(HighstateRecord {
                 report,
-                commit: Some(commit),
+                commit,
                 at,
                 error: None,
             });
+            failure
         }
         Err(e) => {
             summary.highstate_ok = Some(false);
             let msg = format!("{e:#}");
-            tl.degrade(format!("highstate: {msg}"));
             state.highstate = Some(HighstateRecord {
                 report: Default::default(),
-                commit: Some(commit),
+                commit,
                 at,
-                error: Some(msg),
+                error: Some(msg.clone()),
             });
+            Some(msg)
         }
     }
-    Ok(summary)
 }
 
 fn record_repo(
@@ -199,6 +304,11 @@ fn describe(o: &SyncOutcome) -> String {
         } => format!("published {}", short(commit)),
         SyncOutcome::Unchanged { commit } => format!("unchanged at {}", short(commit)),
         SyncOutcome::KeptLast { commit, .. } => format!("fetch failed, kept {}", short(commit)),
+        SyncOutcome::Quarantined { commit, skipped } => format!(
+            "upstream at quarantined {}, kept {}",
+            short(skipped),
+            short(commit)
+        ),
     }
 }
 

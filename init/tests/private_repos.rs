@@ -105,6 +105,7 @@ fn sync(
         spec.credentials.as_ref().unwrap(),
         T,
         &mut source,
+        &Default::default(),
     )
 }
 

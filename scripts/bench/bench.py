@@ -8,6 +8,8 @@ Subcommands print one JSON document on stdout:
   burst     many writes to watched files, as fast as possible
   cpu       wall, user and system time of a command, per run (os.wait4: microseconds)
   spawnstamp  like cpu, but also reports when a wrapped program was exec'd (its stamp file)
+  revert    a bad config commit: from its release published to the program RUNNING again on
+            the good release (the agent reverted it)
   idle      RSS and context switches of process trees over a window
   render    the markdown page from the results folder
 """
@@ -289,6 +291,40 @@ def cmd_boot(a):
         },
         sys.stdout,
     )
+
+
+def cmd_revert(a):
+    """The shell has just pushed a bad config commit. t0: the agent published it (`current`
+    points at it: the commit reached the instance). t1: `current` points at the good release
+    again and supervisord reports the program RUNNING with the new pid it wrote as it started
+    on the good configuration (it writes no pid on the bad one). Polls every 2 ms."""
+    sv = supervisor(a.socket)
+    old = read_pid(a.pidfile)
+    deadline = time.perf_counter() + a.timeout
+
+    def points_at(sha):
+        try:
+            return os.readlink(a.current).endswith(sha)
+        except OSError:
+            return False
+
+    t0 = None
+    while time.perf_counter() < deadline:
+        if points_at(a.bad):
+            t0 = time.perf_counter()
+            break
+        time.sleep(0.002)
+    if t0 is None:
+        sys.exit("revert: the bad commit was never published")
+    while time.perf_counter() < deadline:
+        p = read_pid(a.pidfile)
+        if p and p != old and points_at(a.good):
+            info = sv.getProcessInfo(a.program)
+            if info["statename"] == "RUNNING" and info["pid"] == p:
+                json.dump({"ms": (time.perf_counter() - t0) * 1000}, sys.stdout)
+                return
+        time.sleep(0.002)
+    sys.exit("revert: the program did not run again on the good release in time")
 
 
 def cmd_spawnstamp(a):
@@ -890,6 +926,19 @@ def cmd_render(a):
         None,
     )
 
+    # a bad config commit, reverted by the agent
+    rv = load(d, "revert.json") if os.path.exists(os.path.join(d, "revert.json")) else None
+    if rv:
+        row(
+            f"bad config commit → program running again on the good release (published to RUNNING), median of {len(rv['ms'])}",
+            fmt(med(rv["ms"]), "ms", 0),
+            "without the agent: down until someone pushes a fix",
+            "",
+            "",
+            "",
+            None,
+        )
+
     out = []
     w = out.append
     w("# Benchmarks")
@@ -940,6 +989,8 @@ def cmd_render(a):
     w(f"- idle: {json.dumps(idle)}")
     w(f"- burst: {json.dumps(b)}")
     w(f"- no-op sync CPU ms, agent: {' '.join(f'{x:.1f}' for x in acpu)}; ansible-pull: {' '.join(f'{x:.0f}' for x in pcpu)}")
+    if rv:
+        w(f"- bad config commit to running again on the good release, ms: {' '.join(f'{x:.0f}' for x in rv['ms'])} (program: startsecs={rv['startsecs']}, startretries={rv['startretries']})")
     w(f"- new commit, ms to highstate (timeline / exec to exec): {' '.join(str(x) for x in tl)} / {' '.join(f'{x:.0f}' for x in ext)}; ansible-pull exec to exec: {' '.join(f'{x:.0f}' for x in anx)}")
     print("\n".join(out))
     # Also a compact JSON of the headline figures, for whoever updates the README.
@@ -1012,6 +1063,14 @@ def main():
     p.add_argument("--builder", required=True)
     p.add_argument("--count", type=int, default=1000)
     p.add_argument("--runs", type=int, default=3)
+    p = sub.add_parser("revert")
+    p.add_argument("--socket", required=True)
+    p.add_argument("--program", required=True)
+    p.add_argument("--pidfile", required=True)
+    p.add_argument("--current", required=True)
+    p.add_argument("--bad", required=True)
+    p.add_argument("--good", required=True)
+    p.add_argument("--timeout", type=float, default=60)
 
     p = sub.add_parser("render")
     p.add_argument("results")
@@ -1026,6 +1085,7 @@ def main():
         "boot": cmd_boot,
         "idle": cmd_idle,
         "render": cmd_render,
+        "revert": cmd_revert,
     }[a.cmd](a)
 
 

@@ -4,6 +4,7 @@ start, so a change needs the restart stackless-init's watcher does), /state with
 /starts with how many times it has started."""
 import http.server
 import os
+import sys
 
 CONFIG = "/var/lib/stackless/repos/config/current/web/greeting.txt"
 STATE = "/etc/web/state.txt"
@@ -20,6 +21,9 @@ def read(path):
 
 
 greeting = read(CONFIG)
+if not greeting:
+    # A configuration it cannot run with: it refuses to start (the agent reverts such a commit).
+    sys.exit(f"web: the greeting in {CONFIG} is empty; refusing to start")
 with open(STARTS, "a") as f:
     f.write(f"{os.getpid()}\n")
 

@@ -1,6 +1,7 @@
 //! What a watch rule does to a program: restart it, signal it, or update supervisord's view of
 //! its definition. One trait, one module per service manager.
 
+pub mod hold;
 mod supervisord;
 mod systemd;
 

@@ -57,7 +57,7 @@ impl SystemdBackend {
             .filter(|p| *p != 0)
     }
 
-    fn confirm_active(&self, unit: &str) -> Result<()> {
+    pub fn confirm_active(&self, unit: &str) -> Result<()> {
         // `is-active` prints the state and exits non-zero unless it is active.
         let state = self.call(&["is-active"], unit)?.stdout_text();
         if state != "active" {

@@ -407,6 +407,41 @@ impl Supervisor {
         Ok(vec![info])
     }
 
+    /// The processes `name` stands for: a group's members for `group:*`, else the one process.
+    pub fn members(&self, name: &str) -> Result<Vec<ProcessInfo>, SupervisorError> {
+        match whole_group(name) {
+            Some(group) => self.group_info(group),
+            None => Ok(vec![self.process_info(name)?]),
+        }
+    }
+
+    /// The last `bytes` bytes of a process's stderr (or stdout) log, like `supervisorctl tail`.
+    /// Empty when the program logs nowhere supervisord can read.
+    pub fn tail_log(
+        &self,
+        name: &str,
+        stderr: bool,
+        bytes: usize,
+    ) -> Result<String, SupervisorError> {
+        let method = if stderr {
+            "supervisor.tailProcessStderrLog"
+        } else {
+            "supervisor.tailProcessStdoutLog"
+        };
+        let params = [name.into(), Value::Int(0), Value::Int(bytes as i64)];
+        let v = match self.call_named(method, name, &params) {
+            Ok(v) => v,
+            Err(e) if e.fault_code() == Some(faults::NO_FILE) => return Ok(String::new()),
+            Err(e) => return Err(e),
+        };
+        let text = v
+            .as_array()
+            .and_then(|a| a.first())
+            .and_then(Value::as_str)
+            .ok_or_else(|| self.malformed(method, "not [string, offset, overflow]"))?;
+        Ok(text.to_string())
+    }
+
     /// What `supervisorctl update` does: re-read the configuration, then stop and remove the
     /// removed groups, stop, remove and re-add the changed ones, add the added ones. Added and
     /// re-added groups start on their own when `autostart` is true (supervisord's default),

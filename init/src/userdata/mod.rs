@@ -136,6 +136,8 @@ pub struct SaltSection {
     pub timeout: Option<Spanned<String>>,
     /// `[salt.credentials]`: the repository's secret, in SSM.
     pub credentials: Option<CredentialsSection>,
+    /// What a failed highstate on a new commit does: `retry` (default) or `revert`.
+    pub on_failure: Option<Spanned<String>>,
 }
 
 /// `[config]`: the application configuration repository.
@@ -150,6 +152,33 @@ pub struct RepoSection {
     /// The group the programs run as, which may then read the releases (dirs 0750, files
     /// 0640). Without it, root alone reads them.
     pub group: Option<Spanned<String>>,
+    /// What a release whose programs fail to start does: `revert` (default) or `keep`.
+    pub on_failure: Option<Spanned<String>>,
+    /// How long a restarted program must stay up past its `startsecs` for its release to be
+    /// good (default `5s`).
+    pub grace: Option<Spanned<String>>,
+}
+
+/// `[config] on_failure` (checked as a string: a located error names the choices).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConfigOnFailure {
+    /// Flip `current` back to the last good release, act again, quarantine the commit.
+    #[default]
+    Revert,
+    /// Leave the bad release published (the verdict is still recorded).
+    Keep,
+}
+
+/// `[salt] on_failure`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SaltOnFailure {
+    /// Keep the new states and retry the highstate with back-off.
+    #[default]
+    Retry,
+    /// Re-apply the last good release's states and quarantine the commit.
+    Revert,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -364,6 +393,12 @@ fn validate(doc: &Document) -> Result<(), UserDataError> {
                 ));
             }
         }
+        check_choice(
+            doc,
+            salt.on_failure.as_ref(),
+            "[salt] on_failure",
+            &["retry", "revert"],
+        )?;
         if let Some(t) = &salt.timeout {
             schedule::parse_bounded(t.get_ref(), "[salt] timeout", Duration::from_secs(86_400))
                 .map_err(|m| doc.error_at(t.span().start, m))?;
@@ -405,6 +440,16 @@ fn validate(doc: &Document) -> Result<(), UserDataError> {
             config.repo.as_ref(),
             config.credentials.as_ref(),
         )?;
+        check_choice(
+            doc,
+            config.on_failure.as_ref(),
+            "[config] on_failure",
+            &["revert", "keep"],
+        )?;
+        if let Some(g) = &config.grace {
+            schedule::parse_bounded(g.get_ref(), "[config] grace", Duration::from_secs(600))
+                .map_err(|m| doc.error_at(g.span().start, m))?;
+        }
     }
     if let Some(sync) = &d.sync {
         if let Some(s) = &sync.schedule {
@@ -595,8 +640,29 @@ pub struct Settings {
     pub ec2_endpoint: Option<String>,
     /// `[report] enabled` (default true): write the report tags on this instance.
     pub report: bool,
+    /// What a bad release does (`[config] on_failure`, `[config] grace`, `[salt] on_failure`).
+    pub releases: ReleaseSettings,
     #[serde(skip)]
     pub watch: Vec<WatchRule>,
+}
+
+/// How releases are judged and what a bad one does.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ReleaseSettings {
+    pub config_on_failure: ConfigOnFailure,
+    #[serde(with = "humantime_serde_compat")]
+    pub config_grace: Duration,
+    pub salt_on_failure: SaltOnFailure,
+}
+
+impl Default for ReleaseSettings {
+    fn default() -> Self {
+        Self {
+            config_on_failure: ConfigOnFailure::Revert,
+            config_grace: DEFAULT_CONFIG_GRACE,
+            salt_on_failure: SaltOnFailure::Retry,
+        }
+    }
 }
 
 /// Deadlines of the programs the agent runs (`[timeouts]`), each with the setting's name for
@@ -677,6 +743,27 @@ pub const DEFAULT_GIT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_SALT_INSTALL_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 pub const DEFAULT_TRUST_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_SYSTEMCTL_TIMEOUT: Duration = Duration::from_secs(3 * 60);
+pub const DEFAULT_CONFIG_GRACE: Duration = Duration::from_secs(5);
+
+/// A key whose value is one of `allowed`.
+fn check_choice(
+    doc: &Document,
+    value: Option<&Spanned<String>>,
+    key: &str,
+    allowed: &[&str],
+) -> Result<(), UserDataError> {
+    match value {
+        Some(v) if !allowed.contains(&v.get_ref().as_str()) => Err(doc.error_at(
+            v.span().start,
+            format!(
+                "{key} `{}` is not one of: {}",
+                v.get_ref(),
+                allowed.join(", ")
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
 
 /// Merges user-data over the image defaults and renders placeholders for this instance.
 /// User-data wins field by field; grains merge key by key; watch rules add up.
@@ -901,6 +988,20 @@ pub fn resolve(
         .and_then(|r| r.enabled.clone())
         .or_else(|| d.report.as_ref().and_then(|r| r.enabled.clone()))
         .is_none_or(Spanned::into_inner);
+    let choice = |a: &Option<Spanned<String>>, b: &Option<Spanned<String>>| {
+        a.as_ref().or(b.as_ref()).map(|v| v.get_ref().clone())
+    };
+    let releases = ReleaseSettings {
+        config_on_failure: match choice(&uc.on_failure, &dc.on_failure).as_deref() {
+            Some("keep") => ConfigOnFailure::Keep,
+            _ => ConfigOnFailure::Revert,
+        },
+        config_grace: duration(uc.grace.clone(), dc.grace.clone(), DEFAULT_CONFIG_GRACE),
+        salt_on_failure: match choice(&us.on_failure, &ds.on_failure).as_deref() {
+            Some("revert") => SaltOnFailure::Revert,
+            _ => SaltOnFailure::Retry,
+        },
+    };
     let watch = d.watch.iter().chain(&u.watch).cloned().collect();
     Ok(Settings {
         minion_id,
@@ -917,6 +1018,7 @@ pub fn resolve(
         ssm_endpoint,
         ec2_endpoint,
         report,
+        releases,
         watch,
     })
 }

@@ -369,3 +369,25 @@ fn timeouts_default_and_are_checked() {
     let e = err("[timeouts]\npip = \"1m\"\n");
     assert_eq!(e.line, 2, "{e}");
 }
+
+#[test]
+fn release_failure_policies_resolve_and_bad_values_are_located() {
+    let s = resolve(&Document::default(), &doc(FULL), &id()).unwrap();
+    assert_eq!(s.releases, ReleaseSettings::default());
+    assert_eq!(s.releases.config_on_failure, ConfigOnFailure::Revert);
+    assert_eq!(s.releases.salt_on_failure, SaltOnFailure::Retry);
+    let text = "[salt]\nrepo = \"https://x/salt.git\"\non_failure = \"revert\"\n\
+                [config]\nrepo = \"https://x/config.git\"\non_failure = \"keep\"\ngrace = \"12s\"\n";
+    let s = resolve(&Document::default(), &doc(text), &id()).unwrap();
+    assert_eq!(s.releases.config_on_failure, ConfigOnFailure::Keep);
+    assert_eq!(s.releases.config_grace, Duration::from_secs(12));
+    assert_eq!(s.releases.salt_on_failure, SaltOnFailure::Revert);
+
+    let e = err("[config]\nrepo = \"https://x/c.git\"\ngrace = \"soon\"\n");
+    assert_eq!((e.line, e.column), (3, 9), "{e}");
+    let e = err("[config]\nrepo = \"https://x/c.git\"\non_failure = \"ignore\"\n");
+    assert_eq!((e.line, e.column), (3, 14), "{e}");
+    assert!(e.to_string().contains("is not one of: revert, keep"), "{e}");
+    let e = err("[salt]\nrepo = \"https://x/s.git\"\non_failure = \"keep\"\n");
+    assert_eq!((e.line, e.column), (3, 14), "{e}");
+}
