@@ -342,7 +342,9 @@ fn init_logging(verbose: u8, quiet: bool) {
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
                 .with_target(false)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+                // Plain text: the journal and the console are its readers (and colours cost the
+                // size budget an ANSI crate).
+                .with_ansi(false),
         )
         .with(filter)
         .init();

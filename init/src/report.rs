@@ -21,13 +21,17 @@ pub const OUTCOME: &str = "stackless:outcome";
 pub const FAILED_STATES: &str = "stackless:failed-states";
 pub const PROBLEMS: &str = "stackless:problems";
 pub const REPORTED_AT: &str = "stackless:reported-at";
+/// The commits the agent reverted and quarantined (`config:SHA,salt:SHA`), `none` without one:
+/// a fleet waiting for a commit learns that an instance went back from it.
+pub const REVERTED: &str = "stackless:reverted";
 /// Every key the agent writes: the `aws:TagKeys` of its policy.
-pub const KEYS: [&str; 6] = [
+pub const KEYS: [&str; 7] = [
     SALT_COMMIT,
     CONFIG_COMMIT,
     OUTCOME,
     FAILED_STATES,
     PROBLEMS,
+    REVERTED,
     REPORTED_AT,
 ];
 /// How long one report may take (IMDS and EC2, retries included): short, it runs in a boot.
@@ -173,6 +177,14 @@ pub fn tags_for(state: &State) -> Option<BTreeMap<String, String>> {
             problems.push("restart".into());
         }
     }
+    // A quarantined commit: the agent went back from it to the last good release.
+    let reverted: Vec<String> = ["config", "salt"]
+        .iter()
+        .filter_map(|name| {
+            let q = state.releases.get(*name)?.quarantined.as_ref()?;
+            Some(format!("{name}:{}", q.commit))
+        })
+        .collect();
     if outcome == Outcome::Ready && !problems.is_empty() {
         // A problem older than the last sync (a highstate not retried yet) still stands.
         outcome = Outcome::Degraded;
@@ -187,10 +199,23 @@ pub fn tags_for(state: &State) -> Option<BTreeMap<String, String>> {
             .and_then(|r| r.commit.clone())
             .unwrap_or_else(|| "none".into())
     };
+    let outcome = match outcome {
+        // Running on the last good release after a revert: the service is up, the commit is not.
+        Outcome::Ready if !reverted.is_empty() => "reverted",
+        o => o.as_str(),
+    };
     let mut tags = BTreeMap::new();
     tags.insert(SALT_COMMIT.to_string(), commit("salt"));
     tags.insert(CONFIG_COMMIT.to_string(), commit("config"));
-    tags.insert(OUTCOME.to_string(), outcome.as_str().to_string());
+    tags.insert(OUTCOME.to_string(), outcome.to_string());
+    tags.insert(
+        REVERTED.to_string(),
+        if reverted.is_empty() {
+            "none".to_string()
+        } else {
+            reverted.join(",")
+        },
+    );
     tags.insert(FAILED_STATES.to_string(), failed_states.to_string());
     tags.insert(PROBLEMS.to_string(), problems.join(","));
     Some(tags)

@@ -77,6 +77,14 @@ fn row(i: &aws_sdk_ec2::types::Instance) -> Instance {
                     .collect()
             })
             .unwrap_or_default(),
+        reverted: tag(tags::REVERTED)
+            .map(|v| {
+                v.split(',')
+                    .filter_map(|e| e.trim().split_once(':'))
+                    .map(|(r, c)| (r.to_string(), c.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default(),
         reported_at: tag(tags::REPORTED_AT),
     }
 }

@@ -20,6 +20,8 @@ pub mod tags {
     pub const FAILED_STATES: &str = "stackless:failed-states";
     pub const PROBLEMS: &str = "stackless:problems";
     pub const REPORTED_AT: &str = "stackless:reported-at";
+    /// `config:SHA,salt:SHA`: the commits the agent reverted from, `none` without one.
+    pub const REVERTED: &str = "stackless:reverted";
     pub const ASG: &str = "aws:autoscaling:groupName";
 }
 
@@ -51,11 +53,14 @@ pub struct Instance {
     pub launch_time: Option<String>,
     pub salt_commit: Option<String>,
     pub config_commit: Option<String>,
-    /// ready, degraded or failed.
+    /// ready, reverted, degraded or failed.
     pub outcome: Option<String>,
     pub failed_states: Option<u32>,
     /// Short problem kinds (`highstate`, `config-repo`, `restart`).
     pub problems: Vec<String>,
+    /// The commits the agent reverted from and quarantined: `(repository, commit)`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reverted: Vec<(String, String)>,
     /// RFC 3339.
     pub reported_at: Option<String>,
 }
@@ -72,5 +77,13 @@ impl Instance {
             wait::Repo::Salt => self.salt_commit.as_deref(),
             wait::Repo::Config => self.config_commit.as_deref(),
         }
+    }
+
+    /// The commit of `repo` it reverted from, if any.
+    pub fn reverted_from(&self, repo: wait::Repo) -> Option<&str> {
+        self.reverted
+            .iter()
+            .find(|(r, _)| r == repo.as_str())
+            .map(|(_, c)| c.as_str())
     }
 }

@@ -112,6 +112,21 @@ pub fn summary(instances: &[Instance]) -> String {
     if !bad.is_empty() {
         let _ = writeln!(out, "failed  {}", bad.join("; "));
     }
+    let reverted: Vec<String> = instances
+        .iter()
+        .filter(|i| !i.reverted.is_empty())
+        .map(|i| {
+            let from: Vec<String> = i
+                .reverted
+                .iter()
+                .map(|(r, c)| format!("{r} {}", short(c)))
+                .collect();
+            format!("{} from {}", i.instance_id, from.join(", "))
+        })
+        .collect();
+    if !reverted.is_empty() {
+        let _ = writeln!(out, "reverted {}", reverted.join("; "));
+    }
     let silent: Vec<&str> = instances
         .iter()
         .filter(|i| i.outcome.is_none())
@@ -204,6 +219,11 @@ mod tests {
             } else {
                 vec![]
             },
+            reverted: if outcome == Some("reverted") {
+                vec![("config".into(), "d".repeat(40))]
+            } else {
+                vec![]
+            },
             reported_at: config.map(|_| "2026-01-01T00:08:30Z".to_string()),
         };
         let c = "c".repeat(40);
@@ -211,6 +231,7 @@ mod tests {
             mk("i-1", Some(&c), Some("ready")),
             mk("i-2", Some(&c), Some("failed")),
             mk("i-3", None, None),
+            mk("i-4", Some(&c), Some("reverted")),
         ];
         let text = table(&fleet, now);
         assert!(text.starts_with("INSTANCE  STATE    ZONE"), "{text}");
@@ -218,12 +239,16 @@ mod tests {
             text.contains("cccccccccccc  ready") && text.contains("1m 30s"),
             "{text}"
         );
-        assert!(text.contains("3 instance(s)"), "{text}");
+        assert!(text.contains("4 instance(s)"), "{text}");
         assert!(
-            text.contains("config  cccccccccccc x2, (no report) x1"),
+            text.contains("config  cccccccccccc x3, (no report) x1"),
             "{text}"
         );
         assert!(text.contains("failed  i-2 failed (highstate)"), "{text}");
+        assert!(
+            text.contains("reverted i-4 from config dddddddddddd"),
+            "{text}"
+        );
         assert!(text.contains("silent  i-3"), "{text}");
         let j = json(&fleet);
         assert_eq!(j["instances"][1]["outcome"], "failed");

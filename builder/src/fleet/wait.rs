@@ -1,5 +1,6 @@
 //! `builder fleet --wait`: look at the fleet every interval until every live instance reports
-//! the commit ready (0), one reports it failed or degraded (1, naming it and its problems), or
+//! the commit ready (0), one reports it failed or degraded or reverted from it (1, naming it and
+//! its problems), or
 //! the deadline passes (3, naming the stragglers). Each look lists the fleet afresh, so
 //! instances launched during the wait count, and terminated ones drop out.
 
@@ -52,6 +53,19 @@ pub fn judge(instances: &[Instance], repo: Repo, wanted: &Wanted) -> Verdict {
     let mut done = 0;
     for i in instances.iter().filter(|i| i.is_live()) {
         let on_it = i.commit(repo).is_some_and(|c| wanted.matches(c));
+        if i.reverted_from(repo).is_some_and(|c| wanted.matches(c)) {
+            // The agent tried the commit, saw it fail and went back to the last good release.
+            failed.push((
+                i.instance_id.clone(),
+                format!(
+                    "reverted to {} {}; `stackless-init status` on {} says why",
+                    repo.as_str(),
+                    i.commit(repo).map_or("-", render::short),
+                    i.instance_id
+                ),
+            ));
+            continue;
+        }
         match (on_it, i.outcome.as_deref()) {
             (true, Some("ready")) => done += 1,
             (true, Some(outcome @ ("failed" | "degraded"))) => {
@@ -240,6 +254,7 @@ mod tests {
             outcome: outcome.map(str::to_string),
             failed_states: None,
             problems: vec![],
+            reverted: vec![],
             reported_at: None,
         }
     }
@@ -303,6 +318,22 @@ mod tests {
         // The salt commit is another question.
         assert!(matches!(
             judge(&fleet, Repo::Salt, &w),
+            Verdict::Pending { .. }
+        ));
+        // Back on the old release after trying the new commit: that is the commit failing.
+        fleet[2] = instance("i-3", "running", Some(&old), Some("reverted"));
+        fleet[2].reverted = vec![("config".into(), new.clone())];
+        assert_eq!(
+            judge(&fleet, Repo::Config, &w),
+            Verdict::Failed(vec![(
+                "i-3".into(),
+                "reverted to config aaaaaaaaaaaa; `stackless-init status` on i-3 says why".into()
+            )])
+        );
+        // Reverted from an older commit: a straggler on the new one, not a failure of it.
+        fleet[2].reverted = vec![("config".into(), "c".repeat(40))];
+        assert!(matches!(
+            judge(&fleet, Repo::Config, &w),
             Verdict::Pending { .. }
         ));
         // No instance at all is not converged.

@@ -179,6 +179,23 @@ fn outcome_problems_and_failed_states() {
 }
 
 #[test]
+fn a_revert_says_which_commit_it_went_back_from() {
+    let mut state = booted("i-1");
+    assert_eq!(tags_for(&state).unwrap()[REVERTED], "none");
+    let bad = "b".repeat(40);
+    crate::releases::mark_bad(&mut state, "config", &bad, "restart: web is FATAL", true);
+    sync(&mut state, Outcome::Ready);
+    let tags = tags_for(&state).unwrap();
+    assert_eq!(tags[OUTCOME], "reverted");
+    assert_eq!(tags[REVERTED], format!("config:{bad}"));
+    // The reason is the agent's own words, kept in status: never in a tag.
+    assert!(!tags.values().any(|v| v.contains("FATAL")), "{tags:?}");
+    // A problem that stands on top of it still says degraded.
+    state.repos.get_mut("config").unwrap().result = "kept-last".into();
+    assert_eq!(tags_for(&state).unwrap()[OUTCOME], "degraded");
+}
+
+#[test]
 fn switched_off_makes_no_call() {
     let mut state = booted("i-1");
     let settings = crate::userdata::resolve(

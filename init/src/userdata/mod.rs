@@ -314,7 +314,11 @@ pub fn parse(file: &str, text: &str) -> Result<Document, UserDataError> {
         && !trimmed.starts_with('#')
     {
         let start = text.find(trimmed).unwrap_or(0);
-        let wrapped = format!("minion_id = {}", toml::Value::String(trimmed.to_string()));
+        // A JSON string is a TOML basic string once DEL is escaped too.
+        let quoted = serde_json::Value::String(trimmed.to_string())
+            .to_string()
+            .replace('\u{7f}', "\\u007F");
+        let wrapped = format!("minion_id = {quoted}");
         let mut doc = parse_toml(file, &wrapped)?;
         // Point positions at the original text: the id starts where the line does.
         doc.text = text.to_string();
