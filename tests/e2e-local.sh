@@ -140,6 +140,7 @@ stop_boot() { # pid -> sets $rc, the boot's exit code
 
 greeting_v1="hello from the config repository, v1"
 greeting_v2="hello from the config repository, v2"
+greeting_v3="hello from the config repository, v3"
 
 # 3-5. preseeded
 port=$(free_port)
@@ -184,6 +185,9 @@ done
 wait_http "$port" / "$greeting_v2" 120 "preseeded: the previous greeting again after the revert"
 revert_s=$(( $(date +%s) - t0 ))
 say "preseeded: the bad config commit was reverted and web answers the previous text, ${revert_s} s after the push"
+# A newer commit ends the quarantine and is applied (and every later boot starts from a good tip).
+commit config web/greeting.txt "$greeting_v3" "greeting v3: fixed"
+wait_http "$port" / "$greeting_v3" 300 "preseeded: the fixed greeting once upstream moved past the bad commit"
 
 say "preseeded: pushing a salt commit"
 t0=$(date +%s)
@@ -443,7 +447,7 @@ detail=$(step_detail bare salt-install)
 [[ "$detail" == installed* ]] || fail "bare: salt was not installed at first boot (salt-install: $detail)"
 [[ $(json_field "$work/bare.result" '["status"]["highstate"]["ok"]') == True ]] ||
     fail "bare: the highstate did not pass"
-wait_http "$port" / "$greeting_v2" 60 "bare: the web program"
+wait_http "$port" / "$greeting_v3" 60 "bare: the web program"
 wait_http "$port" /state salt-v2 10 "bare: salt's state"
 stop_boot "$pid"
 [[ "$rc" == 0 ]] || fail "bare: builder boot exited $rc"
