@@ -662,8 +662,13 @@ impl Agent {
         state.watch = Some(w);
         let failures = state.schedule.as_ref().map_or(0, |s| s.highstate_failures);
         state.schedule = self.has_repos().then(|| self.schedule_record(failures));
-        // A restart that failed (or works again) changes the report; nothing else here does.
-        crate::report::update(&mut state, Some(&self.settings), false);
+        // A restart that failed (or works again) changes the report; nothing else here does. A
+        // report that failed before is tried again by the next sync, not by every watch event:
+        // an unreachable EC2 would hold the event loop for the report's deadline each time.
+        let tags = crate::report::tags_for(&state);
+        if tags.is_some() && state.report.as_ref().map(|r| &r.tags) != tags.as_ref() {
+            crate::report::update(&mut state, Some(&self.settings), false);
+        }
         state.save(&self.layout)
     }
 }
