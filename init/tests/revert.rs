@@ -165,7 +165,12 @@ fn a_config_commit_whose_program_exits_at_start_is_reverted_and_quarantined() {
         "{listed}"
     );
 
-    // Upstream still at the bad commit: the next ticks leave the good release alone.
+    // Upstream still at the bad commit: the next ticks leave the good release alone. The
+    // revert's own restart is recorded once the watcher's window has passed: count from there.
+    wait_for("the revert's restart recorded", 15, || {
+        program_count(&s.root(), "app", "restarts") >= 1
+    });
+    std::thread::sleep(Duration::from_secs(1));
     let restarts = program_count(&s.root(), "app", "restarts");
     std::thread::sleep(Duration::from_secs(4));
     let st = status(&s.root());
