@@ -20,10 +20,10 @@ ANSIBLE_PIN="ansible-core==2.18.19"
 QUICK="${BENCH_QUICK:-0}"
 if [[ $QUICK == 1 ]]; then
     OUT="${BENCH_OUT:-$W/benchmarks.md}"
-    N_BOOT=2 N_LAT=8 N_NOOP=4 N_ANS=2 N_COMMIT=2 IDLE_S=5 BURST_WINDOW=4 N_FLEET=1 N_REVERT=2
+    N_BOOT=2 N_LAT=8 N_NOOP=4 N_ANS=2 N_COMMIT=2 IDLE_S=5 BURST_WINDOW=4 N_FLEET=1 N_REVERT=2 N_INC=2
 else
     OUT="${BENCH_OUT:-$repo/docs/benchmarks.md}"
-    N_BOOT=9 N_LAT=60 N_NOOP=21 N_ANS=7 N_COMMIT=5 IDLE_S=60 BURST_WINDOW=10 N_FLEET=3 N_REVERT=5
+    N_BOOT=9 N_LAT=60 N_NOOP=21 N_ANS=7 N_COMMIT=5 IDLE_S=60 BURST_WINDOW=10 N_FLEET=3 N_REVERT=5 N_INC=9
 fi
 VENV="$repo/.venv/bin"
 PY="$VENV/python"
@@ -315,15 +315,15 @@ sleep 2
     -- agent="$PID_agent" naive="$PID_naive" hand="$PID_hand" >"$R/idle.json"
 busy idle
 
-log "change-to-restart latency: $N_LAT changes per contender after 5 warm-ups"
+log "change-to-restart latency: $N_LAT changes per contender after 5 warm-ups, contenders in turns"
+lat_args=()
 for c in "${contenders[@]}"; do
-    "$PY" "$here/bench.py" latency --socket "$SOCK" --program "app-$c" --file "$W/watch/$c/app.conf" \
-        --pidfile "$W/pids/app-$c" --count "$N_LAT" --warmup 5 >"$W/lat-$c.json"
-    busy "latency-$c"
+    lat_args+=(--contender "$c=app-$c,$W/watch/$c/app.conf,$W/pids/app-$c")
 done
-printf '{"agent": %s, "agent_quiet": %s, "naive": %s, "hand": %s}\n' \
-    "$(cat "$W/lat-agent.json")" "$("$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); d["quiet"]="10ms"; print(json.dumps(d))' "$W/lat-quiet.json")" \
-    "$(cat "$W/lat-naive.json")" "$(cat "$W/lat-hand.json")" >"$R/latency.json"
+"$PY" "$here/bench.py" latency --socket "$SOCK" "${lat_args[@]}" --count "$N_LAT" --warmup 5 >"$W/lat.json"
+busy latency
+"$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); d["quiet"]["quiet"]="10ms"; d["agent_quiet"]=d.pop("quiet"); print(json.dumps(d))' \
+    "$W/lat.json" >"$R/latency.json"
 
 log "burst of 1000 writes per contender"
 # An observer (inotifywait -m into a file, the same events and mask the loops use) counts the
@@ -367,6 +367,68 @@ stop "$PID_hand"
 printf '{"agent": %s, "naive": %s, "hand": %s}\n' "$b_agent" "$b_naive" "$b_hand" >"$R/burst.json"
 cp "$W/roots/agent/var/lib/stackless/state.json" "$R/agent-state.json" 2>/dev/null || true
 busy burst
+
+log "a highstate that rewrites a watched file three times, 0.3 s apart"
+# The same states for both: written by salt (a temporary file renamed over), appended to, edited in
+# place. The agent applies them in a sync (`stackless-init sync`, a salt commit); the hand-written
+# loop's file gets them from salt-call --local run beside it, as a team would run salt.
+rewrite_sls() { # FILE
+    cat <<EOF
+written:
+  file.managed:
+    - name: $1
+    - contents: text=one
+pause-1:
+  cmd.run:
+    - name: sleep 0.3
+    - require: [{file: written}]
+appended:
+  file.append:
+    - name: $1
+    - text: more=two
+    - require: [{cmd: pause-1}]
+pause-2:
+  cmd.run:
+    - name: sleep 0.3
+    - require: [{file: appended}]
+replaced:
+  file.replace:
+    - name: $1
+    - pattern: two
+    - repl: three
+    - require: [{cmd: pause-2}]
+EOF
+}
+restarts_during() { # NAME COMMAND...: restarts of app-NAME from the command's start until 3 s pass without one
+    local name=$1 before n last=-1 stable=0 end
+    shift
+    before=$(spawns "$name")
+    "$@" >>"$W/log/highstate-$name.log" 2>&1 || die "highstate row, $name: $(tail -5 "$W/log/highstate-$name.log")"
+    end=$(($(date +%s) + 20))
+    while (($(date +%s) < end)); do
+        n=$(spawns "$name")
+        if [[ $n == "$last" ]]; then stable=$((stable + 1)); else stable=0 last=$n; fi
+        ((stable >= 30)) && break
+        sleep 0.1
+    done
+    echo $((n - before))
+}
+mkdir -p "$W/salt-hand/states" "$W/salt-hand/etc" "$W/salt-hand/root"
+rewrite_sls "$W/watch/hand/app.conf" >"$W/salt-hand/states/rewrite.sls"
+printf 'file_client: local\nroot_dir: %s\nfile_roots:\n  base: [%s]\nid: bench-hand\n' \
+    "$W/salt-hand/root" "$W/salt-hand/states" >"$W/salt-hand/etc/minion"
+printf "base:\n  '*':\n    - rewrite\n" >"$W/git/salt-work/top.sls"
+rewrite_sls "$W/watch/agent/app.conf" >"$W/git/salt-work/rewrite.sls"
+commit "three writes to a watched file"
+ep_agent=$(sed -n 's/^AWS_EC2_METADATA_SERVICE_ENDPOINT=//p' "$W/log/emu-agent.out")
+hs_agent=$(restarts_during agent env AWS_EC2_METADATA_SERVICE_ENDPOINT="$ep_agent" "$BIN" --root "$W/roots/agent" sync)
+start_hand
+hs_hand=$(restarts_during hand timeout 300 "$VENV/salt-call" --config-dir "$W/salt-hand/etc" --local state.apply rewrite)
+stop "$PID_hand"
+printf '{"agent": %s, "hand": %s, "writes": 3}\n' "$hs_agent" "$hs_hand" >"$R/highstate_burst.json"
+printf "base:\n  '*':\n    - nop\n" >"$W/git/salt-work/top.sls"
+commit "back to nop"
+busy highstate-burst
 
 # --- 6. fleet: `builder fleet` listing 1,000 instances with report tags, against moto ---------------
 log "fleet: builder fleet over 1,000 moto instances, x3, beside boto3"
@@ -442,6 +504,12 @@ done
 "$PY" -c 'import json,sys; ms=[json.loads(l)["ms"] for l in open(sys.argv[1]) if l.strip()]; print(json.dumps({"ms": ms, "startsecs": int(sys.argv[2]), "startretries": int(sys.argv[3])}))' \
     "$W/revert.jsonl" "$STARTSECS" "$STARTRETRIES" >"$R/revert.json"
 busy revert
+
+# --- 8. incremental sync: a one-line commit on a 32 MB repository (issue 17) -------------------------
+log "incremental sync: $N_INC one-line commits on a generated 32 MB repository, agent and a persistent clone"
+"$here/incremental.sh" "$BIN" "$EMU" "$W/incremental" "$N_INC" >"$R/incremental.json" 2>"$W/log/incremental.log" ||
+    die "incremental sync bench failed: $(tail -5 "$W/log/incremental.log")"
+busy incremental
 
 # --- the page ----------------------------------------------------------------------------------------
 tools="stackless-init $("$BIN" --version 2>/dev/null | awk '{print $NF}'), $(salt-call --version 2>/dev/null), supervisor $("$VENV/supervisord" --version), $("$AVENV/bin/ansible-pull" --version 2>/dev/null | sed -n '1{s/[][]//g;p}'), $(git --version), inotifywait $(inotifywait --help 2>&1 | awk 'NR == 1 {print $2}'), $(/usr/bin/python3 --version)"

@@ -1,38 +1,101 @@
 #!/usr/bin/env bash
-# Builds the shipped stackless-init: fully static (x86_64-unknown-linux-musl), release profile
-# tuned for size (Cargo.toml: LTO, one codegen unit, strip, panic=abort). Prints the binary's
-# path and size; the path is the last line of stdout, so BIN=$(scripts/build-init.sh | tail -1).
-# Fails when the binary is over its 3 MiB budget (scripts/test.sh, hence CI, runs this).
-# The IMDS emulator (cargo feature `emulator`, with its HTTP server) is never built in.
+# Builds the shipped stackless-init: fully static (musl), release profile tuned for size
+# (Cargo.toml: LTO, one codegen unit, strip, panic=abort), for x86_64 and for aarch64 (Graviton).
+#
+#   scripts/build-init.sh                  the x86_64 agent (x86_64-unknown-linux-musl)
+#   scripts/build-init.sh --arch aarch64   the arm64 agent (aarch64-unknown-linux-musl)
+#   scripts/build-init.sh --arch all       both: aarch64 first, x86_64 last
+#
+# stdout is one path per binary built, x86_64 last, so BIN=$(scripts/build-init.sh | tail -1)
+# is always the x86_64 agent, with or without --arch all. Sizes go to stderr.
+# Each binary is checked: its ELF machine (readelf -h), static (no program interpreter, no
+# shared library needed), and under the one size budget both arches share (scripts/test.sh,
+# hence CI, builds both). The IMDS emulator (cargo feature `emulator`, with its HTTP server) is
+# never built in.
+#
+# The aarch64 cross toolchain (clang-14 from Debian 12 for ring's C and assembly, rust-lld and
+# Rust's self-contained musl to link) is installed when missing: scripts/aarch64-toolchain.sh.
+# x86_64 is built as before: musl-gcc (Debian's musl-tools) for any C, the host's linker.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-target=x86_64-unknown-linux-musl
+# shellcheck source=scripts/aarch64-toolchain.sh
+. "$repo/scripts/aarch64-toolchain.sh"
 
-if ! rustup target list --installed 2>/dev/null | grep -qx "$target"; then
-    rustup target add "$target" >&2
-fi
-# Any C the dependencies build must target musl too (Debian's musl-tools has the wrapper).
-if command -v musl-gcc >/dev/null; then
-    export CC_x86_64_unknown_linux_musl="${CC_x86_64_unknown_linux_musl:-musl-gcc}"
-fi
+arch=x86_64
+while (($#)); do
+    case "$1" in
+    --arch) arch="${2:-}"; shift 2 || { echo "build-init: --arch needs a value" >&2; exit 2; } ;;
+    --arch=*) arch="${1#--arch=}"; shift ;;
+    -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "build-init: unknown argument $1 (usage: build-init.sh [--arch x86_64|aarch64|all])" >&2; exit 2 ;;
+    esac
+done
+case "$arch" in
+x86_64) arches=(x86_64) ;;
+aarch64 | arm64) arches=(aarch64) ;;
+all) arches=(aarch64 x86_64) ;; # x86_64 last: `tail -1` stays the x86_64 agent
+*) echo "build-init: --arch $arch: expected x86_64, aarch64 (or arm64) or all" >&2; exit 2 ;;
+esac
 
-cd "$repo"
-cargo build --quiet --release --locked --target "$target" -p init --bin stackless-init >&2
-bin="${CARGO_TARGET_DIR:-$repo/target}/$target/release/stackless-init"
-
-# Static means no program interpreter and no dynamic section.
-if readelf -l "$bin" | grep -q "Requesting program interpreter"; then
-    echo "build-init: $bin is dynamically linked" >&2
-    exit 1
-fi
-size=$(stat -c %s "$bin")
-mib() { awk -v s="$1" 'BEGIN{printf "%.2f", s/1048576}'; }
-echo "stackless-init: static x86_64 binary, $size bytes ($(mib "$size") MiB)" >&2
-# The agent's size budget (docs/benchmarks.md): 3 MiB. STACKLESS_INIT_BUDGET only for testing this check.
+# The agent's size budget (docs/benchmarks.md), the same for every arch: 3 MiB.
+# STACKLESS_INIT_BUDGET only for testing this check.
 budget=${STACKLESS_INIT_BUDGET:-3145728}
-if ((size > budget)); then
-    echo "build-init: stackless-init is $size bytes ($(mib "$size") MiB), over its budget of $budget bytes ($(mib "$budget") MiB) by $((size - budget)) bytes;" \
-        "find what grew (a new dependency? a feature turned on?) before raising the budget" >&2
-    exit 1
-fi
-echo "$bin"
+
+ensure_target() {
+    if ! rustup target list --installed 2>/dev/null | grep -qx "$1"; then
+        rustup target add "$1" >&2
+    fi
+}
+
+mib() { awk -v s="$1" 'BEGIN{printf "%.2f", s/1048576}'; }
+
+build_one() { # arch -> prints the binary's path
+    local a="$1" target machine bin
+    case "$a" in
+    x86_64)
+        target=x86_64-unknown-linux-musl
+        machine="Advanced Micro Devices X86-64"
+        ensure_target "$target"
+        # Any C the dependencies build must target musl too (Debian's musl-tools has the wrapper).
+        if command -v musl-gcc >/dev/null; then
+            export CC_x86_64_unknown_linux_musl="${CC_x86_64_unknown_linux_musl:-musl-gcc}"
+        fi
+        ;;
+    aarch64)
+        target=aarch64-unknown-linux-musl
+        machine="AArch64"
+        aarch64_toolchain
+        ;;
+    esac
+
+    (cd "$repo" && cargo build --quiet --release --locked --target "$target" -p init --bin stackless-init >&2)
+    bin="${CARGO_TARGET_DIR:-$repo/target}/$target/release/stackless-init"
+
+    # The right machine: an agent for the wrong arch would only fail on the instance.
+    local got
+    got=$(readelf -h "$bin" | sed -n 's/^ *Machine: *//p')
+    if [[ "$got" != "$machine" ]]; then
+        echo "build-init: $bin is built for '$got', expected '$machine' ($target)" >&2
+        exit 1
+    fi
+    # Static means no program interpreter and no shared library needed (x86_64 is static-pie,
+    # so it has a dynamic section for its own relocations; aarch64 is a plain static EXEC).
+    if readelf -l "$bin" | grep -q "Requesting program interpreter" ||
+        readelf -d "$bin" | grep -q "(NEEDED)"; then
+        echo "build-init: $bin is dynamically linked" >&2
+        exit 1
+    fi
+    local size
+    size=$(stat -c %s "$bin")
+    echo "stackless-init: static $a binary, $size bytes ($(mib "$size") MiB), $bin" >&2
+    if ((size > budget)); then
+        echo "build-init: the $a stackless-init is $size bytes ($(mib "$size") MiB), over its budget of $budget bytes ($(mib "$budget") MiB) by $((size - budget)) bytes;" \
+            "find what grew (a new dependency? a feature turned on?) before raising the budget" >&2
+        exit 1
+    fi
+    echo "$bin"
+}
+
+for a in "${arches[@]}"; do
+    build_one "$a"
+done

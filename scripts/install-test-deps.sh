@@ -11,8 +11,11 @@ want="v1 salt==3008.4 supervisor==4.3.0 moto[server]==5.2.5"
 
 # openssh-server, openssh-client, lighttpd, lighttpd-mod-openssl, openssl: the private-repository
 # tests (init/tests/private_repos.rs) run a real sshd with git-shell and git-http-backend behind TLS.
+# clang-14, llvm-14: the aarch64 agent's C (ring) and llvm-ar (scripts/aarch64-toolchain.sh);
+# qemu-user-static: its library tests run under qemu-aarch64-static (scripts/test-aarch64.sh).
 apt_pkgs=(git gcc python3-dev python3-venv musl-tools inotify-tools curl ca-certificates gnupg
-    openssh-server openssh-client lighttpd lighttpd-mod-openssl openssl)
+    openssh-server openssh-client lighttpd lighttpd-mod-openssl openssl
+    clang-14 llvm-14 qemu-user-static)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -24,10 +27,12 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
-    echo "install-test-deps: rustup target add x86_64-unknown-linux-musl" >&2
-    rustup target add x86_64-unknown-linux-musl
-fi
+for t in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
+    if ! rustup target list --installed 2>/dev/null | grep -qx "$t"; then
+        echo "install-test-deps: rustup target add $t" >&2
+        rustup target add "$t"
+    fi
+done
 
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
     exit 0

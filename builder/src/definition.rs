@@ -2,6 +2,7 @@
 //! `bare`). Each file is parsed on its own so every error names its file, line and column; the
 //! chain is then merged field by field, the child winning.
 
+use crate::arch::Arch;
 use serde::{Deserialize, Serialize};
 use stackless_init::userdata::{self, Document};
 use std::collections::BTreeMap;
@@ -57,6 +58,9 @@ pub struct SourceFile {
 pub struct InstanceFile {
     #[serde(rename = "type")]
     pub instance_type: Option<String>,
+    /// The architecture the image is for, as EC2 names it: `x86_64` or `arm64`. Optional: the
+    /// bake reads the source image's architecture and refuses a different one here.
+    pub arch: Option<Spanned<String>>,
     pub subnet: Option<String>,
     pub instance_profile: Option<String>,
     pub volume_size: Option<Spanned<i64>>,
@@ -86,6 +90,27 @@ pub struct ProvisionFile {
     pub script: Option<String>,
     /// Keep the SSM agent the seed's user-data installed (for images without one) in the image.
     pub keep_ssm_agent: Option<bool>,
+    /// Object stores filled at bake time (`salt`, `config`): the first boot then fetches only
+    /// what is newer than the image (`stackless-init seed`). Public repositories only.
+    pub seed: Option<BTreeMap<String, SeedFile>>,
+}
+
+/// `[provision.seed.salt]` or `[provision.seed.config]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SeedFile {
+    pub repo: Spanned<String>,
+    #[serde(rename = "ref")]
+    pub reference: Option<Spanned<String>>,
+}
+
+/// A repository whose objects the image carries.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Seed {
+    /// `salt` or `config`.
+    pub name: String,
+    pub repo: String,
+    pub reference: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -159,6 +184,10 @@ pub struct ImageDef {
     pub name_template: String,
     pub description: String,
     pub source: Source,
+    /// `[instance] arch`, when the definition says it (the source image's architecture decides
+    /// otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arch: Option<Arch>,
     pub instance_type: String,
     pub subnet: Option<String>,
     pub instance_profile: Option<String>,
@@ -177,6 +206,8 @@ pub struct ImageDef {
     pub supervisor: bool,
     pub provision_timeout: std::time::Duration,
     pub provision_script: Option<String>,
+    /// Object stores filled at bake time.
+    pub seeds: Vec<Seed>,
     pub programs: BTreeMap<String, ProgramDef>,
     /// The image defaults as TOML text (valid user-data).
     pub defaults_toml: String,
@@ -221,10 +252,65 @@ fn parse_file(path: &Path) -> Result<Parsed, DefinitionError> {
     Ok(p)
 }
 
+/// A seed is `salt` or `config`, from a URL the provisioning script can quote and that holds no
+/// credentials (a baked secret would be in every snapshot), at a ref git accepts.
+fn check_seed(p: &Parsed, name: &str, seed: &SeedFile) -> Result<(), DefinitionError> {
+    let repo = &seed.repo;
+    if !["salt", "config"].contains(&name) {
+        return Err(p.err(
+            repo.span().start,
+            format!("[provision.seed.{name}]: the repositories are `salt` and `config`"),
+        ));
+    }
+    let url = repo.get_ref();
+    if stackless_init::userdata::credentials::credentials_in_url(url).is_some() {
+        return Err(p.err(
+            repo.span().start,
+            "the seed URL has credentials in it: they would be baked into every image; \
+             seed from a public URL (private repositories get their credentials from SSM at boot)",
+        ));
+    }
+    let scheme = ["https://", "http://", "git://", "file://"]
+        .iter()
+        .any(|s| url.starts_with(s));
+    if !scheme
+        || url
+            .chars()
+            .any(|c| c.is_whitespace() || "'\\\"`$".contains(c))
+    {
+        return Err(p.err(
+            repo.span().start,
+            "repo must be an https://, http://, git:// or file:// URL without spaces, quotes, `$` or backslashes",
+        ));
+    }
+    if let Some(r) = &seed.reference {
+        let v = r.get_ref();
+        let bad = |c: char| c.is_whitespace() || c.is_control() || "*?[\\~^:'\"`$".contains(c);
+        if v.is_empty() || v.starts_with('-') || v.contains("..") || v.chars().any(bad) {
+            return Err(p.err(
+                r.span().start,
+                "ref must be a branch, a tag or a full commit sha",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Checks that need only one file.
 fn check_file(p: &Parsed) -> Result<(), DefinitionError> {
     let d = &p.data;
     if let Some(i) = &d.instance {
+        if let Some(v) = &i.arch {
+            if Arch::from_ec2(v.get_ref()).is_none() {
+                return Err(p.err(
+                    v.span().start,
+                    format!(
+                        "arch must be `x86_64` or `arm64` (EC2's names), not `{}`",
+                        v.get_ref()
+                    ),
+                ));
+            }
+        }
         if let Some(v) = &i.volume_size {
             if !(1..=16384).contains(v.get_ref()) {
                 return Err(p.err(v.span().start, "volume_size is in GiB, 1 to 16384"));
@@ -269,6 +355,9 @@ fn check_file(p: &Parsed) -> Result<(), DefinitionError> {
         }
         if let Some(t) = &pr.timeout {
             duration(p, t)?;
+        }
+        for (name, seed) in pr.seed.iter().flatten() {
+            check_seed(p, name, seed)?;
         }
         for pkg in pr.packages.iter().flatten() {
             if pkg.is_empty()
@@ -410,6 +499,7 @@ fn resolve(image: &str, chain: &[Parsed]) -> Result<ImageDef, DefinitionError> {
     }
     let child = chain.last().expect("at least one file");
     let leaf = &child.file;
+    let arch = pick!(instance.as_ref()?.arch).and_then(|a| Arch::from_ec2(a.get_ref()));
 
     let source = {
         let mut src = None;
@@ -432,11 +522,24 @@ fn resolve(image: &str, chain: &[Parsed]) -> Result<ImageDef, DefinitionError> {
             Source::Parameter(param)
         } else {
             match (s.owner, s.name) {
-                (Some(owner), Some(name)) => Source::Search {
-                    owner,
-                    name,
-                    architecture: s.architecture.unwrap_or_else(|| "x86_64".into()),
-                },
+                (Some(owner), Some(name)) => {
+                    let architecture = match (s.architecture, arch) {
+                        (Some(a), Some(want)) if a != want.ec2() => {
+                            return Err(DefinitionError::whole(
+                                leaf,
+                                format!("[source] architecture `{a}` and [instance] arch `{want}` differ: the image is one or the other"),
+                            ))
+                        }
+                        (Some(a), _) => a,
+                        (None, Some(want)) => want.ec2().to_string(),
+                        (None, None) => "x86_64".into(),
+                    };
+                    Source::Search {
+                        owner,
+                        name,
+                        architecture,
+                    }
+                }
                 _ => {
                     return Err(DefinitionError::whole(
                         leaf,
@@ -511,6 +614,25 @@ fn resolve(image: &str, chain: &[Parsed]) -> Result<ImageDef, DefinitionError> {
             format!("salt_version `{salt_version}` is not a version (like 3008.4)"),
         ));
     }
+    let seeds: Vec<Seed> = pick!(provision.as_ref()?.seed)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, s)| Seed {
+            name,
+            repo: s.repo.into_inner(),
+            reference: s
+                .reference
+                .map(|r| r.into_inner())
+                .unwrap_or_else(|| "main".into()),
+        })
+        .collect();
+    let packages: Vec<String> = pick!(provision.as_ref()?.packages).unwrap_or_default();
+    if !seeds.is_empty() && !packages.iter().any(|p| p == "git") {
+        return Err(DefinitionError::whole(
+            leaf,
+            "[provision.seed] fetches with git at bake time: add `git` to [provision] packages",
+        ));
+    }
     let salt = match pick!(provision.as_ref()?.salt)
         .map(|s| s.into_inner())
         .as_deref()
@@ -527,6 +649,7 @@ fn resolve(image: &str, chain: &[Parsed]) -> Result<ImageDef, DefinitionError> {
             .unwrap_or_else(|| "stackless-{image}-{timestamp}".into()),
         description: pick!(description).unwrap_or_else(|| format!("stackless {image} image")),
         source,
+        arch,
         instance_type: pick!(instance.as_ref()?.instance_type).unwrap_or_else(|| "t3.small".into()),
         subnet: pick!(instance.as_ref()?.subnet),
         instance_profile: pick!(instance.as_ref()?.instance_profile),
@@ -544,13 +667,14 @@ fn resolve(image: &str, chain: &[Parsed]) -> Result<ImageDef, DefinitionError> {
             .map(|s| s.into_inner().trim_end_matches('/').to_string())
             .unwrap_or_else(|| SSM_AGENT_URL.into()),
         keep_ssm_agent: pick!(provision.as_ref()?.keep_ssm_agent).unwrap_or(false),
-        packages: pick!(provision.as_ref()?.packages).unwrap_or_default(),
+        packages,
         salt,
         salt_version,
         supervisor: pick!(provision.as_ref()?.supervisor).unwrap_or(true),
         provision_timeout: parse_d(pick!(provision.as_ref()?.timeout))
             .unwrap_or(std::time::Duration::from_secs(30 * 60)),
         provision_script: pick!(provision.as_ref()?.script),
+        seeds,
         programs,
         defaults_toml,
         regions: pick!(publish.as_ref()?.regions).unwrap_or_default(),

@@ -1,6 +1,7 @@
 //! builder: bakes stackless images (a seed instance on AWS over SSM, or a local chroot) and
 //! deploys them. The library is the engine; `main.rs` parses arguments.
 
+pub mod arch;
 pub mod aws;
 pub mod communicator;
 pub mod console;

@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use stackless_builder::arch::{self, Arch};
 use stackless_builder::definition::{self, ImageDef};
 use stackless_builder::deploy;
 use stackless_builder::pipeline::{self, BakeOptions};
@@ -62,12 +63,13 @@ enum Command {
         image: String,
         #[arg(long, value_enum, default_value_t = TargetKind::Aws)]
         target: TargetKind,
-        /// The static stackless-init to install (scripts/build-init.sh builds it).
-        #[arg(
-            long,
-            default_value = "target/x86_64-unknown-linux-musl/release/stackless-init"
-        )]
-        init_binary: PathBuf,
+        /// A static stackless-init (scripts/build-init.sh builds them); repeat it, once per
+        /// architecture: the bake stages the one whose ELF machine is the source image's
+        /// architecture and refuses, before launching anything, when none is. Default: the
+        /// agents build-init.sh left in target/ (x86_64-unknown-linux-musl,
+        /// aarch64-unknown-linux-musl), those that exist.
+        #[arg(long = "init-binary", value_name = "FILE")]
+        init_binary: Vec<PathBuf>,
         /// The salt-bootstrap script, for `salt = "onedir"` images.
         #[arg(long)]
         bootstrap: Option<PathBuf>,
@@ -497,7 +499,8 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Render { image, out } => {
             let def = load(&cli, image)?;
-            let bin = std::fs::read(default_init_binary()).ok();
+            let arch = def.arch.unwrap_or(Arch::X86_64);
+            let bin = std::fs::read(arch.default_init_binary()).ok();
             let mut inputs = placeholder_inputs(cli.templates.as_deref());
             if let Some(b) = &bin {
                 inputs.init_binary = b;
@@ -527,7 +530,11 @@ async fn run(cli: Cli) -> Result<()> {
             };
             let opts = BakeOptions {
                 templates: cli.templates.clone(),
-                init_binary: init_binary.clone(),
+                init_binaries: if init_binary.is_empty() {
+                    arch::default_init_binaries(Path::new("."))
+                } else {
+                    init_binary.clone()
+                },
                 bootstrap: bootstrap.clone(),
                 force: *force,
                 keep_on_error: *keep_on_error,
@@ -812,10 +819,6 @@ fn files_of(def: &ImageDef) -> String {
         .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
         .join(" < ")
-}
-
-fn default_init_binary() -> PathBuf {
-    PathBuf::from("target/x86_64-unknown-linux-musl/release/stackless-init")
 }
 
 /// Validation and review renders need no real binary.

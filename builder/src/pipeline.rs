@@ -2,6 +2,7 @@
 //! inputs, start the machine, stage the files, provision, generalise, snapshot, publish, and
 //! clean up always: on success, on failure, and on Ctrl-C or SIGTERM.
 
+use crate::arch::{Arch, InitBinaries};
 use crate::communicator::{run_checked, Communicator};
 use crate::definition::ImageDef;
 use crate::platform::{Artifact, Build, Target};
@@ -19,7 +20,9 @@ use std::time::{Duration, Instant, SystemTime};
 #[derive(Debug, Clone)]
 pub struct BakeOptions {
     pub templates: Option<PathBuf>,
-    pub init_binary: PathBuf,
+    /// The agent binaries, one per architecture at most (`--init-binary`, repeated): the bake
+    /// stages the one whose ELF machine is the source image's architecture.
+    pub init_binaries: Vec<PathBuf>,
     pub bootstrap: Option<PathBuf>,
     /// Bake even when an image from identical inputs exists.
     pub force: bool,
@@ -36,11 +39,15 @@ pub struct BakeOptions {
 pub struct Manifest {
     pub image: String,
     pub target: String,
+    /// The image's architecture, as EC2 names it (`x86_64`, `arm64`).
+    pub arch: Arch,
     pub build_id: String,
     pub image_name: String,
     pub artifact: String,
     pub regions: BTreeMap<String, String>,
     pub source: String,
+    /// The agent binary staged (its path as given; its checksum is in the input hash).
+    pub init_binary: String,
     pub input_hash: String,
     /// Reused an image from identical inputs rather than baking.
     pub reused: bool,
@@ -132,23 +139,30 @@ pub async fn bake_until(
     opts: &BakeOptions,
     stop: impl std::future::Future<Output = &'static str>,
 ) -> Result<Manifest> {
-    let init_binary = read(
-        &opts.init_binary,
-        "the stackless-init binary (build it with scripts/build-init.sh)",
-    )?;
+    let binaries = InitBinaries::load(&opts.init_binaries)?;
     let bootstrap = match &opts.bootstrap {
         Some(p) => Some(read(p, "the salt-bootstrap script")?),
         None => None,
     };
     let mut phases = Phases::default();
-    let source = phases
+    let resolved = phases
         .run("resolve-source", target.resolve_source(def))
         .await?;
+    // The agent of the image's architecture, or a refusal naming every binary given: before
+    // anything is launched.
+    let agent = binaries.for_arch(
+        resolved.arch,
+        &format!("`{}` (source {})", def.image, resolved.id),
+    )?;
+    tracing::info!(arch = %resolved.arch, init_binary = %agent.path.display(), "the agent for the image's architecture");
+    let init_binary = &agent.bytes;
+    let init_path = agent.path.display().to_string();
+    let source = resolved.id;
     let for_hash = render::render(
         def,
         &RenderInputs {
             templates: opts.templates.as_deref(),
-            init_binary: &init_binary,
+            init_binary,
             bootstrap: bootstrap.as_deref(),
             build_id: BUILD_ID_PLACEHOLDER,
             build_ca: opts.build_ca,
@@ -162,6 +176,7 @@ pub async fn bake_until(
         timestamp,
         input_hash: hash.clone(),
         source,
+        arch: resolved.arch,
         seed_user_data: String::new(),
     };
     tracing::info!(build = %build.id, image = %build.image_name, input_hash = %hash, "bake");
@@ -172,7 +187,15 @@ pub async fn bake_until(
             .await?
         {
             tracing::info!(id = %existing.id, "an image from identical inputs exists; reusing it (--force bakes anew)");
-            let m = manifest(def, target.kind(), &build, &existing, true, phases.0);
+            let m = manifest(
+                def,
+                target.kind(),
+                &build,
+                &init_path,
+                &existing,
+                true,
+                phases.0,
+            );
             write_manifest(&opts.manifest, &m)?;
             return Ok(m);
         }
@@ -181,7 +204,7 @@ pub async fn bake_until(
         def,
         &RenderInputs {
             templates: opts.templates.as_deref(),
-            init_binary: &init_binary,
+            init_binary,
             bootstrap: bootstrap.as_deref(),
             build_id: &build.id,
             build_ca: opts.build_ca,
@@ -210,17 +233,22 @@ pub async fn bake_until(
         .run("cleanup", target.cleanup(&build, failed, keep))
         .await;
     match (result, cleanup) {
-        (Ok(artifact), Ok(_)) => {
-            let m = manifest(def, target.kind(), &build, &artifact, false, phases.0);
-            write_manifest(&opts.manifest, &m)?;
-            Ok(m)
-        }
-        (Ok(artifact), Err(e)) => {
-            let mut m = manifest(def, target.kind(), &build, &artifact, false, phases.0);
-            m.cleanup_error = Some(format!(
-                "the image {} was made and published, but cleaning up the build failed: {e:#}; run `builder gc` to remove what is left",
-                artifact.id
-            ));
+        (Ok(artifact), cleanup) => {
+            let mut m = manifest(
+                def,
+                target.kind(),
+                &build,
+                &init_path,
+                &artifact,
+                false,
+                phases.0,
+            );
+            if let Err(e) = cleanup {
+                m.cleanup_error = Some(format!(
+                    "the image {} was made and published, but cleaning up the build failed: {e:#}; run `builder gc` to remove what is left",
+                    artifact.id
+                ));
+            }
             write_manifest(&opts.manifest, &m)?;
             Ok(m)
         }
@@ -271,6 +299,7 @@ async fn run_phases(
         )
         .await?;
     show_output("provision", &out.stdout, out.truncated);
+    target.provisioned().await?;
     let out = phases
         .run(
             "generalize",
@@ -302,6 +331,7 @@ fn manifest(
     def: &ImageDef,
     kind: &str,
     build: &Build,
+    init_binary: &str,
     a: &Artifact,
     reused: bool,
     phases: Vec<(String, u64)>,
@@ -309,11 +339,13 @@ fn manifest(
     Manifest {
         image: def.image.clone(),
         target: kind.to_string(),
+        arch: build.arch,
         build_id: build.id.clone(),
         image_name: build.image_name.clone(),
         artifact: a.id.clone(),
         regions: a.regions.clone(),
         source: build.source.clone(),
+        init_binary: init_binary.to_string(),
         input_hash: build.input_hash.clone(),
         reused,
         created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),

@@ -7,32 +7,30 @@
 use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 use testkit::{Moto, REGION};
 
 fn builder(moto: &Moto, home: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_builder"));
-    c.env_clear()
-        .env("HOME", home)
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_CONFIG_FILE", home.join("no-config"))
-        .env("AWS_SHARED_CREDENTIALS_FILE", home.join("no-credentials"))
-        .env("AWS_ACCESS_KEY_ID", "testing")
+    let mut c = testkit::bare_command(env!("CARGO_BIN_EXE_builder"), home);
+    c.env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .env("AWS_REGION", REGION)
-        .env("AWS_ENDPOINT_URL", &moto.endpoint)
-        .stdin(Stdio::null());
+        .env("AWS_ENDPOINT_URL", &moto.endpoint);
     c
 }
 
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+use testkit::output_text as text;
+
+/// `builder ARGS` against moto from a fresh HOME, which must exit with `code`: its stdout and
+/// stderr.
+fn run(moto: &Moto, args: &[&str], code: i32) -> (String, String) {
+    let home = tempfile::tempdir().unwrap();
+    let o = builder(moto, home.path()).args(args).output().unwrap();
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(code), "{err}");
+    (out, err)
 }
 
 struct Fleet {
@@ -117,20 +115,7 @@ const OLD: &str = "0123456789abcdef0123456789abcdef01234567";
 
 /// A git repository with one commit; its URL and the commit.
 fn repo(dir: &Path) -> (String, String) {
-    let git = |args: &[&str]| {
-        let o = Command::new("git")
-            .args(args)
-            .current_dir(dir)
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env("GIT_AUTHOR_NAME", "t")
-            .env("GIT_AUTHOR_EMAIL", "t@example.com")
-            .env("GIT_COMMITTER_NAME", "t")
-            .env("GIT_COMMITTER_EMAIL", "t@example.com")
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{o:?}");
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
-    };
+    let git = |args: &[&str]| testkit::git(dir, args);
     git(&["init", "-q", "-b", "main"]);
     std::fs::write(dir.join("app.conf"), "v2\n").unwrap();
     git(&["add", "app.conf"]);
@@ -161,13 +146,7 @@ async fn lists_every_state_as_a_table_and_as_json() {
     fleet.terminate(&gone).await;
     let other = fleet.launch("api").await;
 
-    let home = tempfile::tempdir().unwrap();
-    let o = builder(&moto, home.path())
-        .args(["fleet", "web"])
-        .output()
-        .unwrap();
-    let (out, err) = text(&o);
-    assert_eq!(o.status.code(), Some(0), "{err}");
+    let (out, _) = run(&moto, &["fleet", "web"], 0);
     for id in [&ready, &silent, &failed, &degraded] {
         assert!(out.contains(id.as_str()), "{id} missing:\n{out}");
     }
@@ -181,12 +160,7 @@ async fn lists_every_state_as_a_table_and_as_json() {
     );
     assert!(out.contains(&format!("silent  {silent}")), "{out}");
 
-    let o = builder(&moto, home.path())
-        .args(["fleet", "web", "--output", "json"])
-        .output()
-        .unwrap();
-    let (out, err) = text(&o);
-    assert_eq!(o.status.code(), Some(0), "{err}");
+    let (out, _) = run(&moto, &["fleet", "web", "--output", "json"], 0);
     let j: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     let rows = j["instances"].as_array().unwrap();
     assert_eq!(rows.len(), 4);
@@ -299,14 +273,21 @@ async fn wait_fails_naming_the_culprit() {
     fleet.report(&bad, &new, "degraded", "highstate", 3).await;
     let _silent = fleet.launch("web").await;
 
-    let home = tempfile::tempdir().unwrap();
-    let o = builder(&moto, home.path())
-        .args(["fleet", "web", "--wait", "--config", &new[..8]])
-        .args(["--interval", "1s", "--timeout", "5m"])
-        .output()
-        .unwrap();
-    let (out, err) = text(&o);
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    let (out, err) = run(
+        &moto,
+        &[
+            "fleet",
+            "web",
+            "--wait",
+            "--config",
+            &new[..8],
+            "--interval",
+            "1s",
+            "--timeout",
+            "5m",
+        ],
+        1,
+    );
     let last = err.lines().last().unwrap_or_default();
     assert!(
         last.starts_with("builder: failed on config dddddddd")
@@ -330,14 +311,21 @@ async fn wait_times_out_naming_the_stragglers() {
     fleet.report(&behind, OLD, "ready", "", 0).await;
     let silent = fleet.launch("web").await;
 
-    let home = tempfile::tempdir().unwrap();
-    let o = builder(&moto, home.path())
-        .args(["fleet", "web", "--wait", "--config", &new])
-        .args(["--interval", "500ms", "--timeout", "2s"])
-        .output()
-        .unwrap();
-    let (_, err) = text(&o);
-    assert_eq!(o.status.code(), Some(3), "{err}");
+    let (_, err) = run(
+        &moto,
+        &[
+            "fleet",
+            "web",
+            "--wait",
+            "--config",
+            &new,
+            "--interval",
+            "500ms",
+            "--timeout",
+            "2s",
+        ],
+        3,
+    );
     let last = err.lines().last().unwrap_or_default();
     assert!(
         last.contains("timed out")
@@ -387,13 +375,7 @@ async fn lists_the_instances_of_an_auto_scaling_group() {
         .unwrap();
     let outside = fleet.launch("web").await;
 
-    let home = tempfile::tempdir().unwrap();
-    let o = builder(&moto, home.path())
-        .args(["fleet", "--asg", "web-asg", "--output", "json"])
-        .output()
-        .unwrap();
-    let (out, err) = text(&o);
-    assert_eq!(o.status.code(), Some(0), "{err}");
+    let (out, _) = run(&moto, &["fleet", "--asg", "web-asg", "--output", "json"], 0);
     let j: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     let ids: Vec<&str> = j["instances"]
         .as_array()

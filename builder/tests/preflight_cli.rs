@@ -3,29 +3,18 @@
 //! there, launching nothing. The moto tests refuse any endpoint but loopback.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use testkit::{Moto, REGION};
 
 /// The builder with an empty environment: a fresh HOME (no ~/.aws), no AWS_* variables, no
 /// instance metadata.
 fn bare(home: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_builder"));
-    c.env_clear()
-        .env("HOME", home)
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_CONFIG_FILE", home.join("no-config"))
-        .env("AWS_SHARED_CREDENTIALS_FILE", home.join("no-credentials"))
-        .current_dir(testkit::repo_root());
+    let mut c = testkit::bare_command(env!("CARGO_BIN_EXE_builder"), home);
+    c.current_dir(testkit::repo_root());
     c
 }
 
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
+use testkit::output_text as text;
 
 #[test]
 fn no_credentials_is_one_line_naming_the_fix() {

@@ -9,6 +9,8 @@ pub mod actions;
 pub mod aws;
 pub mod boot;
 pub mod fsutil;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod gitauth;
 pub mod imds;
 pub mod lifecycle;

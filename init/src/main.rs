@@ -80,6 +80,22 @@ enum Command {
         #[arg(long, default_value_t = 1800)]
         lock_wait: u64,
     },
+    /// Fill a repository's object store ahead of its first sync (at bake time: the image's
+    /// `[provision.seed]`), so the first boot fetches only what is newer than the image.
+    /// Public repositories only: credentials come from SSM at boot, not at bake time.
+    Seed {
+        /// `salt` or `config`.
+        #[arg(value_parser = ["salt", "config"])]
+        repo: String,
+        /// The repository's URL (no credentials in it).
+        url: String,
+        /// The branch, tag or commit whose objects to keep.
+        #[arg(long = "ref", default_value = "main")]
+        reference: String,
+        /// Seconds git may take.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
     /// git's askpass helper for private HTTPS repositories: answers git's prompt from the file
     /// the agent names in STACKLESS_ASKPASS_FILE (the agent runs it; not for people).
     #[command(hide = true)]
@@ -138,6 +154,28 @@ fn run(command: Command, layout: &Layout) -> anyhow::Result<u8> {
             stackless_init::gitauth::askpass_main(&prompt)?;
             Ok(0)
         }
+        Command::Seed {
+            repo,
+            url,
+            reference,
+            timeout,
+        } => {
+            let spec = stackless_init::repos::RepoSpec {
+                url,
+                reference,
+                credentials: None,
+                group: None,
+            };
+            let commit =
+                stackless_init::repos::seed(layout, &repo, &spec, Duration::from_secs(timeout))?;
+            println!(
+                "seeded the {repo} object store with {} from {} ({})",
+                stackless_init::repos::short(&commit),
+                spec.url,
+                spec.reference
+            );
+            Ok(0)
+        }
         Command::CheckParameter {
             name,
             endpoint,
@@ -154,7 +192,7 @@ fn run(command: Command, layout: &Layout) -> anyhow::Result<u8> {
             println!(
                 "readable: {name} ({} bytes) from {}",
                 value.expose().len(),
-                reader.endpoint
+                reader.role.endpoint
             );
             Ok(0)
         }

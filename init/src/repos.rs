@@ -3,16 +3,22 @@
 //!
 //! The `git` command line does the transport, so any URL git understands works (https, ssh, git,
 //! file). A sync is cheap when nothing changed: one `git ls-remote`, no fetch. A new commit is
-//! fetched shallow into a temporary folder, renamed into place and published; a failure at any
-//! point removes the temporary folder and keeps the old `current`. Callers hold the
-//! [`SyncLock`](crate::lock::SyncLock) so syncs never overlap.
+//! fetched shallow into the repository's object store (`store`: only the objects it adds), made
+//! into a temporary folder that shares the previous release's unchanged files (`materialise`),
+//! renamed into place and published; a failure at any point removes the temporary folder and
+//! keeps the old `current`. Callers hold the [`SyncLock`](crate::lock::SyncLock) so syncs
+//! never overlap.
+
+mod git;
+pub mod materialise;
+pub mod store;
 
 use crate::gitauth::GitAuth;
 use crate::paths::Layout;
-use crate::process::{self, Deadline};
 pub use crate::userdata::RepoSpec;
-use crate::userdata::Timeouts;
 use anyhow::{bail, Context, Result};
+use git::{is_full_sha, Place};
+use materialise::{materialise, Previous};
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs;
@@ -20,9 +26,9 @@ use std::io::ErrorKind;
 use std::os::unix::fs::symlink;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
+use store::Store;
 
 /// How many releases besides `current` a repository keeps.
 pub const KEEP_PREVIOUS: usize = 3;
@@ -110,6 +116,39 @@ pub fn sync_with_auth(
     keep_last(name, result, current)
 }
 
+/// Fetches `spec`'s commit into repository `name`'s object store without publishing anything:
+/// the bake-time seed of an image, so its first sync is incremental. Returns the commit.
+pub fn seed(layout: &Layout, name: &str, spec: &RepoSpec, timeout: Duration) -> Result<String> {
+    let what = || {
+        format!(
+            "seeding the {name} object store from {} (ref {})",
+            spec.url, spec.reference
+        )
+    };
+    validate(name, spec).with_context(what)?;
+    if crate::userdata::credentials::credentials_in_url(&spec.url).is_some() {
+        // Not even the URL is repeated: it holds a secret.
+        bail!(
+            "seeding the {name} object store: the URL has credentials in it; seed from a public \
+             URL (private repositories get their credentials from SSM at boot, never at bake time)"
+        );
+    }
+    let what = || {
+        format!(
+            "seeding the {name} object store from {} (ref {})",
+            spec.url, spec.reference
+        )
+    };
+    validate(name, spec).with_context(what)?;
+    let (sha, fetch_ref) = resolve(spec, timeout, None).with_context(what)?;
+    let repo_dir = layout.repo_dir(name);
+    let (store, head) =
+        fetch(&repo_dir, name, &spec.url, &sha, &fetch_ref, timeout, None).with_context(what)?;
+    store.keep(&[]).with_context(what)?;
+    tracing::info!(repo = name, url = %spec.url, commit = %head, "seeded the object store");
+    Ok(head)
+}
+
 /// A failed sync keeps the published release when there is one.
 pub fn keep_last(
     name: &str,
@@ -173,14 +212,14 @@ fn sync_inner(
 
     fs::create_dir_all(&releases).with_context(|| format!("creating {}", releases.display()))?;
     remove_stale_temps(&releases);
+    let mut kept_store = None;
     let commit = if releases.join(&sha).is_dir() {
         // Flipping back to a release we still have: nothing to fetch (its modes are made right
         // again: it may predate them, or the group may have changed).
         restrict(&releases.join(&sha), spec.group.as_deref())?;
         sha
     } else {
-        let tmp = TempDir::new(&releases)?;
-        let head = fetch(&tmp.path, &spec.url, &fetch_ref, timeout, auth)?;
+        let (mut store, head) = fetch(&repo_dir, name, &spec.url, &sha, &fetch_ref, timeout, auth)?;
         if head != sha {
             if is_full_sha(&spec.reference) {
                 bail!("fetched commit {head}, not the requested {sha}");
@@ -193,6 +232,34 @@ fn sync_inner(
         }
         let release = releases.join(&head);
         if !release.is_dir() {
+            let previous_dir = current.map(|c| releases.join(c));
+            let previous = || {
+                current
+                    .zip(previous_dir.as_deref())
+                    .map(|(commit, dir)| Previous { commit, dir })
+            };
+            let mut tmp = TempDir::new(&releases)?;
+            let made = match materialise(&store, &head, previous(), &tmp.path, timeout) {
+                Ok(made) => made,
+                Err(e) => {
+                    // An object the store should have is missing or unreadable (a disk error,
+                    // someone deleting files): fetch into a new store, once.
+                    tracing::warn!(
+                        repo = name,
+                        "making release {head} from the object store failed ({e:#}); fetching into a new store"
+                    );
+                    drop(tmp);
+                    store = store.rebuild(timeout)?;
+                    let again = store.fetch(&spec.url, &head, &fetch_ref, timeout, auth)?;
+                    if again != head {
+                        bail!("{fetch_ref} moved to {again} while {head} was being made; the next sync takes it");
+                    }
+                    tmp = TempDir::new(&releases)?;
+                    materialise(&store, &head, previous(), &tmp.path, timeout)
+                        .with_context(|| format!("making release {head} from a new object store"))?
+                }
+            };
+            tracing::debug!(repo = name, commit = %head, written = made.written, shared = made.shared, "made a release");
             // Readable by root (or the configured group) alone before it is ever published.
             restrict(&tmp.path, spec.group.as_deref())?;
             durable(&tmp.path);
@@ -201,6 +268,7 @@ fn sync_inner(
             })?;
             tmp.disarm();
         }
+        kept_store = Some(store);
         head
     };
 
@@ -215,6 +283,16 @@ fn sync_inner(
     );
     if let Err(e) = prune(&releases, &commit, policy.keep.as_deref()) {
         tracing::warn!(repo = name, "pruning old releases: {e:#}");
+    }
+    if let Some(store) = kept_store {
+        let on_disk = releases_in(&releases);
+        let on_disk: Vec<&str> = on_disk.iter().map(String::as_str).collect();
+        if let Err(e) = store.keep(&on_disk) {
+            tracing::warn!(
+                repo = name,
+                "keeping the releases' objects in the store: {e:#}"
+            );
+        }
     }
     Ok(SyncOutcome::Updated {
         commit,
@@ -237,13 +315,6 @@ fn validate(name: &str, spec: &RepoSpec) -> Result<()> {
     Ok(())
 }
 
-/// A full commit id (sha1, or sha256 for repositories that use it), lowercase.
-fn is_full_sha(s: &str) -> bool {
-    (s.len() == 40 || s.len() == 64)
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
 /// Resolves the ref to a commit and the name to fetch it by. A full sha needs no round trip.
 fn resolve(spec: &RepoSpec, timeout: Duration, auth: Option<&GitAuth>) -> Result<(String, String)> {
     let r = spec.reference.as_str();
@@ -252,8 +323,8 @@ fn resolve(spec: &RepoSpec, timeout: Duration, auth: Option<&GitAuth>) -> Result
         return Ok((lower.clone(), lower));
     }
     let peeled_pattern = format!("{r}^{{}}");
-    let out = git(
-        None,
+    let out = git::run(
+        Place::default(),
         Some(&spec.url),
         [
             OsStr::new("ls-remote"),
@@ -264,6 +335,12 @@ fn resolve(spec: &RepoSpec, timeout: Duration, auth: Option<&GitAuth>) -> Result
         timeout,
         auth,
     )?;
+    pick_ref(&out, r).with_context(|| format!("resolving {r:?} at {}", spec.url))
+}
+
+/// The commit `r` names in `git ls-remote` output (`SHA<TAB>NAME` lines): the branch, else the
+/// tag (peeled to its commit), else the exact name; with the full name it was found under.
+pub(crate) fn pick_ref(out: &str, r: &str) -> Result<(String, String)> {
     let refs: HashMap<&str, &str> = out
         .lines()
         .filter_map(|l| l.split_once('\t'))
@@ -284,63 +361,43 @@ fn resolve(spec: &RepoSpec, timeout: Duration, auth: Option<&GitAuth>) -> Result
         }
     }
     bail!(
-        "ref {r:?} not found at {} (looked for branch refs/heads/{r}, tag refs/tags/{r} and {r}); \
-         check the configured ref",
-        spec.url
+        "ref {r:?} not found (looked for branch refs/heads/{r}, tag refs/tags/{r} and {r}); \
+         check the configured ref"
     )
 }
 
-/// Fetches `what` shallow into the empty folder `dir`, checks it out detached, and returns HEAD.
+/// Fetches `what` into the repository's object store. A fetch that fails on a store git finds
+/// damaged is tried once more on a new store; one that fails on a sound store failed upstream.
 fn fetch(
-    dir: &Path,
+    repo_dir: &Path,
+    name: &str,
     url: &str,
-    what: &str,
+    sha: &str,
+    reference: &str,
     timeout: Duration,
     auth: Option<&GitAuth>,
-) -> Result<String> {
-    let d = Some(dir);
-    git(
-        None,
-        None,
-        [
-            OsStr::new("init"),
-            OsStr::new("-q"),
-            OsStr::new("--template="),
-            dir.as_os_str(),
-        ],
-        timeout,
-        None,
-    )?;
-    git(
-        d,
-        Some(url),
-        ["fetch", "-q", "--depth", "1", "--no-tags", url, what].map(OsStr::new),
-        timeout,
-        auth,
-    )?;
-    git(
-        d,
-        None,
-        ["checkout", "-q", "--detach", "FETCH_HEAD"].map(OsStr::new),
-        timeout,
-        None,
-    )?;
-    let head = git(
-        d,
-        None,
-        ["rev-parse", "--verify", "HEAD^{commit}"].map(OsStr::new),
-        timeout,
-        None,
-    )?;
-    let head = head.trim().to_string();
-    if !is_full_sha(&head) {
-        bail!("git rev-parse HEAD gave {head:?} in {}", dir.display());
+) -> Result<(Store, String)> {
+    let store = Store::open(repo_dir, timeout)?;
+    match store.fetch(url, sha, reference, timeout, auth) {
+        Ok(head) => Ok((store, head)),
+        Err(e) if store.is_sound(timeout) => Err(e),
+        Err(e) => {
+            tracing::warn!(
+                repo = name,
+                store = %store.dir().display(),
+                "the object store is damaged ({e:#}); fetching into a new one"
+            );
+            let store = store.rebuild(timeout)?;
+            let head = store.fetch(url, sha, reference, timeout, auth)?;
+            Ok((store, head))
+        }
     }
-    Ok(head)
 }
 
-/// Makes a release readable by root alone (dirs 0700, files 0600, executables 0700) or, with
-/// `group`, by that group too (0750 / 0640 / 0750, group-owned). Symlinks are left as they are.
+/// Makes a release readable by root alone (dirs 0700, files 0400, executables 0500) or, with
+/// `group`, by that group too (0750 / 0440 / 0550, group-owned). Files are read-only: a
+/// published release is never written again, and its files may be shared with the next one
+/// (hard links). Symlinks are left as they are.
 pub fn restrict(dir: &Path, group: Option<&str>) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let gid = match group {
@@ -353,9 +410,9 @@ pub fn restrict(dir: &Path, group: Option<&str>) -> Result<()> {
         None => None,
     };
     let (dmode, fmode, xmode) = if gid.is_some() {
-        (0o750, 0o640, 0o750)
+        (0o750, 0o440, 0o550)
     } else {
-        (0o700, 0o600, 0o700)
+        (0o700, 0o400, 0o500)
     };
     let mut stack = vec![dir.to_path_buf()];
     while let Some(path) = stack.pop() {
@@ -377,12 +434,16 @@ pub fn restrict(dir: &Path, group: Option<&str>) -> Result<()> {
         } else {
             continue;
         };
-        if gid.is_some() {
+        // Files shared with the previous release mostly have their modes already.
+        use std::os::unix::fs::MetadataExt;
+        if gid.is_some_and(|g| g.as_raw() != meta.gid()) {
             nix::unistd::chown(&path, None, gid)
                 .with_context(|| format!("changing the group of {}", path.display()))?;
         }
-        fs::set_permissions(&path, fs::Permissions::from_mode(mode))
-            .with_context(|| format!("setting the mode of {}", path.display()))?;
+        if meta.mode() & 0o7777 != mode {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+                .with_context(|| format!("setting the mode of {}", path.display()))?;
+        }
     }
     Ok(())
 }
@@ -453,8 +514,11 @@ pub fn publish(layout: &Layout, name: &str, commit: &str) -> Result<()> {
 
 /// The releases a repository holds, newest published first.
 pub fn releases(layout: &Layout, name: &str) -> Vec<String> {
-    let dir = layout.repo_dir(name).join("releases");
-    let mut found: Vec<(SystemTime, String)> = fs::read_dir(&dir)
+    releases_in(&layout.repo_dir(name).join("releases"))
+}
+
+fn releases_in(dir: &Path) -> Vec<String> {
+    let mut found: Vec<(SystemTime, String)> = fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
@@ -562,81 +626,11 @@ impl Drop for TempDir {
     }
 }
 
-/// Runs one git command (in `dir`, if given) with prompts off, the system config ignored and
-/// settings that could change a checkout pinned; returns stdout. Killed, with its helpers (ssh),
-/// after `timeout`; `url` is named in errors.
-fn git<'a>(
-    dir: Option<&Path>,
-    url: Option<&str>,
-    args: impl IntoIterator<Item = &'a OsStr>,
-    timeout: Duration,
-    auth: Option<&GitAuth>,
-) -> Result<String> {
-    let args: Vec<&OsStr> = args.into_iter().collect();
-    let sub = args
-        .first()
-        .map(|a| a.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut cmd = Command::new("git");
-    if let Some(dir) = dir {
-        cmd.arg("-C").arg(dir);
-    }
-    for c in [
-        "protocol.version=2",
-        "core.hooksPath=/dev/null",
-        "core.autocrlf=false",
-        "core.fsmonitor=false",
-        "advice.detachedHead=false",
-        "init.defaultBranch=main",
-        "gc.auto=0",
-        "maintenance.auto=false",
-        "fetch.recurseSubmodules=false",
-    ] {
-        cmd.arg("-c").arg(c);
-    }
-    if let Some(auth) = auth {
-        auth.apply(&mut cmd);
-    }
-    cmd.args(&args);
-    for var in [
-        "GIT_DIR",
-        "GIT_WORK_TREE",
-        "GIT_INDEX_FILE",
-        "GIT_OBJECT_DIRECTORY",
-        "GIT_ALTERNATE_OBJECT_DIRECTORIES",
-        "GIT_COMMON_DIR",
-        "GIT_NAMESPACE",
-        "GIT_CONFIG",
-        "GIT_CONFIG_PARAMETERS",
-        "GIT_CONFIG_COUNT",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("GIT_TERMINAL_PROMPT", "0")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("LC_ALL", "C");
-    let what = format!(
-        "git {sub}{}",
-        url.map(|u| format!(" of {u}")).unwrap_or_default()
-    );
-    let out = process::run(&mut cmd, &what, Deadline::new(timeout, Timeouts::GIT))?;
-    if !out.status.success() {
-        let tail = out.tail(5).replace('\n', " | ");
-        bail!(
-            "git {sub} failed ({}): {}",
-            out.status,
-            if tail.is_empty() { "no output" } else { &tail }
-        );
-    }
-    String::from_utf8(out.stdout)
-        .with_context(|| format!("git {sub} printed something that is not UTF-8"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::lock::SyncLock;
-    use std::process::Stdio;
+    use std::process::{Command, Stdio};
 
     const T: Duration = Duration::from_secs(30);
 
@@ -770,17 +764,24 @@ mod tests {
         let secret = release.join("pillar/secrets.sls");
         assert!(fs::read_to_string(&secret).unwrap().contains("CANARY"));
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&secret), 0o600);
+        assert_eq!(mode(&secret), 0o400);
         assert_eq!(mode(&release.join("pillar")), 0o700);
         assert_eq!(mode(&fs::canonicalize(&release).unwrap()), 0o700);
         assert!(!nobody_reads(&secret), "nobody read the salt pillar");
+        // The object store holds the same secrets, as blobs.
+        let store = f.layout.repo_dir("salt").join("store.git");
+        assert_eq!(mode(&store), 0o700);
+        assert!(
+            !nobody_reads(&store.join("HEAD")),
+            "nobody read the object store"
+        );
 
         // A config repository readable by the programs' group (nobody's own, nogroup).
         let mut spec = f.spec("main");
         spec.group = Some("nogroup".into());
         sync(&f.layout, "config", &spec, T).unwrap();
         let secret = f.layout.repo_current("config").join("pillar/secrets.sls");
-        assert_eq!(mode(&secret), 0o640);
+        assert_eq!(mode(&secret), 0o440);
         assert!(nobody_reads(&secret), "the group reads the config release");
         let e = restrict(f._tmp.path(), Some("no-such-group-x")).unwrap_err();
         assert!(format!("{e:#}").contains("does not exist"), "{e:#}");
@@ -800,7 +801,7 @@ mod tests {
         let out = sync(&f.layout, "salt", &f.spec("main"), T).unwrap();
         assert!(matches!(out, SyncOutcome::Unchanged { .. }), "{out:?}");
         assert!(!nobody_reads(&old.join("pillar/secrets.sls")));
-        assert_eq!(mode(&old.join("pillar/secrets.sls")), 0o600);
+        assert_eq!(mode(&old.join("pillar/secrets.sls")), 0o400);
         sync(&f.layout, "config", &f.spec("main"), T).unwrap();
         assert!(!nobody_reads(&secret), "the group was taken away");
     }
@@ -864,12 +865,289 @@ mod tests {
         both.sort();
         assert_eq!(f.releases(), both);
         // The leftover symlink of the flip is gone.
-        let names: Vec<_> = fs::read_dir(f.layout.repo_dir("salt"))
+        let mut names: Vec<_> = fs::read_dir(f.layout.repo_dir("salt"))
             .unwrap()
             .flatten()
-            .map(|e| e.file_name())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(names.len(), 2, "{names:?}");
+        names.sort();
+        assert_eq!(names, ["current", "releases", "store.git"]);
+    }
+
+    /// Pushes whatever the work tree holds now.
+    fn commit_all(f: &Fixture, message: &str) -> String {
+        sh_git(&f.work, &["add", "-A"]);
+        sh_git(&f.work, &["commit", "-q", "-m", message]);
+        let bare = f.bare.to_str().unwrap();
+        sh_git(&f.work, &["push", "-q", bare, "HEAD:refs/heads/main"]);
+        sh_git(&f.work, &["rev-parse", "HEAD"])
+    }
+
+    fn loose_objects(store: &Path) -> usize {
+        let out = sh_git(store, &["count-objects", "-v"]);
+        out.lines()
+            .find_map(|l| l.strip_prefix("count: "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// A one-line commit fetches only the objects it adds and writes only the file it changed;
+    /// every other file is the previous release's own (the same inode), and the release has no
+    /// `.git`. Deleted, added, executable and symlinked files come out as a checkout has them.
+    #[test]
+    fn a_commit_writes_what_it_changed_and_shares_the_rest() {
+        use std::os::unix::fs::PermissionsExt;
+        let f = Fixture::new();
+        fs::create_dir_all(f.work.join("app/conf.d")).unwrap();
+        for i in 0..20 {
+            fs::write(
+                f.work.join(format!("app/conf.d/{i}.conf")),
+                format!("n={i}\n"),
+            )
+            .unwrap();
+        }
+        fs::write(f.work.join("app/run.sh"), "#!/bin/sh\n").unwrap();
+        fs::create_dir_all(f.work.join("app/conf.d/sub")).unwrap();
+        fs::write(f.work.join("app/conf.d/sub/x"), "x\n").unwrap();
+        fs::write(f.work.join("app/tool.sh"), "#!/bin/sh\n").unwrap();
+        fs::set_permissions(
+            f.work.join("app/tool.sh"),
+            fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        fs::set_permissions(f.work.join("app/run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+        symlink("conf.d/1.conf", f.work.join("app/main.conf")).unwrap();
+        fs::write(f.work.join("gone.txt"), "bye\n").unwrap();
+        let c1 = commit_all(&f, "many files");
+        sync(&f.layout, "salt", &f.spec("main"), T).unwrap();
+        let store = f.layout.repo_dir("salt").join("store.git");
+        let loose_before = loose_objects(&store);
+        let releases = f.layout.repo_dir("salt").join("releases");
+        let before = materialise::inodes(&releases.join(&c1));
+
+        fs::write(f.work.join("app/conf.d/7.conf"), "n=seven\n").unwrap();
+        fs::remove_file(f.work.join("gone.txt")).unwrap();
+        fs::write(f.work.join("new.txt"), "hello\n").unwrap();
+        // A file that becomes a folder, and a folder that becomes a file.
+        fs::remove_file(f.work.join("app/run.sh")).unwrap();
+        fs::create_dir_all(f.work.join("app/run.sh")).unwrap();
+        fs::write(f.work.join("app/run.sh/inner"), "in\n").unwrap();
+        fs::remove_dir_all(f.work.join("app/conf.d/sub")).unwrap();
+        fs::write(f.work.join("app/conf.d/sub"), "now a file\n").unwrap();
+        let c2 = commit_all(&f, "one line, one file gone, one new");
+        let out = sync(&f.layout, "salt", &f.spec("main"), T).unwrap();
+        assert!(matches!(out, SyncOutcome::Updated { .. }), "{out:?}");
+
+        // The fetch brought the objects the commit adds and nothing else: the commit, four
+        // trees (the root, app, app/conf.d, app/run.sh) and four blobs (7.conf, new.txt,
+        // app/run.sh/inner, app/conf.d/sub).
+        let added = loose_objects(&store) - loose_before;
+        assert_eq!(added, 9, "objects fetched for a small commit");
+
+        let release = releases.join(&c2);
+        let after = materialise::inodes(&release);
+        let changed: Vec<_> = after
+            .iter()
+            .filter(|(path, ino)| before.get(*path) != Some(ino))
+            .map(|(p, _)| p.to_string_lossy().into_owned())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        assert_eq!(
+            changed,
+            [
+                "app/conf.d/7.conf",
+                "app/conf.d/sub",
+                "app/run.sh/inner",
+                "new.txt"
+            ]
+        );
+        assert_eq!(
+            fs::read_to_string(release.join("app/run.sh/inner")).unwrap(),
+            "in\n"
+        );
+        assert_eq!(
+            fs::read_to_string(release.join("app/conf.d/sub")).unwrap(),
+            "now a file\n"
+        );
+        assert!(!release.join("gone.txt").exists());
+        assert!(!release.join(".git").exists(), "a release has no .git");
+        assert!(!releases.join(&c1).join(".git").exists());
+        assert_eq!(
+            fs::read_to_string(release.join("app/conf.d/7.conf")).unwrap(),
+            "n=seven\n"
+        );
+        assert_eq!(
+            fs::read_to_string(release.join("app/conf.d/3.conf")).unwrap(),
+            "n=3\n"
+        );
+        // The old release still has its own version of the changed file.
+        assert_eq!(
+            fs::read_to_string(releases.join(&c1).join("app/conf.d/7.conf")).unwrap(),
+            "n=7\n"
+        );
+        assert_eq!(
+            fs::read_link(release.join("app/main.conf")).unwrap(),
+            Path::new("conf.d/1.conf")
+        );
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&release.join("app/tool.sh")), 0o500);
+        assert_eq!(mode(&release.join("new.txt")), 0o400);
+    }
+
+    /// An image's seeded store makes the first sync fetch only what is newer than the seed;
+    /// the release is whole all the same. A URL with credentials is refused without echoing it.
+    #[test]
+    fn a_seeded_store_makes_the_first_sync_incremental() {
+        let f = Fixture::new();
+        for i in 0..30 {
+            f.commit(&format!("f{i}.sls"), &format!("n: {i}\n"));
+        }
+        let seeded = seed(&f.layout, "salt", &f.spec("main"), T).unwrap();
+        assert_eq!(seeded, sh_git(&f.work, &["rev-parse", "HEAD"]));
+        assert_eq!(
+            current_commit(&f.layout, "salt"),
+            None,
+            "a seed publishes nothing"
+        );
+        let store = f.layout.repo_dir("salt").join("store.git");
+        let packs_before = fs::read_dir(store.join("objects/pack")).unwrap().count();
+        let loose_before = loose_objects(&store);
+
+        let c2 = f.commit("f7.sls", "n: seven\n");
+        let out = sync(&f.layout, "salt", &f.spec("main"), T).unwrap();
+        assert_eq!(
+            out,
+            SyncOutcome::Updated {
+                commit: c2,
+                previous: None
+            }
+        );
+        // The commit, its tree and one blob: nothing of the 30 files the seed had.
+        assert_eq!(loose_objects(&store) - loose_before, 3);
+        assert_eq!(
+            fs::read_dir(store.join("objects/pack")).unwrap().count(),
+            packs_before
+        );
+        let current = f.layout.repo_current("salt");
+        assert_eq!(
+            fs::read_to_string(current.join("f7.sls")).unwrap(),
+            "n: seven\n"
+        );
+        assert_eq!(
+            fs::read_to_string(current.join("f29.sls")).unwrap(),
+            "n: 29\n"
+        );
+
+        let mut secret = f.spec("main");
+        secret.url = "https://deploy:CANARY-TOKEN@git.example.com/salt.git".into();
+        let e = format!("{:#}", seed(&f.layout, "config", &secret, T).unwrap_err());
+        assert!(
+            e.contains("credentials in it") && !e.contains("CANARY"),
+            "{e}"
+        );
+    }
+
+    /// A store git finds damaged (objects gone, as after a disk error or someone deleting
+    /// them) is made again; the sync still publishes the new commit, whole.
+    #[test]
+    fn a_damaged_object_store_is_made_again() {
+        let f = Fixture::new();
+        f.commit("a.sls", "a: 1\n");
+        sync(&f.layout, "salt", &f.spec("main"), T).unwrap();
+        let store = f.layout.repo_dir("salt").join("store.git");
+        for dir in ["objects/pack", "objects"] {
+            for e in fs::read_dir(store.join(dir)).unwrap().flatten() {
+                if e.path().is_file() || e.file_name().len() == 2 {
+                    let _ = fs::remove_dir_all(e.path());
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        let c2 = f.commit("b.sls", "b: 2\n");
+        let out = sync(&f.layout, "salt", &f.spec("main"), T).unwrap();
+        assert!(
+            matches!(out, SyncOutcome::Updated { ref commit, .. } if *commit == c2),
+            "{out:?}"
+        );
+        let current = f.layout.repo_current("salt");
+        assert_eq!(fs::read_to_string(current.join("a.sls")).unwrap(), "a: 1\n");
+        assert_eq!(fs::read_to_string(current.join("b.sls")).unwrap(), "b: 2\n");
+        assert_eq!(
+            fs::read_to_string(current.join("top.sls")).unwrap(),
+            "base: {}\n"
+        );
+
+        // Removed altogether: made again too.
+        fs::remove_dir_all(&store).unwrap();
+        let c3 = f.commit("c.sls", "c: 3\n");
+        let out = sync(&f.layout, "salt", &f.spec("main"), T).unwrap();
+        assert_eq!(out.commit(), c3);
+        assert_eq!(fs::read_to_string(current.join("c.sls")).unwrap(), "c: 3\n");
+
+        // Not a repository at all (a half-made one): replaced.
+        fs::remove_dir_all(&store).unwrap();
+        fs::create_dir_all(store.join("objects")).unwrap();
+        let c4 = f.commit("d.sls", "d: 4\n");
+        assert_eq!(
+            sync(&f.layout, "salt", &f.spec("main"), T)
+                .unwrap()
+                .commit(),
+            c4
+        );
+    }
+
+    /// What a sync killed mid-fetch leaves (git's lock on the shallow list, a ref lock, a
+    /// throwaway index) does not stop the next one, which still fetches incrementally.
+    #[test]
+    fn leftovers_of_a_killed_sync_are_cleared() {
+        let f = Fixture::new();
+        sync(&f.layout, "salt", &f.spec("main"), T).unwrap();
+        let store = f.layout.repo_dir("salt").join("store.git");
+        let packs = fs::read_dir(store.join("objects/pack")).unwrap().count();
+        fs::write(store.join("shallow.lock"), "").unwrap();
+        fs::create_dir_all(store.join("refs/stackless")).unwrap();
+        fs::write(store.join("refs/stackless/tip.lock"), "").unwrap();
+        fs::write(store.join("index.stackless-999999"), "junk").unwrap();
+        let c2 = f.commit("top.sls", "base: {'*': [x]}\n");
+        assert_eq!(
+            sync(&f.layout, "salt", &f.spec("main"), T)
+                .unwrap()
+                .commit(),
+            c2
+        );
+        assert!(!store.join("shallow.lock").exists());
+        assert!(!store.join("index.stackless-999999").exists());
+        assert_eq!(
+            fs::read_dir(store.join("objects/pack")).unwrap().count(),
+            packs,
+            "the store was kept (no new full fetch)"
+        );
+    }
+
+    /// An upstream that cannot be reached leaves a sound store alone: the next fetch is still
+    /// incremental.
+    #[test]
+    fn an_unreachable_upstream_keeps_the_object_store() {
+        let f = Fixture::new();
+        let c1 = sh_git(&f.work, &["rev-parse", "HEAD"]);
+        sync(&f.layout, "salt", &f.spec("main"), T).unwrap();
+        let moved = f.bare.with_extension("moved");
+        fs::rename(&f.bare, &moved).unwrap();
+        let mut spec = f.spec("main");
+        spec.reference = "0123456789abcdef0123456789abcdef01234567".into();
+        let out = sync(&f.layout, "salt", &spec, T).unwrap();
+        assert!(matches!(out, SyncOutcome::KeptLast { .. }), "{out:?}");
+        let store = f.layout.repo_dir("salt").join("store.git");
+        assert_eq!(sh_git(&store, &["rev-parse", "refs/stackless/tip"]), c1);
+        assert_eq!(
+            fs::read_dir(store.join("refs/stackless/releases"))
+                .unwrap()
+                .count(),
+            1,
+            "one ref per release on disk"
+        );
     }
 
     #[test]
@@ -993,12 +1271,40 @@ mod tests {
     }
 
     #[test]
+    fn ls_remote_output_is_read_branch_first_and_tags_peeled() {
+        let (a, b, c) = ("a".repeat(40), "b".repeat(40), "c".repeat(40));
+        let out = format!(
+            "{a}\trefs/heads/v1\n{b}\trefs/tags/v1\n{c}\trefs/tags/v1^{{}}\n{b}\trefs/tags/only\n{c}\trefs/tags/only^{{}}\n"
+        );
+        assert_eq!(pick_ref(&out, "v1").unwrap(), (a, "refs/heads/v1".into()));
+        assert_eq!(
+            pick_ref(&out, "only").unwrap(),
+            (c.clone(), "refs/tags/only".into())
+        );
+        let e = format!("{:#}", pick_ref("zz\trefs/heads/x\n", "x").unwrap_err());
+        assert!(e.contains("unexpected id \"zz\""), "{e}");
+        let e = format!("{:#}", pick_ref("", "x").unwrap_err());
+        assert!(e.contains("ref \"x\" not found"), "{e}");
+        // Whatever git prints, no panic: lines without a tab, stray whitespace, a lone tab.
+        for junk in [
+            "\t",
+            "\t\t\n\t",
+            "no tab",
+            " \t refs/heads/x ^{}",
+            "\u{0}\t\u{0}",
+        ] {
+            let _ = pick_ref(junk, "x");
+        }
+    }
+
+    #[test]
     fn missing_ref_errs_clearly() {
         let f = Fixture::new();
         let err = sync(&f.layout, "salt", &f.spec("no-such-branch"), T).unwrap_err();
         let msg = format!("{err:#}");
         assert!(
-            msg.contains("ref \"no-such-branch\" not found at file://"),
+            msg.contains("resolving \"no-such-branch\" at file://")
+                && msg.contains("ref \"no-such-branch\" not found (looked for branch"),
             "{msg}"
         );
         let bad = sync(&f.layout, "salt", &f.spec("--upload-pack=evil"), T).unwrap_err();

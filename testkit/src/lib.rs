@@ -4,6 +4,7 @@
 //! anything but a local endpoint, so they can never touch a real AWS account.
 
 pub mod roles;
+#[cfg(feature = "sdk")]
 pub mod ssm_shim;
 
 use std::io::Write;
@@ -17,6 +18,50 @@ pub fn repo_root() -> PathBuf {
         .parent()
         .unwrap()
         .to_path_buf()
+}
+
+/// `program` with an empty environment but PATH: a fresh HOME (so no `~/.aws`), no `AWS_*`
+/// variables, no instance metadata, stdin closed. Tests add what they mean to give it.
+pub fn bare_command(program: impl AsRef<std::ffi::OsStr>, home: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new(program);
+    c.env_clear()
+        .env("HOME", home)
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", home.join("no-config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", home.join("no-credentials"))
+        .stdin(std::process::Stdio::null());
+    c
+}
+
+/// `git ARGS` in `dir` with a fixed identity and no system configuration; asserts success and
+/// returns the trimmed stdout.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.com")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.com")
+        .stdin(Stdio::null())
+        .output()
+        .expect("git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A finished command's stdout and stderr, as text.
+pub fn output_text(o: &std::process::Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 /// `moto_server` from the repository's virtualenv (scripts/install-test-deps.sh), else PATH.
@@ -117,6 +162,7 @@ impl Moto {
         Moto { child, endpoint }
     }
 
+    #[cfg(feature = "sdk")]
     /// An SDK configuration pointing every service at this moto (static test credentials,
     /// one attempt: moto answers at once or not at all).
     pub async fn sdk_config(&self) -> aws_config::SdkConfig {
@@ -146,6 +192,7 @@ impl Drop for Moto {
 /// The region every moto test uses.
 pub const REGION: &str = "eu-west-1";
 
+#[cfg(feature = "sdk")]
 /// What a deploy needs in moto: the default VPC, two of its subnets, a target group `web` on
 /// port 8080, and Amazon's x86_64 images (sorted, so tests pick the same ones every run).
 pub struct DeployWorld {
@@ -155,6 +202,7 @@ pub struct DeployWorld {
     pub amis: Vec<String>,
 }
 
+#[cfg(feature = "sdk")]
 impl DeployWorld {
     pub async fn create(config: &aws_config::SdkConfig) -> DeployWorld {
         let ec2 = aws_sdk_ec2::Client::new(config);

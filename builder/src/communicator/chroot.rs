@@ -19,6 +19,8 @@ pub struct ChrootCommunicator {
     /// Point pip, requests and OpenSSL at the root's bundle (which holds the host's CAs while
     /// building): a pip upgraded from PyPI carries its own bundle otherwise.
     trust_system_bundle: bool,
+    /// `PIP_CACHE_DIR` inside the root, where the builder mounted its pip cache.
+    pip_cache: Option<String>,
 }
 
 impl ChrootCommunicator {
@@ -26,7 +28,14 @@ impl ChrootCommunicator {
         Self {
             root,
             trust_system_bundle,
+            pip_cache: None,
         }
+    }
+
+    /// pip inside the root keeps its cache at `dir` (built wheels, downloads).
+    pub fn with_pip_cache(mut self, dir: &str) -> Self {
+        self.pip_cache = Some(dir.to_owned());
+        self
     }
 
     fn command(&self, command: &str) -> Command {
@@ -41,6 +50,9 @@ impl ChrootCommunicator {
             .env("HOME", "/root")
             .env("LANG", "C.UTF-8")
             .env("DEBIAN_FRONTEND", "noninteractive");
+        if let Some(dir) = &self.pip_cache {
+            c.env("PIP_CACHE_DIR", dir);
+        }
         if self.trust_system_bundle {
             for var in ["SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE"] {
                 c.env(var, HOST_CA_BUNDLE);

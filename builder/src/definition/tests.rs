@@ -35,7 +35,76 @@ fn the_shipped_definitions_load() {
         "{}",
         pre.defaults_toml
     );
-    assert_eq!(list(&repo_images()).unwrap(), vec!["bare", "preseeded"]);
+    assert_eq!(
+        list(&repo_images()).unwrap(),
+        vec!["bare", "bare-arm64", "preseeded", "preseeded-arm64"]
+    );
+    assert_eq!(bare.arch, None, "x86_64 by its source");
+}
+
+#[test]
+fn the_arm64_definitions_differ_from_theirs_only_in_the_architecture() {
+    for (arm, parent) in [("bare-arm64", "bare"), ("preseeded-arm64", "preseeded")] {
+        let a = load(&repo_images(), arm).unwrap();
+        let p = load(&repo_images(), parent).unwrap();
+        assert_eq!(a.arch, Some(crate::arch::Arch::Arm64), "{arm}");
+        assert_eq!(
+            a.source,
+            Source::Parameter("/aws/service/debian/release/bookworm/latest/arm64".into()),
+            "{arm}"
+        );
+        assert!(a.instance_type.starts_with("t4g."), "{arm}: Graviton");
+        assert_eq!(
+            a.ssm_parameter.as_deref(),
+            Some(format!("/stackless/images/{arm}").as_str())
+        );
+        assert_eq!(a.tags["stackless:image"], arm);
+        // Everything else is the parent's.
+        assert_eq!(a.salt, p.salt, "{arm}");
+        assert_eq!(a.packages, p.packages, "{arm}");
+        assert_eq!(a.defaults_toml, p.defaults_toml, "{arm}");
+        assert_eq!(a.provision_timeout, p.provision_timeout, "{arm}");
+        assert_eq!(a.encrypted, p.encrypted, "{arm}");
+    }
+}
+
+#[test]
+fn arch_is_checked_and_steers_an_image_search() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "bad",
+        "[source]\nami = \"ami-1\"\n[instance]\narch = \"aarch64\"\n",
+    );
+    let e = load(dir.path(), "bad").unwrap_err().to_string();
+    assert!(
+        e.contains("bad.toml:4:8") && e.contains("arch must be `x86_64` or `arm64`"),
+        "{e}"
+    );
+    write(
+        dir.path(),
+        "search",
+        "[source]\nowner = \"amazon\"\nname = \"al2023-*\"\n[instance]\narch = \"arm64\"\n",
+    );
+    let d = load(dir.path(), "search").unwrap();
+    assert_eq!(
+        d.source,
+        Source::Search {
+            owner: "amazon".into(),
+            name: "al2023-*".into(),
+            architecture: "arm64".into()
+        }
+    );
+    write(
+        dir.path(),
+        "both",
+        "[source]\nowner = \"amazon\"\nname = \"al2023-*\"\narchitecture = \"x86_64\"\n[instance]\narch = \"arm64\"\n",
+    );
+    let e = load(dir.path(), "both").unwrap_err().to_string();
+    assert!(
+        e.contains("[source] architecture `x86_64` and [instance] arch `arm64` differ"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -224,4 +293,77 @@ fn the_ssm_agent_settings_default_to_aws_and_removal() {
         assert_eq!(e.line, 4, "{bad}: {e}");
         assert!(e.message.contains("ssm_agent_url"), "{e}");
     }
+}
+
+#[test]
+fn seeds_are_checked_with_positions_and_never_hold_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = "[source]\nami = \"ami-1\"\n[provision]\npackages = [\"git\"]\n";
+    write(
+        dir.path(),
+        "ok",
+        &format!("{base}[provision.seed.config]\nrepo = \"https://git.example.com/config.git\"\nref = \"prod\"\n[provision.seed.salt]\nrepo = \"git://git.example.com/salt.git\"\n"),
+    );
+    let d = load(dir.path(), "ok").unwrap();
+    assert_eq!(
+        d.seeds,
+        vec![
+            Seed {
+                name: "config".into(),
+                repo: "https://git.example.com/config.git".into(),
+                reference: "prod".into()
+            },
+            Seed {
+                name: "salt".into(),
+                repo: "git://git.example.com/salt.git".into(),
+                reference: "main".into()
+            }
+        ]
+    );
+    assert!(load(&repo_images(), "bare").unwrap().seeds.is_empty());
+
+    write(
+        dir.path(),
+        "secret",
+        &format!("{base}[provision.seed.config]\nrepo = \"https://deploy:CANARY@git.example.com/c.git\"\n"),
+    );
+    let e = load(dir.path(), "secret").unwrap_err();
+    assert_eq!((e.line, e.column), (6, 8), "{e}");
+    assert!(
+        e.message.contains("credentials") && !e.message.contains("CANARY"),
+        "{e}"
+    );
+
+    write(
+        dir.path(),
+        "name",
+        &format!("{base}[provision.seed.pillar]\nrepo = \"https://x/p.git\"\n"),
+    );
+    let e = load(dir.path(), "name").unwrap_err();
+    assert_eq!(e.line, 6, "{e}");
+    assert!(e.message.contains("`salt` and `config`"), "{e}");
+
+    write(
+        dir.path(),
+        "quote",
+        &format!("{base}[provision.seed.salt]\nrepo = \"https://x/s.git' ; rm -rf /\"\n"),
+    );
+    assert_eq!(load(dir.path(), "quote").unwrap_err().line, 6);
+    write(
+        dir.path(),
+        "badref",
+        &format!(
+            "{base}[provision.seed.salt]\nrepo = \"https://x/s.git\"\nref = \"--upload-pack=x\"\n"
+        ),
+    );
+    let e = load(dir.path(), "badref").unwrap_err();
+    assert_eq!((e.line, e.column), (7, 7), "{e}");
+
+    write(
+        dir.path(),
+        "nogit",
+        "[source]\nami = \"ami-1\"\n[provision]\npackages = [\"curl\"]\n[provision.seed.salt]\nrepo = \"https://x/s.git\"\n",
+    );
+    let e = load(dir.path(), "nogit").unwrap_err();
+    assert!(e.message.contains("add `git`"), "{e}");
 }

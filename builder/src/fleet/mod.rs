@@ -11,17 +11,13 @@ pub mod list;
 pub mod render;
 pub mod wait;
 
-/// The agent's tag keys (init/src/report.rs writes them).
+/// The tag keys: the agent's own (it writes them, `stackless_init::report`), the service tag
+/// deploys put on instances, and the one Auto Scaling puts on its instances.
 pub mod tags {
+    pub use stackless_init::report::{
+        CONFIG_COMMIT, FAILED_STATES, OUTCOME, PROBLEMS, REPORTED_AT, REVERTED, SALT_COMMIT,
+    };
     pub const SERVICE: &str = "stackless:service";
-    pub const SALT_COMMIT: &str = "stackless:salt-commit";
-    pub const CONFIG_COMMIT: &str = "stackless:config-commit";
-    pub const OUTCOME: &str = "stackless:outcome";
-    pub const FAILED_STATES: &str = "stackless:failed-states";
-    pub const PROBLEMS: &str = "stackless:problems";
-    pub const REPORTED_AT: &str = "stackless:reported-at";
-    /// `config:SHA,salt:SHA`: the commits the agent reverted from, `none` without one.
-    pub const REVERTED: &str = "stackless:reverted";
     pub const ASG: &str = "aws:autoscaling:groupName";
 }
 

@@ -2,6 +2,7 @@
 //! (in a scratch folder: the test templates only check and record, they never touch the host).
 
 use super::*;
+use crate::arch::fake_elf_header;
 use crate::definition;
 use crate::platform::aws::{tags, AwsOptions, AwsTarget};
 use aws_sdk_ec2::types::Filter;
@@ -12,12 +13,15 @@ const PROFILE: &str = "stackless-test-builder";
 
 struct Env {
     shim: SsmShim,
-    _moto: Moto,
+    moto: Moto,
     config: aws_config::SdkConfig,
     ec2: aws_sdk_ec2::Client,
     dir: tempfile::TempDir,
     def: ImageDef,
+    /// The x86_64 agent (an ELF header, then noise).
     binary: Vec<u8>,
+    /// The aarch64 agent, beside it.
+    arm_binary: Vec<u8>,
 }
 
 /// Templates that prove the stream worked without changing the host: the provisioning checks
@@ -73,26 +77,34 @@ team = "platform"
     .unwrap();
     write_templates(dir.path(), false);
     let def = definition::load(dir.path(), "web").unwrap();
-    // Incompressible, so the upload spans several SendCommands.
-    let mut x = 0x2545f4914f6cdd1du64;
-    let binary: Vec<u8> = (0..200_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    // Incompressible, so the upload spans several SendCommands; an ELF header first, for the
+    // machine the bake matches against the source image.
+    let noise = |mut x: u64| -> Vec<u8> {
+        (0..200_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    let mut binary = fake_elf_header(Arch::X86_64);
+    binary.extend(noise(0x2545f4914f6cdd1d));
     std::fs::write(dir.path().join("stackless-init"), &binary).unwrap();
+    let mut arm_binary = fake_elf_header(Arch::Arm64);
+    arm_binary.extend(noise(0x9e3779b97f4a7c15));
+    std::fs::write(dir.path().join("stackless-init-aarch64"), &arm_binary).unwrap();
     let ec2 = aws_sdk_ec2::Client::new(&config);
     Env {
         shim,
-        _moto: moto,
+        moto,
         config,
         ec2,
         dir,
         def,
         binary,
+        arm_binary,
     }
 }
 
@@ -112,7 +124,7 @@ impl Env {
     fn options(&self, force: bool) -> BakeOptions {
         BakeOptions {
             templates: Some(self.dir.path().join("templates")),
-            init_binary: self.dir.path().join("stackless-init"),
+            init_binaries: vec![self.dir.path().join("stackless-init")],
             bootstrap: None,
             force,
             keep_on_error: false,
@@ -421,4 +433,282 @@ async fn an_interrupt_in_any_phase_leaves_no_instance_and_no_group() {
             .any(|s| s.commands.iter().any(|c| c.contains("provision.sh")))
     })
     .await;
+}
+
+impl Env {
+    /// Both agents, arm64 first (the order does not matter).
+    fn both_agents(&self, force: bool) -> BakeOptions {
+        BakeOptions {
+            init_binaries: vec![
+                self.dir.path().join("stackless-init-aarch64"),
+                self.dir.path().join("stackless-init"),
+            ],
+            ..self.options(force)
+        }
+    }
+
+    /// An arm64 definition: Amazon's arm64 image in moto, `[instance]` as given.
+    fn arm_def(&self, name: &str, instance: &str) -> ImageDef {
+        std::fs::write(
+            self.dir.path().join(format!("{name}.toml")),
+            format!(
+                r#"name = "stackless-{name}-{{build_id}}"
+[source]
+owner = "amazon"
+name = "al2023-ami-2023.*-kernel-6.12-arm64"
+architecture = "arm64"
+[instance]
+instance_profile = "{PROFILE}"
+{instance}
+[publish]
+ssm_parameter = "/stackless/images/{name}"
+"#
+            ),
+        )
+        .unwrap();
+        definition::load(self.dir.path(), name).unwrap()
+    }
+
+    /// Every instance moto has, in any state.
+    async fn all_instances(&self) -> usize {
+        let out = self.ec2.describe_instances().send().await.unwrap();
+        out.reservations().iter().map(|r| r.instances().len()).sum()
+    }
+
+    /// The image's tags and the parameter's description, after a bake.
+    async fn published(&self, m: &Manifest, parameter: &str) -> (BTreeMap<String, String>, String) {
+        let img = self
+            .ec2
+            .describe_images()
+            .image_ids(&m.artifact)
+            .send()
+            .await
+            .unwrap();
+        let tags = img.images()[0]
+            .tags()
+            .iter()
+            .map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string()))
+            .collect();
+        let ssm = aws_sdk_ssm::Client::new(&self.config);
+        let meta = ssm
+            .describe_parameters()
+            .parameter_filters(
+                aws_sdk_ssm::types::ParameterStringFilter::builder()
+                    .key("Name")
+                    .values(parameter)
+                    .build()
+                    .unwrap(),
+            )
+            .send()
+            .await
+            .unwrap();
+        let description = meta.parameters()[0]
+            .description()
+            .unwrap_or_default()
+            .to_string();
+        let value = ssm.get_parameter().name(parameter).send().await.unwrap();
+        assert_eq!(
+            value.parameter().and_then(|p| p.value()),
+            Some(m.artifact.as_str()),
+            "{parameter} names the image"
+        );
+        (tags, description)
+    }
+
+    /// The agent the seed received.
+    fn staged_agent(&self) -> Vec<u8> {
+        let seed = self.shim.sent()[0].instance_id.clone();
+        std::fs::read(self.shim.stage(&seed).join("stackless-init")).unwrap()
+    }
+}
+
+#[tokio::test]
+async fn an_arm64_bake_stages_the_aarch64_agent_and_says_arm64() {
+    let env = env().await;
+    let def = env.arm_def("web-arm64", "type = \"t4g.micro\"");
+    let m = bake_until(
+        &mut env.target(),
+        &def,
+        &env.both_agents(false),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(env.staged_agent(), env.arm_binary, "the aarch64 agent");
+    assert_eq!(m.arch, Arch::Arm64);
+    assert!(m.init_binary.ends_with("stackless-init-aarch64"), "{m:?}");
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.dir.path().join("out/manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(written["arch"], "arm64");
+    let (tags, description) = env.published(&m, "/stackless/images/web-arm64").await;
+    assert_eq!(tags[tags::ARCH], "arm64");
+    assert!(
+        description.contains("web-arm64 image for arm64"),
+        "{description}"
+    );
+
+    // The same options bake the x86_64 definition with the x86_64 agent.
+    let m = bake_until(
+        &mut env.target(),
+        &env.def,
+        &env.both_agents(false),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(m.arch, Arch::X86_64);
+    let last = env.shim.sent().last().unwrap().instance_id.clone();
+    assert_eq!(
+        std::fs::read(env.shim.stage(&last).join("stackless-init")).unwrap(),
+        env.binary
+    );
+    let (tags, _) = env.published(&m, "/stackless/images/web").await;
+    assert_eq!(tags[tags::ARCH], "x86_64");
+}
+
+#[tokio::test]
+async fn a_mismatch_is_refused_before_anything_is_launched() {
+    let env = env().await;
+    let x86_only = env.options(false);
+    let agent = env.dir.path().join("stackless-init").display().to_string();
+
+    // An arm64 image, only the x86_64 agent.
+    let def = env.arm_def("web-arm64", "type = \"t4g.micro\"");
+    let e = format!(
+        "{:#}",
+        bake_until(&mut env.target(), &def, &x86_only, std::future::pending())
+            .await
+            .unwrap_err()
+    );
+    assert!(
+        e.contains("`web-arm64` (source ami-")
+            && e.contains("is arm64, but no stackless-init binary given is")
+            && e.contains(&format!("{agent} is x86_64 (ELF machine x86-64)"))
+            && e.contains("scripts/build-init.sh --arch aarch64"),
+        "{e}"
+    );
+
+    // An arm64 image on an x86_64 instance type.
+    let def = env.arm_def("web-arm64-t3", "type = \"t3.micro\"");
+    let e = format!(
+        "{:#}",
+        bake_until(
+            &mut env.target(),
+            &def,
+            &env.both_agents(false),
+            std::future::pending()
+        )
+        .await
+        .unwrap_err()
+    );
+    assert!(
+        e.contains("t3.micro runs x86_64, the image ami-")
+            && e.contains("is arm64")
+            && e.contains("t4g.small"),
+        "{e}"
+    );
+
+    // [instance] arch that is not the source's.
+    let def = env.arm_def("web-arm64-says-x86", "type = \"t4g.micro\"");
+    let def = ImageDef {
+        arch: Some(Arch::X86_64),
+        ..def
+    };
+    let e = format!(
+        "{:#}",
+        bake_until(
+            &mut env.target(),
+            &def,
+            &env.both_agents(false),
+            std::future::pending()
+        )
+        .await
+        .unwrap_err()
+    );
+    assert!(
+        e.contains("[instance] arch = \"x86_64\", but its source image ami-")
+            && e.contains("is arm64"),
+        "{e}"
+    );
+
+    // Nothing was launched or created: no RunInstances, no group, no command.
+    assert_eq!(env.all_instances().await, 0, "no instance in moto");
+    assert!(env.build_ids().await.is_empty());
+    assert!(env.shim.sent().is_empty(), "no command sent");
+    let groups = env
+        .ec2
+        .describe_security_groups()
+        .filters(
+            Filter::builder()
+                .name("tag-key")
+                .values(tags::BUILD_ID)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(groups.security_groups().is_empty(), "no security group");
+    assert!(!env.dir.path().join("out/manifest.json").exists());
+}
+
+/// `builder bake preseeded-arm64`: the shipped definition, its source pointed at moto's arm64
+/// image (moto serves no /aws/service/debian parameter, and refuses to store one).
+#[tokio::test]
+async fn the_shipped_preseeded_arm64_bakes_with_the_aarch64_agent() {
+    let env = env().await;
+    let shipped = testkit::repo_root().join("images");
+    let mut def = definition::load(&shipped, "preseeded-arm64").unwrap();
+    create_instance_profile(&env.moto.endpoint, def.instance_profile.as_deref().unwrap());
+    let arm_ami = crate::platform::aws::source::resolve(
+        &env.ec2,
+        &aws_sdk_ssm::Client::new(&env.config),
+        &crate::definition::Source::Search {
+            owner: "amazon".into(),
+            name: "al2023-ami-2023.*-kernel-6.12-arm64".into(),
+            architecture: "arm64".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let ssm = aws_sdk_ssm::Client::new(&env.config);
+    ssm.put_parameter()
+        .name("/test/debian/bookworm/latest/arm64")
+        .value(&arm_ami.image_id)
+        .r#type(aws_sdk_ssm::types::ParameterType::String)
+        .send()
+        .await
+        .unwrap();
+    def.source = crate::definition::Source::Parameter("/test/debian/bookworm/latest/arm64".into());
+
+    let m = bake_until(
+        &mut env.target(),
+        &def,
+        &env.both_agents(false),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(m.image, "preseeded-arm64");
+    assert_eq!(m.source, arm_ami.image_id);
+    assert_eq!(m.arch, Arch::Arm64);
+    assert_eq!(env.staged_agent(), env.arm_binary, "the aarch64 agent");
+    let seed = env.shim.sent()[0].instance_id.clone();
+    let inst = env
+        .ec2
+        .describe_instances()
+        .instance_ids(&seed)
+        .send()
+        .await
+        .unwrap();
+    let inst = &inst.reservations()[0].instances()[0];
+    assert_eq!(
+        inst.instance_type().map(|t| t.as_str()),
+        Some(def.instance_type.as_str())
+    );
+    assert!(def.instance_type.starts_with("t4g."));
+    let (tags, description) = env.published(&m, "/stackless/images/preseeded-arm64").await;
+    assert_eq!(tags[tags::ARCH], "arm64");
+    assert_eq!(tags[tags::IMAGE], "preseeded-arm64");
+    assert!(description.contains("for arm64"), "{description}");
 }

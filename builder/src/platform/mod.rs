@@ -4,6 +4,7 @@
 pub mod aws;
 pub mod local;
 
+use crate::arch::Arch;
 use crate::communicator::Communicator;
 use crate::definition::ImageDef;
 use anyhow::Result;
@@ -24,9 +25,20 @@ pub struct Build {
     pub input_hash: String,
     /// The resolved source (an AMI id, or the local release).
     pub source: String,
+    /// The source's architecture, which the image has (and its agent binary).
+    pub arch: Arch,
     /// The AWS seed's user-data (`Rendered::seed_user_data`: the lease, then the SSM agent).
     #[serde(skip)]
     pub seed_user_data: String,
+}
+
+/// The definition's source, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedSource {
+    /// An AMI id, or the local release's id (part of the input hash).
+    pub id: String,
+    /// The image's architecture: the AMI's, or the local target's.
+    pub arch: Arch,
 }
 
 /// What a bake produced.
@@ -44,13 +56,21 @@ pub struct Artifact {
 pub trait Target: Send {
     /// `aws` or `local`.
     fn kind(&self) -> &'static str;
-    /// Resolves the definition's source to a concrete id (part of the input hash).
-    async fn resolve_source(&mut self, def: &ImageDef) -> Result<String>;
+    /// Resolves the definition's source to a concrete id (part of the input hash) and its
+    /// architecture, refusing what the target cannot bake for it: an `[instance] arch` other than
+    /// the source's, an instance type of another architecture, an architecture the target lacks.
+    async fn resolve_source(&mut self, def: &ImageDef) -> Result<ResolvedSource>;
     /// An image already baked from exactly these inputs, if any.
     async fn find_existing(&mut self, def: &ImageDef, input_hash: &str)
         -> Result<Option<Artifact>>;
     /// Starts the machine and returns a way to run commands on it.
     async fn start(&mut self, def: &ImageDef, build: &Build) -> Result<Arc<dyn Communicator>>;
+    /// Provisioning is done and generalising comes next: take away what only provisioning may
+    /// use (the local target unmounts its pip cache here, so nothing generalising does can reach
+    /// the host's copy).
+    async fn provisioned(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// Turns the provisioned, generalised machine into the image and publishes it.
     async fn snapshot(&mut self, def: &ImageDef, build: &Build) -> Result<Artifact>;
     /// Removes everything temporary this build made (and, after a failure, any half-made image).

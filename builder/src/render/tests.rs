@@ -21,7 +21,7 @@ fn inputs(bin: &[u8]) -> RenderInputs<'_> {
 
 #[test]
 fn both_images_render_and_pass_bash_n() {
-    for name in ["bare", "preseeded"] {
+    for name in ["bare", "preseeded", "bare-arm64", "preseeded-arm64"] {
         let d = def(name);
         let r = render(&d, &inputs(b"\x7fELF fake")).unwrap();
         check_shell("provision.sh", &r.provision).unwrap();
@@ -207,4 +207,63 @@ fn the_agent_key_is_checked_and_can_be_replaced() {
     i.templates = Some(dir.path());
     let e = format!("{:#}", render(&def("bare"), &i).unwrap_err());
     assert!(e.contains(SSM_AGENT_KEY), "{e}");
+}
+
+/// With seeds, provisioning fills the stores with the agent itself, and generalising keeps the
+/// seeded stores (and only those) without what a boot on the seed machine published. The
+/// generalising loop is run, on a copy of the layout.
+#[test]
+fn seeded_object_stores_are_filled_and_survive_generalising() {
+    let mut d = def("preseeded");
+    d.seeds = vec![crate::definition::Seed {
+        name: "config".into(),
+        repo: "https://git.example.com/config.git".into(),
+        reference: "prod".into(),
+    }];
+    let r = render(&d, &inputs(b"bin")).unwrap();
+    check_shell("provision.sh", &r.provision).unwrap();
+    check_shell("generalize.sh", &r.generalize).unwrap();
+    assert!(
+        r.provision.contains(
+            "/usr/local/sbin/stackless-init seed config 'https://git.example.com/config.git' --ref 'prod'"
+        ),
+        "{}",
+        r.provision
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let repos = tmp.path().join("repos");
+    for p in [
+        "config/store.git/objects/pack",
+        "config/store.git/refs/stackless/releases",
+        "config/releases/abc",
+        "salt/store.git/objects",
+        "salt/releases/def",
+    ] {
+        std::fs::create_dir_all(repos.join(p)).unwrap();
+    }
+    std::os::unix::fs::symlink("releases/abc", repos.join("config/current")).unwrap();
+    let start = r.generalize.find("for repo in").unwrap();
+    let end = start + r.generalize[start..].find("\ndone").unwrap() + 5;
+    let fragment =
+        r.generalize[start..end].replace("/var/lib/stackless/repos", repos.to_str().unwrap());
+    let out = std::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &fragment])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left = |p: &str| repos.join(p).exists() || repos.join(p).is_symlink();
+    assert!(left("config/store.git/objects/pack"));
+    assert!(!left("config/store.git/refs/stackless/releases"));
+    assert!(!left("config/releases") && !left("config/current"));
+    assert!(!left("salt"), "an unseeded store is removed");
+
+    // Without seeds, all of repos/ goes.
+    let r = render(&def("preseeded"), &inputs(b"bin")).unwrap();
+    assert!(r.generalize.contains("rm -rf /var/lib/stackless/repos"));
+    assert!(!r.provision.contains("stackless-init seed"));
 }

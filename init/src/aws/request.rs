@@ -1,8 +1,10 @@
 //! What every signed call of the agent shares (SSM's `GetParameter`, EC2's `CreateTags`): the
-//! endpoint (the SDKs' environment variables, the user-data setting, the region's), one POST
-//! signed with SigV4, retried with backoff on throttling, 5xx and transport errors inside one
-//! deadline, and the error code and message of the answer (JSON or XML). TLS trusts what the
-//! system trusts when the caller made its configuration ([`super::tls::client_config`]).
+//! endpoint (the SDKs' environment variables, the user-data setting, the region's), the
+//! instance's identity and role credentials ([`InstanceRole`], fetched again once when AWS
+//! refuses them), one POST signed with SigV4, retried with backoff on throttling, 5xx and
+//! transport errors inside one deadline, and the error code and message of the answer (JSON or
+//! XML). TLS trusts what the system trusts when the caller made its configuration
+//! ([`super::tls::client_config`]).
 //!
 //! Bodies are never quoted in logs or errors by this module: an answer may hold a secret.
 
@@ -11,7 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::sigv4::{self, Credentials};
-use crate::imds::role::unix_now;
+use crate::imds::role::{unix_now, CredentialCache, RoleCredentials};
+use crate::imds::{ImdsClient, ImdsError};
 
 pub const GLOBAL_ENDPOINT_ENV: &str = "AWS_ENDPOINT_URL";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -62,6 +65,100 @@ pub fn partition(region: &str) -> &'static str {
     }
 }
 
+/// An ARN of `service` in `region` (the partition's), as IAM policies name it; `ACCOUNT` stands
+/// for an account the identity document did not give.
+pub fn arn(service: &str, region: &str, account: &str, resource: &str) -> String {
+    let account = if account.is_empty() {
+        "ACCOUNT"
+    } else {
+        account
+    };
+    format!(
+        "arn:{}:{service}:{region}:{account}:{resource}",
+        partition(region)
+    )
+}
+
+/// Signed calls as this instance: its id, region and account from the identity document (read
+/// once), the service's endpoint, and the role's credentials from IMDS (cached, refreshed before
+/// they expire).
+pub struct InstanceRole {
+    pub instance_id: String,
+    pub region: String,
+    pub account: String,
+    pub endpoint: String,
+    /// The signing name (`ssm`, `ec2`).
+    service: &'static str,
+    imds: ImdsClient,
+    cache: CredentialCache,
+    deadline: Duration,
+}
+
+impl InstanceRole {
+    /// `imds` must be able to answer for the whole of `deadline`, the time each [`Self::call`]
+    /// has with its retries. The endpoint: see [`endpoint`].
+    pub fn new(
+        mut imds: ImdsClient,
+        service: &'static str,
+        service_env: &str,
+        endpoint_setting: Option<&str>,
+        deadline: Duration,
+    ) -> Result<Self, ImdsError> {
+        let identity = imds.identity()?;
+        Ok(InstanceRole {
+            endpoint: endpoint(service, service_env, &identity.region, endpoint_setting),
+            instance_id: identity.instance_id,
+            region: identity.region,
+            account: identity.account_id,
+            service,
+            imds,
+            cache: CredentialCache::new(),
+            deadline,
+        })
+    }
+
+    /// The role's credentials, from the cache or from IMDS.
+    pub fn credentials(&mut self) -> Result<RoleCredentials, ImdsError> {
+        self.cache.get(&mut self.imds, unix_now()).cloned()
+    }
+
+    /// Runs `attempt` (given this instance, the call to make and the role's credentials) until
+    /// the deadline.
+    /// When AWS refuses the credentials themselves (`refused` says so of an error), they were
+    /// rotated or revoked under us: they are fetched again, once. IMDS failing is `no_role`.
+    pub fn call<T, E>(
+        &mut self,
+        tls: &Arc<rustls::ClientConfig>,
+        no_role: impl Fn(ImdsError) -> E,
+        refused: impl Fn(&E) -> bool,
+        mut attempt: impl FnMut(&Self, Call<'_>, &RoleCredentials) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let deadline = Instant::now() + self.deadline;
+        let mut refreshed = false;
+        loop {
+            let creds = self.credentials().map_err(&no_role)?;
+            let call = Call {
+                endpoint: &self.endpoint,
+                region: &self.region,
+                service: self.service,
+                deadline,
+                tls: tls.clone(),
+            };
+            match attempt(self, call, &creds) {
+                Err(e) if !refreshed && refused(&e) => {
+                    tracing::info!(
+                        service = self.service,
+                        "AWS refused the cached role credentials; fetching new ones"
+                    );
+                    self.cache.invalidate();
+                    refreshed = true;
+                }
+                result => return result,
+            }
+        }
+    }
+}
+
 /// One signed POST to one endpoint, until `deadline`.
 pub struct Call<'a> {
     pub endpoint: &'a str,
@@ -105,7 +202,7 @@ impl Call<'_> {
     /// can be retried.
     pub fn post(&self, headers: &[(&str, &str)], body: &[u8], credentials: &Credentials) -> Answer {
         let mut delay = BACKOFF_START;
-        let mut last_error = String::from("no request could be made before the deadline");
+        let mut last_error: Option<String> = None;
         loop {
             let remaining = self.deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
@@ -115,7 +212,11 @@ impl Call<'_> {
                 Attempt::Done(answer) => return answer,
                 Attempt::Retry(error) => {
                     tracing::debug!(service = self.service, "{error}; retrying");
-                    last_error = error;
+                    // An attempt our own deadline cut short (its timeout is what was left)
+                    // says less than the answer before it (an HTTP 500, a throttling code).
+                    if last_error.is_none() || Instant::now() < self.deadline {
+                        last_error = Some(error);
+                    }
                 }
             }
             let remaining = self.deadline.saturating_duration_since(Instant::now());
@@ -125,7 +226,10 @@ impl Call<'_> {
             std::thread::sleep(delay);
             delay = (delay * 2).min(BACKOFF_CAP);
         }
-        Answer::GaveUp { last_error }
+        Answer::GaveUp {
+            last_error: last_error
+                .unwrap_or_else(|| "no request could be made before the deadline".into()),
+        }
     }
 
     fn once(
@@ -159,7 +263,7 @@ impl Call<'_> {
             .timeout(REQUEST_TIMEOUT.min(remaining))
             .redirects(0)
             .user_agent(concat!("stackless-init/", env!("CARGO_PKG_VERSION")))
-            .tls_config(self.tls.clone())
+            .tls_connector(Arc::new(super::tls::Connector(self.tls.clone())))
             .build();
         let mut request = agent.post(&format!("{}/", self.endpoint));
         for (n, v) in &headers {

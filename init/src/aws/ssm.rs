@@ -9,9 +9,8 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use super::request;
+use super::request::{self, InstanceRole};
 use super::sigv4::Credentials;
-use crate::imds::role::{unix_now, CredentialCache};
 use crate::imds::{ImdsClient, ImdsError};
 
 pub const ENDPOINT_ENV: &str = "AWS_ENDPOINT_URL_SSM";
@@ -171,27 +170,13 @@ pub fn parameter_arn(name: &str, region: &str, account: &str) -> String {
     if name.starts_with("arn:") {
         return name.to_string();
     }
-    let account = if account.is_empty() {
-        "ACCOUNT"
-    } else {
-        account
-    };
-    format!(
-        "arn:{}:ssm:{region}:{account}:parameter/{}",
-        request::partition(region),
-        name.trim_start_matches('/')
-    )
+    let resource = format!("parameter/{}", name.trim_start_matches('/'));
+    request::arn("ssm", region, account, &resource)
 }
 
-/// Reads parameters for the agent: the role's credentials from IMDS (cached, refreshed before
-/// they expire), the region and account from the identity document.
+/// Reads parameters for the agent, as the instance's role.
 pub struct ParameterReader {
-    pub region: String,
-    pub account: String,
-    pub endpoint: String,
-    imds: ImdsClient,
-    cache: CredentialCache,
-    deadline: Duration,
+    pub role: InstanceRole,
     /// Read when the reader is made: after the boot's trust step.
     tls: std::sync::Arc<rustls::ClientConfig>,
 }
@@ -199,56 +184,37 @@ pub struct ParameterReader {
 impl ParameterReader {
     /// `imds` must be able to answer for the whole of `deadline`.
     pub fn new(
-        mut imds: ImdsClient,
+        imds: ImdsClient,
         endpoint_setting: Option<&str>,
         deadline: Duration,
     ) -> Result<Self, ImdsError> {
-        let identity = imds.identity()?;
         Ok(ParameterReader {
-            endpoint: endpoint(&identity.region, endpoint_setting),
-            region: identity.region,
-            account: identity.account_id,
-            imds,
-            cache: CredentialCache::new(),
-            deadline,
+            role: InstanceRole::new(imds, "ssm", ENDPOINT_ENV, endpoint_setting, deadline)?,
             tls: super::tls::client_config(),
         })
     }
 
     /// The decrypted value of `name`.
     pub fn get(&mut self, name: &str) -> Result<Secret, SsmError> {
-        let deadline = Instant::now() + self.deadline;
-        let mut refreshed = false;
-        loop {
-            let creds = self
-                .cache
-                .get(&mut self.imds, unix_now())
-                .map_err(|source| SsmError::Credentials {
-                    parameter: name.to_string(),
-                    source,
-                })?
-                .clone();
-            let call = GetParameter {
-                endpoint: &self.endpoint,
-                region: &self.region,
-                account: &self.account,
-                role: &creds.role,
-                deadline,
-                tls: self.tls.clone(),
-            };
-            match call.run(name, &creds.credentials) {
-                Err(SsmError::CredentialsRefused { .. }) if !refreshed => {
-                    // Rotated or revoked under us: fetch them again, once.
-                    tracing::info!(
-                        parameter = name,
-                        "SSM refused the cached role credentials; fetching new ones"
-                    );
-                    self.cache.invalidate();
-                    refreshed = true;
+        self.role.call(
+            &self.tls,
+            |source| SsmError::Credentials {
+                parameter: name.to_string(),
+                source,
+            },
+            |e| matches!(e, SsmError::CredentialsRefused { .. }),
+            |instance, call, creds| {
+                GetParameter {
+                    endpoint: call.endpoint,
+                    region: call.region,
+                    account: &instance.account,
+                    role: &creds.role,
+                    deadline: call.deadline,
+                    tls: call.tls,
                 }
-                result => return result,
-            }
-        }
+                .run(name, &creds.credentials)
+            },
+        )
     }
 }
 

@@ -53,40 +53,49 @@ impl ImdsClient {
         let path = format!("{ROLE_LIST_PATH}{role}");
         let what = self.what(&path);
         let body = self.get(&path)?.ok_or(ImdsError::NoRole)?;
-        // Never quote the body in an error: it holds the secret key.
-        let doc: CredentialsDocument =
-            serde_json::from_slice(&body).map_err(|e| ImdsError::Invalid {
-                what: what.clone(),
-                detail: format!(
-                    "the credentials document is not the JSON EC2 serves (at line {}, column {})",
-                    e.line(),
-                    e.column()
-                ),
-            })?;
-        if let Some(code) = doc.code.as_deref().filter(|c| *c != "Success") {
-            return Err(ImdsError::Invalid {
-                what,
-                detail: format!("the credentials document says Code {code:?}, not \"Success\""),
-            });
-        }
-        let expiration =
-            crate::aws::sigv4::parse_utc(&doc.expiration).ok_or_else(|| ImdsError::Invalid {
-                what: what.clone(),
-                detail: format!(
-                    "Expiration {:?} is not an RFC 3339 UTC time",
-                    doc.expiration
-                ),
-            })?;
-        Ok(RoleCredentials {
-            role,
-            credentials: Credentials {
-                access_key_id: doc.access_key_id,
-                secret_access_key: doc.secret_access_key,
-                session_token: Some(doc.token),
-            },
-            expiration,
-        })
+        credentials_from(role, what, &body)
     }
+}
+
+/// Reads the credentials document IMDS serves for `role` (`what` says where it came from).
+pub(crate) fn credentials_from(
+    role: String,
+    what: String,
+    body: &[u8],
+) -> Result<RoleCredentials, ImdsError> {
+    // Never quote the body in an error: it holds the secret key.
+    let doc: CredentialsDocument =
+        serde_json::from_slice(body).map_err(|e| ImdsError::Invalid {
+            what: what.clone(),
+            detail: format!(
+                "the credentials document is not the JSON EC2 serves (at line {}, column {})",
+                e.line(),
+                e.column()
+            ),
+        })?;
+    if let Some(code) = doc.code.as_deref().filter(|c| *c != "Success") {
+        return Err(ImdsError::Invalid {
+            what,
+            detail: format!("the credentials document says Code {code:?}, not \"Success\""),
+        });
+    }
+    let expiration =
+        crate::aws::sigv4::parse_utc(&doc.expiration).ok_or_else(|| ImdsError::Invalid {
+            what: what.clone(),
+            detail: format!(
+                "Expiration {:?} is not an RFC 3339 UTC time",
+                doc.expiration
+            ),
+        })?;
+    Ok(RoleCredentials {
+        role,
+        credentials: Credentials {
+            access_key_id: doc.access_key_id,
+            secret_access_key: doc.secret_access_key,
+            session_token: Some(doc.token),
+        },
+        expiration,
+    })
 }
 
 /// Role credentials kept between uses, fetched again when less than [`REFRESH_MARGIN_SECS`] is

@@ -677,7 +677,7 @@ impl Supervisor {
     }
 
     /// The body when `buf` holds a complete answer, `None` when more is needed.
-    fn parse_http(
+    pub(crate) fn parse_http(
         &self,
         method: &str,
         buf: &[u8],

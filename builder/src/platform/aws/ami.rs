@@ -85,6 +85,7 @@ pub fn image_tags(def: &ImageDef, build: &Build, name: &str) -> Vec<Tag> {
     all.insert(tags::IMAGE.into(), def.image.clone());
     all.insert(tags::INPUT_HASH.into(), build.input_hash.clone());
     all.insert(tags::SOURCE.into(), build.source.clone());
+    all.insert(tags::ARCH.into(), build.arch.ec2().into());
     all.insert(tags::MANAGED_BY.into(), tags::MANAGED_BY_VALUE.into());
     all.iter().map(|(k, v)| tag(k, v)).collect()
 }

@@ -17,11 +17,12 @@ pub mod security_group;
 pub mod source;
 pub mod tags;
 
+use crate::arch::Arch;
 use crate::aws::{aws_error, tag_filter};
 use crate::communicator::Communicator;
 use crate::definition::ImageDef;
-use crate::platform::{Artifact, Build, Target};
-use anyhow::{anyhow, Context, Result};
+use crate::platform::{Artifact, Build, ResolvedSource, Target};
+use anyhow::{anyhow, bail, Context, Result};
 use async_trait::async_trait;
 use aws_sdk_ec2::types::InstanceStateName;
 use serde::Serialize;
@@ -208,7 +209,7 @@ impl Target for AwsTarget {
         "aws"
     }
 
-    async fn resolve_source(&mut self, def: &ImageDef) -> Result<String> {
+    async fn resolve_source(&mut self, def: &ImageDef) -> Result<ResolvedSource> {
         let s = source::resolve(&self.ec2, &self.ssm, &def.source)
             .await
             .with_context(|| {
@@ -218,9 +219,47 @@ impl Target for AwsTarget {
                     self.region()
                 )
             })?;
+        let Some(arch) = Arch::from_ec2(&s.architecture) else {
+            bail!(
+                "the source image {} ({}) of `{}` is `{}`: the builder bakes x86_64 and arm64 images",
+                s.image_id,
+                s.name,
+                def.image,
+                s.architecture
+            );
+        };
+        if let Some(want) = def.arch {
+            if want != arch {
+                bail!(
+                    "`{}` says [instance] arch = \"{want}\", but its source image {} ({}) is {arch}: fix [source] or [instance] arch",
+                    def.image,
+                    s.image_id,
+                    s.name
+                );
+            }
+        }
+        // The seed must be able to run the image: refused here, before anything is launched
+        // (preflight says the same; this holds with --skip-preflight too).
+        let check =
+            crate::preflight::compute::architecture(&self.ec2, &def.instance_type, Some(&s)).await;
+        match check.status {
+            crate::preflight::Status::Failed => bail!(
+                "`{}` cannot be baked: {}; {}",
+                def.image,
+                check.detail,
+                check.fix.unwrap_or_default()
+            ),
+            crate::preflight::Status::Unchecked => {
+                tracing::warn!(
+                    "the instance type's architecture was not checked: {}",
+                    check.detail
+                )
+            }
+            crate::preflight::Status::Passed => {}
+        }
         let id = s.image_id.clone();
         self.source = Some(s);
-        Ok(id)
+        Ok(ResolvedSource { id, arch })
     }
 
     async fn find_existing(

@@ -369,7 +369,10 @@ impl Publish<'_> {
                 .r#type(ParameterType::String)
                 .data_type(PARAMETER_DATA_TYPE)
                 .overwrite(true)
-                .description(format!("stackless {} image (build {})", self.def.image, self.build.id))
+                .description(format!(
+                    "stackless {} image for {} (build {})",
+                    self.def.image, self.build.arch, self.build.id
+                ))
                 .send()
                 .await
                 .map_err(aws_error)

@@ -11,6 +11,8 @@ pub const INPUT_HASH: &str = "stackless:input-hash";
 pub const EXPIRES_AT: &str = "stackless:expires-at";
 /// `true` on resources that only live during a build.
 pub const TEMPORARY: &str = "stackless:temporary";
+/// The image's architecture (`x86_64`, `arm64`), as EC2 names it.
+pub const ARCH: &str = "stackless:arch";
 /// The source AMI an image was baked from.
 pub const SOURCE: &str = "stackless:source";
 /// Marks every resource the builder created.

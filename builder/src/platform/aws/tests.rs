@@ -102,7 +102,8 @@ impl Env {
             timestamp: "20240102030405".into(),
             image_name: self.def.image_name(id, "20240102030405"),
             input_hash: "0".repeat(64),
-            source,
+            source: source.id,
+            arch: source.arch,
             seed_user_data: seed_user_data(&self.def),
         }
     }
@@ -548,7 +549,7 @@ async fn a_parameter_source_resolves_through_the_shim_which_forwards_to_moto() {
     let ssm = env.shim.client(&env.config);
     ssm.put_parameter()
         .name("/test/seed")
-        .value(&ami)
+        .value(&ami.id)
         .r#type(aws_sdk_ssm::types::ParameterType::String)
         .send()
         .await

@@ -9,17 +9,20 @@
 //! is mounted under it.
 
 pub mod base;
+pub mod caches;
 pub mod disk;
 pub mod mounts;
 pub mod process;
 
+use crate::arch::Arch;
 use crate::communicator::chroot::{ChrootCommunicator, BUILD_CA_IN_ROOT, HOST_CA_BUNDLE};
 use crate::communicator::{run_checked, Communicator};
 use crate::definition::ImageDef;
-use crate::platform::{Artifact, Build, Target};
-use anyhow::{Context, Result};
+use crate::platform::{Artifact, Build, ResolvedSource, Target};
+use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
 use base::BaseSpec;
+use caches::BindCache;
 use mounts::{remove_tree, Mounts};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -43,6 +46,9 @@ pub struct LocalOptions {
     pub build_ca: bool,
     /// Finished builds kept under `out/IMAGE` (the newest first); older ones are removed.
     pub keep_builds: usize,
+    /// Keep pip's wheels and apt's packages across bakes, under `cache_dir/pip` and
+    /// `cache_dir/apt` (see `caches.rs`).
+    pub provision_caches: bool,
 }
 
 impl LocalOptions {
@@ -54,6 +60,7 @@ impl LocalOptions {
             base_max_age: Duration::from_secs(7 * 24 * 3600),
             build_ca: true,
             keep_builds: 2,
+            provision_caches: true,
         }
     }
 }
@@ -64,6 +71,8 @@ pub struct LocalTarget {
     /// `out/IMAGE/.build-ID`, while a build is under way.
     work: Option<PathBuf>,
     mounts: Option<Mounts>,
+    /// The caches lent to provisioning, mounted from `start` until provisioning is done.
+    caches: Vec<BindCache>,
 }
 
 /// The part of a manifest `find_existing` reads.
@@ -84,6 +93,7 @@ impl LocalTarget {
             spec: None,
             work: None,
             mounts: None,
+            caches: Vec::new(),
         }
     }
 
@@ -92,6 +102,14 @@ impl LocalTarget {
             .as_ref()
             .map(|w| w.join("root"))
             .context("the build root is not there: start was not called or failed")
+    }
+
+    /// Unmounts the caches lent to provisioning and gives their locks back. Safe more than once.
+    fn release_caches(&mut self) -> Result<()> {
+        for mut c in self.caches.drain(..) {
+            c.unmount().context("unmounting the caches")?;
+        }
+        Ok(())
     }
 
     /// Removes finished builds beyond `keep_builds`, newest kept (build ids sort by time).
@@ -124,14 +142,26 @@ impl Target for LocalTarget {
         "local"
     }
 
-    async fn resolve_source(&mut self, def: &ImageDef) -> Result<String> {
+    async fn resolve_source(&mut self, def: &ImageDef) -> Result<ResolvedSource> {
+        if let Some(arch) = def.arch.filter(|a| *a != Arch::X86_64) {
+            bail!(
+                "`{}` is an {arch} image ([instance] arch), and the local target bakes x86_64 only: it debootstraps \
+                 amd64 and boots the disk in qemu-system-x86_64. An {arch} local bake would need debootstrap --foreign \
+                 finished under qemu-user-static, an {arch} kernel and qemu-system-aarch64 with UEFI firmware, which the \
+                 builder does not do; bake it on AWS (--target aws)",
+                def.image
+            );
+        }
         let spec = BaseSpec {
             release: def.local_release.clone(),
             mirror: def.local_mirror.clone(),
         };
         let id = spec.source_id();
         self.spec = Some(spec);
-        Ok(id)
+        Ok(ResolvedSource {
+            id,
+            arch: Arch::X86_64,
+        })
     }
 
     async fn find_existing(
@@ -159,7 +189,7 @@ impl Target for LocalTarget {
         }))
     }
 
-    async fn start(&mut self, _def: &ImageDef, build: &Build) -> Result<Arc<dyn Communicator>> {
+    async fn start(&mut self, def: &ImageDef, build: &Build) -> Result<Arc<dyn Communicator>> {
         let spec = self
             .spec
             .clone()
@@ -203,7 +233,26 @@ impl Target for LocalTarget {
             })?;
         }
         self.mounts = Some(Mounts::mount(&root)?);
-        let comm = ChrootCommunicator::new(root, self.opts.build_ca);
+        let mut comm = ChrootCommunicator::new(root.clone(), self.opts.build_ca);
+        if self.opts.provision_caches {
+            let (cache, release, arch) =
+                (&self.opts.cache_dir, &def.local_release, Arch::X86_64.ec2());
+            let max_age = self.opts.base_max_age;
+            // Built wheels are code the next bake runs as root: the host's root alone reads them.
+            let pip = caches::pip_host_dir(cache, &def.salt_version, release, arch);
+            if let Some(c) = BindCache::mount(&pip, &root, caches::PIP_IN_ROOT, 0o700, max_age)? {
+                self.caches.push(c);
+                comm = comm.with_pip_cache(&format!("/{}", caches::PIP_IN_ROOT));
+            }
+            if root.join(caches::APT_IN_ROOT).is_dir() {
+                // apt's own sandbox user must reach it, as in the root's own folder.
+                let apt = caches::apt_host_dir(cache, release, arch);
+                if let Some(c) = BindCache::mount(&apt, &root, caches::APT_IN_ROOT, 0o755, max_age)?
+                {
+                    self.caches.push(c);
+                }
+            }
+        }
         if self.opts.build_ca {
             run_checked(
                 &comm,
@@ -216,7 +265,12 @@ impl Target for LocalTarget {
         Ok(Arc::new(comm))
     }
 
+    async fn provisioned(&mut self) -> Result<()> {
+        self.release_caches().context("before generalising")
+    }
+
     async fn snapshot(&mut self, def: &ImageDef, build: &Build) -> Result<Artifact> {
+        self.release_caches()?;
         if let Some(mut m) = self.mounts.take() {
             m.unmount()
                 .context("unmounting the build root before making the disk")?;
@@ -229,6 +283,7 @@ impl Target for LocalTarget {
                  a custom generalize.sh must keep the `build_ca` block of the built-in one"
             );
         }
+        caches::check_absent(&root)?;
         // The guest's DHCP client writes its own; the host's has no business in the image.
         let resolv = root.join("etc/resolv.conf");
         let _ = std::fs::remove_file(&resolv);
@@ -260,6 +315,8 @@ impl Target for LocalTarget {
 
     async fn cleanup(&mut self, build: &Build, failed: bool, keep: bool) -> Result<Vec<String>> {
         let mut notes = Vec::new();
+        // The caches first: the root's own mounts refuse to go while anything is mounted below.
+        self.release_caches()?;
         if let Some(mut m) = self.mounts.take() {
             m.unmount().context("unmounting the build root")?;
         }

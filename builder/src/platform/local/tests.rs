@@ -62,7 +62,7 @@ fn only_the_newest_builds_are_kept() {
 }
 
 #[test]
-fn the_generalising_script_removes_the_ca_this_target_stages() {
+fn the_generalising_script_removes_the_ca_and_the_pip_cache_this_target_stages() {
     let def = crate::definition::load(&testkit::repo_root().join("images"), "bare").unwrap();
     let r = crate::render::render(
         &def,
@@ -79,4 +79,35 @@ fn the_generalising_script_removes_the_ca_this_target_stages() {
         r.generalize.contains(&format!("rm -f /{BUILD_CA_IN_ROOT}")),
         "generalize.sh and chroot::BUILD_CA_IN_ROOT disagree"
     );
+    assert!(
+        r.generalize
+            .contains(&format!("rm -rf /{} ", caches::PIP_IN_ROOT)),
+        "generalize.sh and caches::PIP_IN_ROOT disagree"
+    );
+}
+
+#[tokio::test]
+async fn an_arm64_definition_is_refused_plainly_before_anything_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out/img");
+    let mut t = LocalTarget::new(LocalOptions::new(
+        out.clone(),
+        out.join("manifest-local.json"),
+    ));
+    let images = testkit::repo_root().join("images");
+    for name in ["bare-arm64", "preseeded-arm64"] {
+        let def = crate::definition::load(&images, name).unwrap();
+        let e = format!("{:#}", t.resolve_source(&def).await.unwrap_err());
+        assert!(
+            e.contains(&format!("`{name}` is an arm64 image"))
+                && e.contains("the local target bakes x86_64 only")
+                && e.contains("qemu-system-aarch64")
+                && e.contains("--target aws"),
+            "{e}"
+        );
+    }
+    assert!(!out.exists(), "nothing made");
+    let bare = crate::definition::load(&images, "bare").unwrap();
+    let r = t.resolve_source(&bare).await.unwrap();
+    assert_eq!(r.arch, Arch::X86_64);
 }

@@ -4,6 +4,7 @@ use crate::aws::test_support::{
 };
 use crate::imds::emulator::{Emulator, EmulatorConfig};
 use crate::imds::Identity;
+use std::time::Instant;
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -51,7 +52,7 @@ fn tags_its_own_instance_in_moto_with_iam_auth_on() {
     let setup = start_with_roles(&[]);
     let emu = emulator_for(&setup);
     let mut tagger = tagger(&emu, &setup);
-    assert_eq!(tagger.instance_id, setup.instance_id);
+    assert_eq!(tagger.role.instance_id, setup.instance_id);
     let tags = vec![
         ("stackless:config-commit".to_string(), "a".repeat(40)),
         ("stackless:outcome".to_string(), "ready".to_string()),
@@ -64,11 +65,7 @@ fn tags_its_own_instance_in_moto_with_iam_auth_on() {
     assert!(got.contains(&("stackless:service".into(), "web".into())));
 
     // moto checks signatures: a wrong secret key is refused as bad credentials.
-    let creds = tagger
-        .cache
-        .get(&mut tagger.imds, unix_now())
-        .unwrap()
-        .clone();
+    let creds = tagger.role.credentials().unwrap();
     let mut wrong = creds.credentials.clone();
     wrong.secret_access_key.push('x');
     let call = CreateTags {

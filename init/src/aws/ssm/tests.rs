@@ -31,18 +31,13 @@ fn moto_and_emulator() -> (MotoSetup, Emulator) {
 fn reads_a_secure_string_from_moto_with_iam_auth_on() {
     let (setup, emu) = moto_and_emulator();
     let mut reader = reader(&emu, &setup.moto);
-    assert_eq!(reader.region, "eu-west-1");
+    assert_eq!(reader.role.region, "eu-west-1");
     let secret = reader.get(PARAM).expect("the parameter");
     assert_eq!(secret.expose(), CANARY);
     assert_eq!(format!("{secret:?}"), "Secret(<redacted>)");
 
     // The proof that moto checks signatures: the same call with a wrong secret key is refused.
-    let mut wrong = reader
-        .cache
-        .get(&mut reader.imds, unix_now())
-        .unwrap()
-        .credentials
-        .clone();
+    let mut wrong = reader.role.credentials().unwrap().credentials;
     wrong.secret_access_key.push('x');
     let call = GetParameter {
         endpoint: &setup.moto.endpoint,
@@ -117,6 +112,24 @@ fn canned(answers: Vec<(u16, &'static str)>) -> (String, std::thread::JoinHandle
     (endpoint, thread)
 }
 
+/// Answers `answers` in order, then accepts requests and never answers them.
+fn canned_then_silent(answers: Vec<(u16, &'static str)>) -> String {
+    let server = tiny_http::Server::http("127.0.0.1:0").expect("server");
+    let endpoint = format!("http://{}", server.server_addr().to_ip().unwrap());
+    std::thread::spawn(move || {
+        for (status, body) in answers {
+            let Ok(request) = server.recv() else { return };
+            let _ =
+                request.respond(tiny_http::Response::from_string(body).with_status_code(status));
+        }
+        let mut held = Vec::new();
+        while let Ok(request) = server.recv() {
+            held.push(request);
+        }
+    });
+    endpoint
+}
+
 fn creds() -> Credentials {
     Credentials {
         access_key_id: "ASIAEXAMPLE".into(),
@@ -162,6 +175,23 @@ fn retries_end_at_the_deadline() {
     let start = Instant::now();
     let err = call.run("/p", &creds()).expect_err("always 500");
     assert!(start.elapsed() < Duration::from_secs(3));
+    assert!(matches!(err, SsmError::Deadline { .. }), "{err:?}");
+    assert!(err.to_string().contains("HTTP 500"), "{err}");
+}
+
+/// The last attempt, cut short by the deadline itself, does not hide what SSM answered before.
+#[test]
+fn the_deadline_cutting_an_attempt_keeps_the_answer_before_it() {
+    let endpoint = canned_then_silent(vec![(500, "")]);
+    let call = GetParameter {
+        endpoint: &endpoint,
+        region: "eu-west-1",
+        account: "123456789012",
+        role: "r",
+        deadline: Instant::now() + Duration::from_millis(1500),
+        tls: crate::aws::tls::client_config(),
+    };
+    let err = call.run("/p", &creds()).expect_err("a 500, then silence");
     assert!(matches!(err, SsmError::Deadline { .. }), "{err:?}");
     assert!(err.to_string().contains("HTTP 500"), "{err}");
 }

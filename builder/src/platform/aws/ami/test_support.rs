@@ -342,6 +342,7 @@ pub fn build_at(n: u32, timestamp: &str, input_hash: &str) -> Build {
         image_name: "unused".into(),
         input_hash: input_hash.to_string(),
         source: "ami-source".into(),
+        arch: crate::arch::Arch::X86_64,
         seed_user_data: String::new(),
     }
 }
