@@ -114,7 +114,8 @@ pub fn update_with(state: &mut State, tagger: &mut dyn Tagger, force: bool) -> b
     let mut record = state.report.clone().unwrap_or_default();
     record.enabled = true;
     if !force && record.tags == tags && (record.error.is_none() || record.denied) {
-        // Written already (or denied already: the next change tries again).
+        // Written already (or refused for a standing reason, such as a denial or no role: the
+        // next change tries again).
         state.report = Some(record);
         return false;
     }
@@ -130,17 +131,23 @@ pub fn update_with(state: &mut State, tagger: &mut dyn Tagger, force: bool) -> b
             record.at = Some(at);
             record.error = None;
             record.denied = false;
+            record.no_role = false;
         }
         Err(e) => {
-            let denied = matches!(e, Ec2Error::AccessDenied { .. });
+            let denied = e.is_standing();
+            let no_role = e.is_no_role();
             let message = format!("writing the report tags: {e}");
             if denied && record.denied {
                 tracing::debug!("{message}");
+            } else if no_role {
+                // No role is a set-up (a VM outside EC2, reporting never granted), not a fault.
+                tracing::info!("report not sent: {e}");
             } else {
                 tracing::warn!("{message}");
             }
             record.error = Some(message);
             record.denied = denied;
+            record.no_role = no_role;
         }
     }
     record.tags = tags;

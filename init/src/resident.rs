@@ -19,9 +19,10 @@ use crate::sync::{self, Trigger};
 use crate::userdata::{self, schedule::splay_offset, ConfigOnFailure, Settings};
 use crate::watch::{Due, Rule, Timing, Watcher};
 use anyhow::{Context, Result};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::poll::{ppoll, PollFd, PollFlags};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::time::TimeSpec;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
@@ -104,7 +105,8 @@ impl Agent {
             quiet: settings.watch_quiet,
             max_delay: settings.watch_max_delay,
         };
-        let watcher = Watcher::new(rules, timing).context("starting the file watchers")?;
+        let mut watcher = Watcher::new(rules, timing).context("starting the file watchers")?;
+        watcher.consult_cpu_pressure(Box::new(crate::watch::pressure::ProcPressure::open()));
         let backends = Backends {
             supervisord: SupervisordBackend::new(&settings.supervisor_socket),
             systemd: SystemdBackend::new(settings.timeouts.systemctl),
@@ -171,21 +173,18 @@ impl Agent {
                 let at = now + in_;
                 deadline = Some(deadline.map_or(at, |d| d.min(at)));
             }
-            let timeout = match deadline {
-                None => PollTimeout::NONE,
-                Some(d) => {
-                    // Round up so a deadline less than a millisecond away does not spin.
-                    let wait = d.saturating_duration_since(now) + Duration::from_micros(999);
-                    PollTimeout::try_from(wait.min(Duration::from_secs(86_400)))
-                        .unwrap_or(PollTimeout::MAX)
-                }
-            };
+            // ppoll, not poll: a finished write is due a millisecond after it was read, and
+            // poll's whole milliseconds would double that.
+            let timeout = deadline.map(|d| {
+                let wait = d.saturating_duration_since(now);
+                TimeSpec::from_duration(wait.min(Duration::from_secs(86_400)))
+            });
             let (sig_ready, fs_ready) = {
                 let mut fds = [
                     PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
                     PollFd::new(self.watcher.fd(), PollFlags::POLLIN),
                 ];
-                match poll(&mut fds, timeout) {
+                match ppoll(&mut fds, timeout, None) {
                     Ok(_) => {}
                     Err(nix::errno::Errno::EINTR) => continue,
                     Err(e) => return Err(e).context("waiting for events"),

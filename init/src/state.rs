@@ -59,6 +59,9 @@ pub struct ReportRecord {
     /// The last try was denied: not tried again until the tags change.
     #[serde(default)]
     pub denied: bool,
+    /// The last try found no instance role to report with: not sent, which is no failure.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_role: bool,
 }
 
 /// What the agent knows of one repository's releases.

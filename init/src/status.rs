@@ -175,6 +175,13 @@ pub fn render(state: &State) -> String {
             _ if !r.enabled => {
                 let _ = writeln!(out, "report     off ([report] enabled = false)");
             }
+            (Some(_), _) if r.no_role => {
+                let _ = writeln!(
+                    out,
+                    "report     not sent: the instance has no IAM role (attach one allowed \
+                     ec2:CreateTags to report, or set [report] enabled = false)"
+                );
+            }
             (Some(e), _) => {
                 let _ = writeln!(
                     out,

@@ -267,7 +267,7 @@ fn a_rule_added_to_watch_d_takes_effect_without_a_restart() {
             conf.display()
         ),
     );
-    wait_for("the new rule in status", 15, || {
+    wait_for_agent(&agent, "the new rule in status", 15, || {
         status(&s.root())["watch"]["rules"]
             .as_array()
             .is_some_and(|r| {
@@ -276,7 +276,7 @@ fn a_rule_added_to_watch_d_takes_effect_without_a_restart() {
             })
     });
     fs::write(&conf, "2").unwrap();
-    wait_for("a restart by the new rule", 15, || {
+    wait_for_agent(&agent, "a restart by the new rule", 15, || {
         program_count(&s.root(), "app", "restarts") == 1
     });
     assert_eq!(agent.child.id(), agent_pid);
@@ -285,7 +285,7 @@ fn a_rule_added_to_watch_d_takes_effect_without_a_restart() {
     fs::write(watch_d.join("broken.toml"), "[[watch]]\npaths = \"nope\"\n").unwrap();
     std::thread::sleep(Duration::from_millis(500));
     fs::write(&conf, "3").unwrap();
-    wait_for("still restarting", 15, || {
+    wait_for_agent(&agent, "still restarting", 15, || {
         program_count(&s.root(), "app", "restarts") == 2
     });
     assert!(agent.log().contains("broken.toml"), "{}", agent.log());
@@ -323,12 +323,17 @@ fn a_config_commit_reaches_the_watchers_through_a_scheduled_sync() {
     );
     let (_imds, agent) = s.boot(&ud);
     let pid = s.sup.pid("app");
+    use std::os::unix::fs::MetadataExt;
+    let inode = |p: &Path| fs::metadata(p).unwrap().ino();
+    let watched = inode(&current.join("app/app.conf"));
 
-    // A commit that does not touch the watched file flips `current` but restarts nothing.
+    // A commit that does not touch the watched file flips `current` but restarts nothing: the
+    // new release shares the unchanged file with the old one (the same inode).
     config.commit(&[("README", "y")], "docs");
     wait_for("the docs commit published", 15, || {
         fs::read_to_string(current.join("README")).is_ok_and(|t| t == "y")
     });
+    assert_eq!(inode(&current.join("app/app.conf")), watched);
     settle();
     assert_eq!(
         program_count(&s.root(), "app", "restarts"),
@@ -490,15 +495,11 @@ fn wait_reports_ready_degraded_failed_and_timeout() {
     assert_eq!(agent.terminate().code(), Some(0));
 }
 
-#[test]
-fn sigterm_during_a_sync_leaves_a_complete_release() {
-    let s = Setup::new(&[]);
-    let salt = GitRepo::new(&s.path("git"), "salt");
-    let marker = s.path("out/marker");
-    commit_files(&salt, &salt_state(&marker, "one"), "one");
-    // A slow git: every fetch takes two seconds, so SIGTERM lands in the middle of one.
-    let bin = s.path("slow-bin");
-    fs::create_dir_all(&bin).unwrap();
+/// A folder with a `git` that runs `on_fetch` (shell) before each fetch and then the real git;
+/// the PATH that puts it first.
+fn git_wrapper(bin: &Path, on_fetch: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(bin).unwrap();
     let real_git = String::from_utf8(
         std::process::Command::new("sh")
             .args(["-c", "command -v git"])
@@ -507,19 +508,30 @@ fn sigterm_during_a_sync_leaves_a_complete_release() {
             .stdout,
     )
     .unwrap();
-    let started = s.path("fetch-started");
     fs::write(
         bin.join("git"),
         format!(
-            "#!/bin/sh\ncase \" $* \" in *\" fetch \"*) touch {}; sleep 2;; esac\nexec {} \"$@\"\n",
-            started.display(),
+            "#!/bin/sh\ncase \" $* \" in *\" fetch \"*) {on_fetch};; esac\nexec {} \"$@\"\n",
             real_git.trim()
         ),
     )
     .unwrap();
-    use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(bin.join("git"), fs::Permissions::from_mode(0o755)).unwrap();
-    let path = format!("{}:{}", bin.display(), test_path());
+    format!("{}:{}", bin.display(), test_path())
+}
+
+#[test]
+fn sigterm_during_a_sync_leaves_a_complete_release() {
+    let s = Setup::new(&[]);
+    let salt = GitRepo::new(&s.path("git"), "salt");
+    let marker = s.path("out/marker");
+    commit_files(&salt, &salt_state(&marker, "one"), "one");
+    // A slow git: every fetch takes two seconds, so SIGTERM lands in the middle of one.
+    let started = s.path("fetch-started");
+    let path = git_wrapper(
+        &s.path("slow-bin"),
+        &format!("touch {}; sleep 2", started.display()),
+    );
     let ud = repo_user_data(&s, Some(&salt), None, "");
     let imds =
         Emulator::start(EmulatorConfig::new(Identity::example()).with_user_data(ud.into_bytes()))
@@ -562,6 +574,167 @@ fn sigterm_during_a_sync_leaves_a_complete_release() {
     assert_eq!(fs::read_to_string(&marker).unwrap().trim(), "two");
 }
 
+/// The sizes of every file of `sha` in `repo` (`git ls-tree -r -l`), by path.
+fn tree_sizes(repo: &GitRepo, sha: &str) -> Vec<(String, u64)> {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(&repo.bare)
+        .args(["ls-tree", "-r", "-l", sha])
+        .output()
+        .unwrap();
+    let mut v: Vec<(String, u64)> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (meta, path) = l.split_once('\t').unwrap();
+            (
+                path.to_string(),
+                meta.split_whitespace().nth(3).unwrap().parse().unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Whether `current` is a whole release: exactly the files of its commit, at their sizes.
+fn assert_whole_release(current: &Path, repo: &GitRepo) {
+    let target = fs::read_link(current).unwrap();
+    let sha = target.file_name().unwrap().to_str().unwrap().to_string();
+    let release = current.parent().unwrap().join(&target);
+    let mut on_disk = Vec::new();
+    let mut stack = vec![release.clone()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            let m = fs::symlink_metadata(e.path()).unwrap();
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                let rel = e
+                    .path()
+                    .strip_prefix(&release)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                on_disk.push((rel, m.len()));
+            }
+        }
+    }
+    on_disk.sort();
+    assert_eq!(
+        on_disk,
+        tree_sizes(repo, &sha),
+        "release {sha} is not whole"
+    );
+}
+
+/// SIGKILL of the agent and of git (as a service manager stopping the whole unit would) at
+/// random moments of a fetch into the object store: `current` is always a whole release, and
+/// the next start converges on the new commit, whatever the kill left in the store.
+#[test]
+fn sigkill_mid_fetch_leaves_a_whole_release_and_the_next_start_converges() {
+    let s = Setup::new(&[]);
+    let config = GitRepo::new(&s.path("git"), "config");
+    let blob = |seed: u64, len: usize| -> String {
+        // Incompressible enough that the fetch takes a while: a simple LCG over letters.
+        let mut x = seed;
+        (0..len)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (b'a' + (x >> 59) as u8) as char
+            })
+            .collect()
+    };
+    let first = blob(1, 2_000_000);
+    config.commit(&[("app/a.conf", "a=1\n"), ("big/0.bin", &first)], "one");
+    let pidfile = s.path("fetch-pid");
+    let path = git_wrapper(
+        &s.path("kill-bin"),
+        &format!("echo $$ > {0}.tmp; mv {0}.tmp {0}", pidfile.display()),
+    );
+    let ud = repo_user_data(&s, None, Some(&config), "");
+    let imds =
+        Emulator::start(EmulatorConfig::new(Identity::example()).with_user_data(ud.into_bytes()))
+            .unwrap();
+    let current = s.root().join("var/lib/stackless/repos/config/current");
+    let mut agent = Agent::spawn_with_path(&s.root(), &imds.endpoint(), &path);
+    assert_eq!(agent.wait_ready(120), 0, "{}", agent.log());
+    let kill = |pid: i32| {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    };
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    for round in 1..=4u64 {
+        let _ = fs::remove_file(&pidfile);
+        let big = blob(round + 1, 1_000_000);
+        let sha = config.commit(
+            &[
+                ("app/a.conf", &format!("a={round}\n")),
+                (&format!("big/{round}.bin"), &big),
+            ],
+            &format!("round {round}"),
+        );
+        wait_for("a scheduled fetch", 30, || pidfile.exists());
+        let git_pid: i32 = fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // Somewhere in the fetch, the materialising or the publishing.
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        std::thread::sleep(Duration::from_millis((seed >> 33) % 400));
+        kill(agent.child.id() as i32);
+        kill(-git_pid);
+        let _ = agent.child.wait();
+        assert_whole_release(&current, &config);
+        let store = current.parent().unwrap().join("store.git");
+        eprintln!(
+            "round {round}: killed with {} published; store leftovers: {:?}",
+            if fs::read_link(&current).unwrap().ends_with(&sha) {
+                "the new commit"
+            } else {
+                "the old commit"
+            },
+            fs::read_dir(&store)
+                .map(|d| d
+                    .flatten()
+                    .map(|e| e.file_name())
+                    .filter(|n| n.to_string_lossy().ends_with(".lock")
+                        || n.to_string_lossy().starts_with("index."))
+                    .collect::<Vec<_>>())
+                .unwrap_or_default()
+        );
+
+        agent = Agent::spawn_with_path(&s.root(), &imds.endpoint(), &test_path());
+        assert_eq!(agent.wait_ready(120), 0, "round {round}: {}", agent.log());
+        wait_for("the new commit published after the restart", 30, || {
+            fs::read_link(&current).is_ok_and(|t| t.ends_with(&sha))
+        });
+        assert_whole_release(&current, &config);
+        let leftovers: Vec<_> = fs::read_dir(current.parent().unwrap().join("releases"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| e.file_name())
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "round {round}: half-made releases left: {leftovers:?}"
+        );
+        // The next round's agent is the killable one again.
+        assert_eq!(agent.terminate().code(), Some(0), "{}", agent.log());
+        agent = Agent::spawn_with_path(&s.root(), &imds.endpoint(), &path);
+        assert_eq!(agent.wait_ready(120), 0, "{}", agent.log());
+    }
+}
+
 #[test]
 fn a_manual_sync_runs_through_the_same_lock() {
     let s = Setup::new(&[]);
@@ -590,4 +763,66 @@ fn a_manual_sync_runs_through_the_same_lock() {
     let o = init(&s.root(), &imds.endpoint(), &["sync", "--lock-wait", "1"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("sync.lock"), "{}", stderr(&o));
+}
+
+/// A salt commit whose highstate rewrites a watched file three times, a second apart: far more
+/// than any window, so only the loop being blocked while its own highstate runs keeps it to one
+/// restart, after the highstate.
+#[test]
+fn a_highstate_rewriting_a_watched_file_three_times_restarts_once_after_it() {
+    let s = Setup::new(&[("app", "sleep 1000")]);
+    let conf = s.path("app/app.conf");
+    fs::write(&conf, "text=zero\n").unwrap();
+    let salt = GitRepo::new(&s.path("git"), "salt");
+    commit_files(&salt, &salt_state(&s.path("out/marker"), "one"), "one");
+    let ud = repo_user_data(
+        &s,
+        Some(&salt),
+        None,
+        &rule(&conf.display().to_string(), "app", None),
+    );
+    let (_imds, agent) = s.boot(&ud);
+    let pid = s.sup.pid("app");
+    let c = conf.display();
+    let sls = format!(
+        "written:\n  file.managed:\n    - name: {c}\n    - contents: text=one\n\
+         pause-1:\n  cmd.run:\n    - name: sleep 1\n    - require:\n      - file: written\n\
+         appended:\n  file.append:\n    - name: {c}\n    - text: more=two\n    - require:\n      - cmd: pause-1\n\
+         pause-2:\n  cmd.run:\n    - name: sleep 1\n    - require:\n      - file: appended\n\
+         replaced:\n  file.replace:\n    - name: {c}\n    - pattern: two\n    - repl: three\n    - require:\n      - cmd: pause-2\n"
+    );
+    let files = vec![
+        (
+            "top.sls".to_string(),
+            "base:\n  '*':\n    - app\n".to_string(),
+        ),
+        ("app.sls".to_string(), sls),
+    ];
+    let sha = commit_files(&salt, &files, "three writes");
+    wait_for("the highstate of the new commit", 60, || {
+        status(&s.root())["highstate"]["commit"] == sha.as_str()
+    });
+    assert_eq!(
+        status(&s.root())["highstate"]["ok"],
+        true,
+        "{}",
+        agent.log()
+    );
+    assert_eq!(fs::read_to_string(&conf).unwrap(), "text=one\nmore=three\n");
+    wait_for("app restarted", 15, || {
+        program_count(&s.root(), "app", "restarts") >= 1
+    });
+    settle();
+    let log = agent.log();
+    assert_eq!(program_count(&s.root(), "app", "restarts"), 1, "{log}");
+    assert_ne!(s.sup.pid("app"), pid);
+    // After the highstate: its summary line comes before the restart's.
+    let highstate = log.rfind("highstate: ").expect("a highstate line");
+    let restart = log
+        .find("target=\"app\"")
+        .unwrap_or_else(|| panic!("no restart line:\n{log}"));
+    assert!(
+        highstate < restart,
+        "the restart came before the highstate ended:\n{log}"
+    );
 }

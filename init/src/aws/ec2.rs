@@ -4,11 +4,10 @@
 //! `https://ec2.REGION.amazonaws.com`. Errors name the action to allow and the instance's ARN.
 
 use std::fmt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::request::{self, Answer};
+use super::request::{self, Answer, InstanceRole};
 use super::sigv4::{uri_encode, Credentials};
-use crate::imds::role::{unix_now, CredentialCache};
 use crate::imds::{ImdsClient, ImdsError};
 
 pub const ENDPOINT_ENV: &str = "AWS_ENDPOINT_URL_EC2";
@@ -33,6 +32,29 @@ pub enum Ec2Error {
         code: String,
         message: String,
     },
+}
+
+impl Ec2Error {
+    /// A refusal that stands until someone changes the instance's set-up (no role, IMDS off, a
+    /// policy without the permission, credentials AWS refuses): trying again at every sync would
+    /// only cost calls. Throttling, 5xx and the network are retried; they are not standing.
+    /// The instance has no role to report with (or IMDS is off): a set-up without reporting
+    /// rather than a failure, such as a VM outside EC2.
+    pub fn is_no_role(&self) -> bool {
+        matches!(
+            self,
+            Ec2Error::Credentials(ImdsError::NoRole | ImdsError::Disabled)
+        )
+    }
+
+    pub fn is_standing(&self) -> bool {
+        matches!(
+            self,
+            Ec2Error::AccessDenied { .. }
+                | Ec2Error::CredentialsRefused { .. }
+                | Ec2Error::Credentials(ImdsError::NoRole | ImdsError::Disabled)
+        )
+    }
 }
 
 impl fmt::Display for Ec2Error {
@@ -72,15 +94,7 @@ impl std::error::Error for Ec2Error {}
 
 /// The instance's ARN, as IAM policies name it.
 pub fn instance_arn(region: &str, account: &str, instance_id: &str) -> String {
-    let account = if account.is_empty() {
-        "ACCOUNT"
-    } else {
-        account
-    };
-    format!(
-        "arn:{}:ec2:{region}:{account}:instance/{instance_id}",
-        request::partition(region)
-    )
+    request::arn("ec2", region, account, &format!("instance/{instance_id}"))
 }
 
 /// The form body of `CreateTags` on one resource.
@@ -149,73 +163,45 @@ impl CreateTags<'_> {
     }
 }
 
-/// Writes tags on this instance: the role's credentials from IMDS (cached), the instance id,
-/// region and account from the identity document, read once.
+/// Writes tags on this instance, as its role.
 pub struct InstanceTagger {
-    pub instance_id: String,
-    pub region: String,
-    pub account: String,
-    pub endpoint: String,
-    imds: ImdsClient,
-    cache: CredentialCache,
-    deadline: Duration,
+    pub role: InstanceRole,
 }
 
 impl InstanceTagger {
     pub fn new(
-        mut imds: ImdsClient,
+        imds: ImdsClient,
         endpoint_setting: Option<&str>,
         deadline: Duration,
     ) -> Result<Self, ImdsError> {
-        let identity = imds.identity()?;
         Ok(InstanceTagger {
-            endpoint: request::endpoint("ec2", ENDPOINT_ENV, &identity.region, endpoint_setting),
-            instance_id: identity.instance_id,
-            region: identity.region,
-            account: identity.account_id,
-            imds,
-            cache: CredentialCache::new(),
-            deadline,
+            role: InstanceRole::new(imds, "ec2", ENDPOINT_ENV, endpoint_setting, deadline)?,
         })
     }
 
     /// The instance's ARN.
     pub fn arn(&self) -> String {
-        instance_arn(&self.region, &self.account, &self.instance_id)
+        let role = &self.role;
+        instance_arn(&role.region, &role.account, &role.instance_id)
     }
 
     /// Writes `tags` (replacing the values of the same keys).
     pub fn write(&mut self, tags: &[(String, String)]) -> Result<(), Ec2Error> {
-        let deadline = Instant::now() + self.deadline;
         // Made per write: the trust store may have changed since (the boot's trust step).
         let tls = super::tls::client_config();
-        let mut refreshed = false;
-        loop {
-            let creds = self
-                .cache
-                .get(&mut self.imds, unix_now())
-                .map_err(Ec2Error::Credentials)?
-                .clone();
-            let call = CreateTags {
-                call: request::Call {
-                    endpoint: &self.endpoint,
-                    region: &self.region,
-                    service: "ec2",
-                    deadline,
-                    tls: tls.clone(),
-                },
-                account: &self.account,
-                role: &creds.role,
-            };
-            match call.run(&self.instance_id, tags, &creds.credentials) {
-                Err(Ec2Error::CredentialsRefused { .. }) if !refreshed => {
-                    // Rotated or revoked under us: fetch them again, once.
-                    self.cache.invalidate();
-                    refreshed = true;
+        self.role.call(
+            &tls,
+            Ec2Error::Credentials,
+            |e| matches!(e, Ec2Error::CredentialsRefused { .. }),
+            |instance, call, creds| {
+                CreateTags {
+                    call,
+                    account: &instance.account,
+                    role: &creds.role,
                 }
-                result => return result,
-            }
-        }
+                .run(&instance.instance_id, tags, &creds.credentials)
+            },
+        )
     }
 }
 

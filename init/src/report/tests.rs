@@ -134,6 +134,39 @@ fn a_denial_is_recorded_once_and_shown_in_status() {
     assert_eq!(json["report"]["denied"], true);
 }
 
+/// An instance without a role (IMDS serves no credentials) is told once, like a denial: the
+/// no-op syncs that follow make no IMDS call, and a change tries again.
+#[test]
+fn no_role_is_recorded_once_and_not_retried_at_every_sync() {
+    let (setup, emu, mut tagger) = world();
+    emu.set_role(None);
+    let mut state = booted(&setup.instance_id);
+    assert!(update_with(&mut state, &mut tagger, true));
+    let record = state.report.clone().unwrap();
+    assert!(record.denied, "{record:?}");
+    assert!(record.no_role, "{record:?}");
+    assert!(record.error.clone().unwrap().contains("no IAM role"));
+    // Shown as what it is: not sent, no failure.
+    let shown = crate::status::render(&state);
+    assert!(
+        shown.contains("report     not sent: the instance has no IAM role"),
+        "{shown}"
+    );
+    assert!(!shown.contains("FAILED"), "{shown}");
+    sync(&mut state, Outcome::Ready);
+    assert!(!update_with(&mut state, &mut tagger, false));
+    assert_eq!(tagger.calls, 1, "no role is not retried at every sync");
+    state
+        .repos
+        .insert("config".into(), repo(&"e".repeat(40), "updated"));
+    sync(&mut state, Outcome::Ready);
+    assert!(
+        update_with(&mut state, &mut tagger, false),
+        "a change tries again"
+    );
+    assert_eq!(tagger.calls, 2);
+}
+
 #[test]
 fn outcome_problems_and_failed_states() {
     let mut state = booted("i-1");

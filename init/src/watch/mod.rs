@@ -7,7 +7,9 @@
 //!
 //! * Folders are watched, never file inodes (see `dirs.rs`): renames over a file, delete and
 //!   recreate, missing folders created later and `current` symlink flips are all seen.
-//! * Events are debounced per target (`debounce.rs`): a quiet window, bounded by a maximum delay.
+//! * Events are debounced per target (`debounce.rs`): a finished lone write is acted on once the
+//!   queue stays empty for a millisecond; anything else waits a quiet window, bounded by a
+//!   maximum delay.
 //! * Content decides: when a target is due, every pending path is hashed ([`mod@digest`]) and
 //!   compared with the hash recorded at the last take; no real change, no [`Due`].
 //! * A queue overflow (or any doubt) re-plans the watches and rescans every matching file.
@@ -16,12 +18,13 @@ mod debounce;
 pub mod digest;
 mod dirs;
 pub mod glob;
+pub mod pressure;
 
 #[cfg(test)]
 mod tests;
 
 use anyhow::{Context, Result};
-use debounce::{Added, Debouncer};
+use debounce::{Added, Debouncer, Kind};
 use digest::{digest, Digest};
 use dirs::Plan;
 use glob::{is_temp_name, Comp, Pattern};
@@ -149,13 +152,13 @@ impl Compiled {
 
     /// Notes an event on `path` for every target of every rule matching it.
     /// Traced, so `RUST_LOG=trace` says why a change did or did not lead to an action.
-    fn add_event(&self, pending: &mut Debouncer, path: &Path, now: Instant) {
+    fn add_event(&self, pending: &mut Debouncer, path: &Path, kind: Kind, now: Instant) {
         let mut matched = false;
         for (ri, rule) in self.rules.iter().enumerate() {
             if self.rule_matches(ri, path) {
                 matched = true;
                 for t in &rule.targets {
-                    match pending.add(t, path, now) {
+                    match pending.add(t, path, kind, now) {
                         Added::First => tracing::trace!(
                             path = %path.display(), target = %t,
                             "change noted; waiting for the quiet window"
@@ -206,6 +209,8 @@ pub struct Watcher {
     records: BTreeMap<PathBuf, Digest>,
     pending: Debouncer,
     overflows: u64,
+    /// CPU pressure, to tell a finished writer from a preempted one; `None`: not consulted.
+    pressure: Option<Box<dyn pressure::Pressure>>,
 }
 
 /// What a batch of events asks for once it is drained.
@@ -229,6 +234,7 @@ impl Watcher {
             records: BTreeMap::new(),
             pending: Debouncer::default(),
             overflows: 0,
+            pressure: None,
         };
         w.set_rules(rules)?;
         Ok(w)
@@ -257,6 +263,13 @@ impl Watcher {
         Ok(())
     }
 
+    /// Consults `source` before acting on a finished write: if the CPUs were too contended for
+    /// the writer to have written again during the confirmation, the quiet window applies. The
+    /// agent passes [`pressure::ProcPressure`]; tests with a synthetic clock leave it off.
+    pub fn consult_cpu_pressure(&mut self, source: Box<dyn pressure::Pressure>) {
+        self.pressure = Some(source);
+    }
+
     /// The inotify descriptor, to poll for reading.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.inotify.as_fd()
@@ -265,6 +278,29 @@ impl Watcher {
     /// Reads every pending inotify event (never blocks) into the pending state; re-plans the
     /// watches (and rescans what they changed) when a folder on the way changed.
     pub fn read_events(&mut self, now: Instant) -> Result<()> {
+        let r = self.read_queue(now);
+        self.mark_confirmations(now);
+        r
+    }
+
+    /// Notes when each new finished write's confirmation began and the CPU stall total then
+    /// (one read of the pressure file, only when there is a new one).
+    fn mark_confirmations(&mut self, now: Instant) {
+        let Some(source) = self.pressure.as_mut() else {
+            return;
+        };
+        let mut unmarked = self.pending.unmarked_finished_writes().peekable();
+        if unmarked.peek().is_none() {
+            return;
+        }
+        if let Some(total) = source.stalled_us() {
+            for p in unmarked {
+                p.mark = Some((now, total));
+            }
+        }
+    }
+
+    fn read_queue(&mut self, now: Instant) -> Result<()> {
         let mut after = After::default();
         loop {
             match self.inotify.read_events() {
@@ -313,6 +349,9 @@ impl Watcher {
     }
 
     fn event(&mut self, ev: &InotifyEvent, now: Instant, after: &mut After) {
+        // Any event at all (a temporary file, another target's file) says a writer is still at
+        // work: it holds off every finished write's confirmation.
+        self.pending.activity(now);
         if ev.mask.contains(F::IN_Q_OVERFLOW) {
             self.overflows += 1;
             after.overflow = true;
@@ -337,9 +376,14 @@ impl Watcher {
             after.replan = true;
         }
         if ev.mask.intersects(FILE_EVENTS) {
+            let kind = if ev.mask.intersects(F::IN_CLOSE_WRITE | F::IN_MOVED_TO) {
+                Kind::Closing
+            } else {
+                Kind::Other
+            };
             for dir in &watch.files {
                 let path = dir.join(name);
-                self.compiled.add_event(&mut self.pending, &path, now);
+                self.compiled.add_event(&mut self.pending, &path, kind, now);
             }
         }
     }
@@ -353,14 +397,51 @@ impl Watcher {
     /// `max_delay`, with the paths whose content (sha256, or absence) differs from the hash
     /// recorded at the last take. Targets with no real change are dropped. Records the new
     /// hashes.
+    ///
+    /// A file written again while it was being hashed is not judged: inotify queues an event
+    /// before the system call that causes it returns, so the queue is drained once more after
+    /// hashing, and a target with a path touched meanwhile goes back to waiting as a burst, its
+    /// hash record left as it was. Without this a truncate caught between its open and its write
+    /// would read as an empty file.
     pub fn take_due(&mut self, now: Instant) -> Vec<Due> {
         let ready = self.pending.take_ready(now, &self.timing);
+        let ready = self.contended_back(ready, now);
         if ready.is_empty() {
             return Vec::new();
         }
         let mut fresh: BTreeMap<PathBuf, Digest> = BTreeMap::new();
+        for (_, pending) in &ready {
+            for path in pending.paths.keys() {
+                if !fresh.contains_key(path) {
+                    fresh.insert(path.clone(), digest(path));
+                }
+            }
+        }
+        if let Err(e) = self.read_events(now) {
+            tracing::warn!("reading file events after hashing: {e:#}");
+        }
+        let touched: BTreeSet<PathBuf> = fresh
+            .keys()
+            .filter(|p| self.pending.has_path(p))
+            .cloned()
+            .collect();
         let mut out = Vec::new();
         for (target, pending) in ready {
+            // Past its maximum delay a target is acted on whatever the writer does, or an
+            // endless writer would hold it (and spin this loop) for ever.
+            let overdue = pending
+                .started()
+                .checked_add(self.timing.max_delay)
+                .is_some_and(|at| at <= now);
+            if let Some(p) = pending
+                .paths
+                .keys()
+                .find(|p| touched.contains(*p) && !overdue)
+            {
+                tracing::trace!(path = %p.display(), target = %target, "written again while being read; waiting for the writer");
+                self.pending.requeue(target, pending);
+                continue;
+            }
             let mut paths = Vec::new();
             let mut restart = false;
             let mut signal: Option<String> = None;
@@ -375,14 +456,7 @@ impl Watcher {
                     tracing::trace!(path = %path.display(), target = %target, "no rule of this target matches the path any more (rules reloaded); ignored");
                     continue;
                 }
-                let new = match fresh.get(&path) {
-                    Some(d) => *d,
-                    None => {
-                        let d = digest(&path);
-                        fresh.insert(path.clone(), d);
-                        d
-                    }
-                };
+                let new = fresh[&path];
                 let old = self.records.get(&path).copied().unwrap_or(Digest::Absent);
                 if !confirmed && new == old {
                     tracing::trace!(path = %path.display(), target = %target, "content unchanged since the last action; ignored");
@@ -409,6 +483,10 @@ impl Watcher {
             }
         }
         for (path, new) in fresh {
+            if touched.contains(&path) {
+                // Being written: judged again once the writer is done.
+                continue;
+            }
             let old = self.records.get(&path).copied().unwrap_or(Digest::Absent);
             if new != old {
                 // Targets still waiting on this path must not lose the change.
@@ -418,6 +496,39 @@ impl Watcher {
                 } else {
                     self.records.insert(path, new);
                 }
+            }
+        }
+        out
+    }
+
+    /// Puts back the finished writes whose writer may not have had the CPU to write again during
+    /// the confirmation (see `pressure.rs`): they wait the quiet window, as a burst.
+    fn contended_back(
+        &mut self,
+        ready: Vec<(String, debounce::Pending)>,
+        now: Instant,
+    ) -> Vec<(String, debounce::Pending)> {
+        let Some(source) = self.pressure.as_mut() else {
+            return ready;
+        };
+        let mut total: Option<Option<u64>> = None;
+        let mut out = Vec::with_capacity(ready.len());
+        for (target, pending) in ready {
+            let Some((since, before)) = pending.mark.filter(|_| pending.is_finished_write()) else {
+                out.push((target, pending));
+                continue;
+            };
+            let Some(after) = *total.get_or_insert_with(|| source.stalled_us()) else {
+                out.push((target, pending));
+                continue;
+            };
+            let elapsed = now.saturating_duration_since(since);
+            let stalled = Duration::from_micros(after.saturating_sub(before));
+            if pressure::contended(elapsed, stalled) {
+                tracing::trace!(target = %target, ?elapsed, ?stalled, "the CPUs were contended while the write was being confirmed (the writer may have been kept from writing again); waiting the quiet window");
+                self.pending.requeue(target, pending);
+            } else {
+                out.push((target, pending));
             }
         }
         out
@@ -484,7 +595,9 @@ impl Watcher {
         for path in paths {
             let old = self.records.get(&path).copied().unwrap_or(Digest::Absent);
             if digest(&path) != old {
-                self.compiled.add_event(&mut self.pending, &path, now);
+                // What a rescan finds is already in place (a flip, a folder created whole).
+                self.compiled
+                    .add_event(&mut self.pending, &path, Kind::Closing, now);
             }
         }
     }

@@ -449,7 +449,9 @@ fn a_target_taken_early_does_not_hide_a_shared_change_from_another() {
     let t0 = env.now;
     env.write("c/other.conf", "1");
     w.read_events(t0).unwrap();
+    // Two writes: `b` waits its whole quiet window (one finished write would be due at once).
     env.write("c/shared.conf", "2");
+    env.write("c/shared.conf", "3");
     w.read_events(t0 + Duration::from_millis(1990)).unwrap();
     // `a` hits max_delay first and records the new hash of shared.conf...
     let first = w.take_due(t0 + Duration::from_secs(2));
@@ -462,7 +464,8 @@ fn a_target_taken_early_does_not_hide_a_shared_change_from_another() {
         )]
     );
     // ...`b` still gets the change when its quiet window ends.
-    let second = w.take_due(t0 + Duration::from_millis(2050));
+    assert_eq!(w.take_due(t0 + Duration::from_millis(2089)), vec![]);
+    let second = w.take_due(t0 + Duration::from_millis(2090));
     assert_eq!(second, vec![due("b", None, &[env.p("c/shared.conf")])]);
     assert_eq!(w.next_deadline(), None);
 }
@@ -696,4 +699,192 @@ fn every_decision_is_traced() {
         log.contains("__salt.tmp.x1") && log.contains("target=app"),
         "{log}"
     );
+}
+
+/// When the first take after the events in the queue finds something due, relative to the
+/// instant they were read.
+fn due_after(w: &mut Watcher, read_at: Instant) -> Option<(Duration, Vec<Due>)> {
+    w.read_events(read_at).unwrap();
+    let at = w.next_deadline()?;
+    let due = w.take_due(at);
+    assert_eq!(w.next_deadline(), None, "one take empties it");
+    Some((at - read_at, due))
+}
+
+#[test]
+fn a_finished_write_is_due_at_once_and_anything_else_waits() {
+    let mut env = Env::new();
+    env.write("c/app.conf", "0");
+    let timing = Timing::default();
+    let mut w = Watcher::new(vec![rule(&[&env.p("c/*.conf")], &["app"], None)], timing).unwrap();
+    let conf = env.p("c/app.conf");
+    let app = || vec![due("app", None, std::slice::from_ref(&conf))];
+
+    // One write in place (modify, close): due once the queue stays empty for CONFIRM.
+    env.write("c/app.conf", "1");
+    assert_eq!(due_after(&mut w, env.now), Some((debounce::CONFIRM, app())));
+    // One rename into place, as salt and most editors write.
+    env.now += Duration::from_secs(1);
+    let tmp = env.p("c/.app.conf.tmp");
+    fs::write(&tmp, "2").unwrap();
+    fs::rename(&tmp, env.p("c/app.conf")).unwrap();
+    assert_eq!(due_after(&mut w, env.now), Some((debounce::CONFIRM, app())));
+    // vim's save: the file renamed away, a new one written, the backup deleted. The first event
+    // is not a finished write, and by the time the rest is read it is two closes: a burst.
+    env.now += Duration::from_secs(1);
+    fs::rename(env.p("c/app.conf"), env.p("c/app.conf~")).unwrap();
+    env.write("c/app.conf", "3");
+    fs::remove_file(env.p("c/app.conf~")).unwrap();
+    let (after, d) = due_after(&mut w, env.now).unwrap();
+    assert!(after >= timing.quiet / 4, "waited {after:?}");
+    assert_eq!(d, app());
+    // A file rewritten several times before the agent reads (its own highstate: the loop is
+    // blocked while salt runs): one action, after the quiet window.
+    env.now += Duration::from_secs(1);
+    for i in 4..8 {
+        env.write("c/app.conf", &i.to_string());
+    }
+    assert_eq!(due_after(&mut w, env.now), Some((timing.quiet, app())));
+    // A write that restores the recorded content is still nothing.
+    env.now += Duration::from_secs(1);
+    env.write("c/app.conf", "7");
+    assert_eq!(
+        due_after(&mut w, env.now),
+        Some((debounce::CONFIRM, vec![]))
+    );
+}
+
+#[test]
+fn a_write_still_open_waits_the_whole_window_and_its_close_ends_it() {
+    use std::io::Write;
+    let env = Env::new();
+    env.write("c/app.conf", "0");
+    let timing = Timing::default();
+    let mut w = Watcher::new(vec![rule(&[&env.p("c/*.conf")], &["app"], None)], timing).unwrap();
+    let conf = env.p("c/app.conf");
+    // Truncated and held open: the writer may be stalled before its write.
+    let mut f = fs::File::create(&conf).unwrap();
+    w.read_events(env.now).unwrap();
+    assert_eq!(
+        w.next_deadline(),
+        Some(env.now + timing.quiet),
+        "an open write waits the whole quiet window"
+    );
+    // Its write and close arrive within the window: one finished write, due at once.
+    f.write_all(b"1").unwrap();
+    drop(f);
+    let later = env.now + Duration::from_millis(20);
+    let (after, d) = due_after(&mut w, later).unwrap();
+    assert_eq!(after, debounce::CONFIRM);
+    assert_eq!(d, vec![due("app", None, &[conf])]);
+}
+
+#[test]
+fn a_file_written_again_while_being_read_waits_for_the_writer() {
+    use std::io::Write;
+    let env = Env::new();
+    env.write("c/app.conf", "0");
+    let timing = Timing::default();
+    let mut w = Watcher::new(vec![rule(&[&env.p("c/*.conf")], &["app"], None)], timing).unwrap();
+    let conf = env.p("c/app.conf");
+    // A finished write, read by the agent: due a millisecond later...
+    env.write("c/app.conf", "1");
+    w.read_events(env.now).unwrap();
+    let at = w.next_deadline().unwrap();
+    assert_eq!(at, env.now + debounce::CONFIRM);
+    // ...but before the take the writer starts again: truncated, not yet written. The take
+    // hashes an empty file; the truncate's event, queued before the truncate returned, tells it
+    // the file is being written, so nothing is judged and nothing is recorded.
+    let mut f = fs::File::create(&conf).unwrap();
+    assert_eq!(
+        w.take_due(at),
+        vec![],
+        "a half-written file is not acted on"
+    );
+    assert_eq!(
+        w.next_deadline(),
+        Some(at + timing.quiet),
+        "it waits as a burst"
+    );
+    // The writer finishes with the same content: one action, for "0" -> "1".
+    f.write_all(b"1").unwrap();
+    drop(f);
+    w.read_events(at + Duration::from_millis(5)).unwrap();
+    let at2 = w.next_deadline().unwrap();
+    assert_eq!(at2, at + Duration::from_millis(5) + timing.quiet);
+    assert_eq!(w.take_due(at2), vec![due("app", None, &[conf])]);
+    assert_eq!(w.next_deadline(), None);
+}
+
+#[test]
+fn an_endless_writer_is_acted_on_at_the_maximum_delay() {
+    let env = Env::new();
+    env.write("c/app.conf", "0");
+    let timing = Timing::default();
+    let mut w = Watcher::new(vec![rule(&[&env.p("c/*.conf")], &["app"], None)], timing).unwrap();
+    let conf = env.p("c/app.conf");
+    env.write("c/app.conf", "1");
+    w.read_events(env.now).unwrap();
+    // Written again between the read and the take: it waits...
+    env.write("c/app.conf", "2");
+    assert_eq!(w.take_due(env.now + debounce::CONFIRM), vec![]);
+    // ...and still being written at the maximum delay: acted on anyway, so an endless writer
+    // cannot hold it (or spin the loop) for ever. The write seen meanwhile stays pending.
+    env.write("c/app.conf", "3");
+    let overdue = env.now + timing.max_delay;
+    assert!(w.next_deadline().unwrap() <= overdue);
+    assert_eq!(
+        w.take_due(overdue),
+        vec![due("app", None, std::slice::from_ref(&conf))]
+    );
+    assert!(
+        w.next_deadline().is_some(),
+        "the last write is still pending"
+    );
+}
+
+/// A stall total the test sets by hand.
+#[derive(Debug, Clone, Default)]
+struct FakePressure(std::rc::Rc<std::cell::Cell<u64>>);
+
+impl pressure::Pressure for FakePressure {
+    fn stalled_us(&mut self) -> Option<u64> {
+        Some(self.0.get())
+    }
+}
+
+#[test]
+fn a_finished_write_on_contended_cpus_waits_the_quiet_window() {
+    let mut env = Env::new();
+    env.write("c/app.conf", "0");
+    let timing = Timing::default();
+    let mut w = Watcher::new(vec![rule(&[&env.p("c/*.conf")], &["app"], None)], timing).unwrap();
+    let stalls = FakePressure::default();
+    w.consult_cpu_pressure(Box::new(stalls.clone()));
+    let conf = env.p("c/app.conf");
+    let app = || vec![due("app", None, std::slice::from_ref(&conf))];
+
+    // Nobody waited for a CPU during the confirmation: acted on at once.
+    env.write("c/app.conf", "1");
+    assert_eq!(due_after(&mut w, env.now), Some((debounce::CONFIRM, app())));
+
+    // 800 µs of the 1 ms confirmation had a task waiting: the writer may have been kept from
+    // writing again, so the take puts it back to wait the quiet window, like a burst.
+    env.now += Duration::from_secs(1);
+    env.write("c/app.conf", "2");
+    w.read_events(env.now).unwrap();
+    let at = w.next_deadline().unwrap();
+    assert_eq!(at, env.now + debounce::CONFIRM);
+    stalls.0.set(stalls.0.get() + 800);
+    assert_eq!(w.take_due(at), vec![], "not acted on");
+    assert_eq!(w.next_deadline(), Some(env.now + timing.quiet));
+    assert_eq!(w.take_due(env.now + timing.quiet), app());
+    assert_eq!(w.next_deadline(), None);
+
+    // A wake-up late enough that the writer had its time anyway: acted on.
+    env.now += Duration::from_secs(1);
+    env.write("c/app.conf", "3");
+    w.read_events(env.now).unwrap();
+    stalls.0.set(stalls.0.get() + 800);
+    assert_eq!(w.take_due(env.now + Duration::from_millis(2)), app());
 }

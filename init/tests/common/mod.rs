@@ -141,6 +141,21 @@ pub fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
     panic!("timed out after {secs} s waiting for {what}");
 }
 
+/// [`wait_for`], with the agent's log in the panic message.
+pub fn wait_for_agent(agent: &Agent, what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(secs) {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!(
+        "timed out after {secs} s waiting for {what}; the agent's log:\n{}",
+        agent.log()
+    );
+}
+
 /// The real supervisord, with programs of our own, on a unix socket in a temporary folder.
 pub struct Supervisord {
     child: std::process::Child,
