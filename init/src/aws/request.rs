@@ -117,9 +117,17 @@ impl InstanceRole {
         })
     }
 
-    /// The role's credentials, from the cache or from IMDS.
+    /// The role's credentials, from the cache or from IMDS (within this role's deadline from
+    /// now, however long ago the role was made).
     pub fn credentials(&mut self) -> Result<RoleCredentials, ImdsError> {
+        self.imds.renew_deadline(self.deadline);
         self.cache.get(&mut self.imds, unix_now()).cloned()
+    }
+
+    /// Forgets the cached credentials, as their expiry would.
+    #[cfg(test)]
+    pub fn forget_credentials(&mut self) {
+        self.cache.invalidate();
     }
 
     /// Runs `attempt` (given this instance, the call to make and the role's credentials) until

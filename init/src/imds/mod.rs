@@ -192,6 +192,16 @@ enum Step {
 }
 
 impl ImdsClient {
+    /// Gives the client a new deadline, `from_now`. A client kept for the agent's life (the role
+    /// credentials of the SSM reader and the EC2 reporter) is renewed before each use: its first
+    /// deadline is long past when the credentials need fetching again, hours later.
+    pub fn renew_deadline(&mut self, from_now: Duration) {
+        let now = Instant::now();
+        self.deadline = now
+            .checked_add(from_now)
+            .unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600));
+    }
+
     /// Endpoint from AWS_EC2_METADATA_SERVICE_ENDPOINT (trailing slash tolerated), else DEFAULT_ENDPOINT.
     pub fn from_env(deadline: Duration) -> Self {
         let value = std::env::var(ENDPOINT_ENV).ok();

@@ -126,3 +126,27 @@ fn the_form_body_is_encoded() {
         "arn:aws-cn:ec2:cn-north-1:1:instance/i-2"
     );
 }
+
+/// The tagger lives as long as the agent; credentials are fetched again hours after it was
+/// made, long after its IMDS client's first deadline.
+#[test]
+fn credentials_are_fetched_again_after_the_imds_clients_first_deadline() {
+    let setup = start_with_roles(&[]);
+    let emu = emulator_for(&setup);
+    let mut tagger = InstanceTagger::new(
+        ImdsClient::new(&emu.endpoint(), Duration::from_millis(1500)),
+        Some(&setup.moto.endpoint),
+        Duration::from_secs(20),
+    )
+    .expect("identity");
+    let tags = vec![("stackless:outcome".to_string(), "ready".to_string())];
+    tagger.write(&tags).expect("tags written");
+    std::thread::sleep(Duration::from_millis(2000));
+    // As when the credentials near their expiry: fetched from IMDS again.
+    tagger.role.forget_credentials();
+    let tags = vec![("stackless:outcome".to_string(), "degraded".to_string())];
+    tagger
+        .write(&tags)
+        .expect("written with credentials fetched after the first deadline");
+    assert!(tags_in_moto(&setup).contains(&("stackless:outcome".into(), "degraded".into())));
+}
