@@ -19,7 +19,7 @@
 //!   that: the loop is blocked while salt runs, so everything salt wrote is read in one go.
 
 use super::Timing;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -89,11 +89,28 @@ pub struct Debouncer {
     targets: BTreeMap<String, Pending>,
     /// The last event of any kind in the watched folders, ignored names included.
     activity: Option<Instant>,
+    /// While recording (see [`Debouncer::record_touches`]), the paths events were added for.
+    touches: Option<BTreeSet<PathBuf>>,
 }
 
 impl Debouncer {
     /// Notes an event on `path` for `target`. Allocates only for a new target or a new path.
+    /// Starts noting the paths events are added for (from none).
+    pub fn record_touches(&mut self) {
+        self.touches = Some(BTreeSet::new());
+    }
+
+    /// Stops noting, and returns the paths events were added for since [`Self::record_touches`].
+    pub fn take_touches(&mut self) -> BTreeSet<PathBuf> {
+        self.touches.take().unwrap_or_default()
+    }
+
     pub fn add(&mut self, target: &str, path: &Path, kind: Kind, now: Instant) -> Added {
+        if let Some(t) = self.touches.as_mut() {
+            if !t.contains(path) {
+                t.insert(path.to_owned());
+            }
+        }
         let pending = match self.targets.get_mut(target) {
             Some(p) => p,
             None => self.targets.entry(target.to_owned()).or_insert(Pending {

@@ -417,14 +417,14 @@ impl Watcher {
                 }
             }
         }
+        // Only events read now count: another target may have the same path pending from
+        // before, which says nothing about a writer at work during the hash.
+        self.pending.record_touches();
         if let Err(e) = self.read_events(now) {
             tracing::warn!("reading file events after hashing: {e:#}");
         }
-        let touched: BTreeSet<PathBuf> = fresh
-            .keys()
-            .filter(|p| self.pending.has_path(p))
-            .cloned()
-            .collect();
+        let mut touched = self.pending.take_touches();
+        touched.retain(|p| fresh.contains_key(p));
         let mut out = Vec::new();
         for (target, pending) in ready {
             // Past its maximum delay a target is acted on whatever the writer does, or an

@@ -888,3 +888,36 @@ fn a_finished_write_on_contended_cpus_waits_the_quiet_window() {
     stalls.0.set(stalls.0.get() + 800);
     assert_eq!(w.take_due(env.now + Duration::from_millis(2)), app());
 }
+
+#[test]
+fn a_shared_file_pending_for_another_target_does_not_hold_back_a_finished_write() {
+    let env = Env::new();
+    env.write("c/x.conf", "0");
+    env.write("c/y.conf", "0");
+    let timing = Timing::default();
+    let (x, y) = (env.p("c/x.conf"), env.p("c/y.conf"));
+    let mut w = Watcher::new(
+        vec![
+            rule(&[&x, &y], &["both"], None),
+            rule(&[&x], &["only-x"], None),
+        ],
+        timing,
+    )
+    .unwrap();
+    // "both" sees two files (a burst: the quiet window); "only-x" one finished write.
+    env.write("c/y.conf", "1");
+    env.write("c/x.conf", "1");
+    w.read_events(env.now).unwrap();
+    let at = w.next_deadline().unwrap();
+    assert_eq!(at, env.now + debounce::CONFIRM);
+    // x is still pending for "both", but nobody touched it during the take: "only-x" acts now.
+    assert_eq!(
+        w.take_due(at),
+        vec![due("only-x", None, std::slice::from_ref(&x))]
+    );
+    assert_eq!(
+        w.take_due(env.now + timing.quiet),
+        vec![due("both", None, &[x.clone(), y.clone()])]
+    );
+    assert_eq!(w.next_deadline(), None);
+}
