@@ -605,11 +605,14 @@ impl Watcher {
     /// Computes the folders to watch and moves the inotify watches to them. A folder that
     /// vanishes while being planned makes it plan again (a few times).
     fn replan(&mut self) -> Result<()> {
-        for _ in 0..3 {
+        for _ in 0..4 {
             let plan = Plan::build(&self.compiled.patterns);
             let raced = self.apply(&plan)?;
+            // A folder created between the plan's look and the watch on its parent gives no
+            // event (`mkdir -p` racing the agent): look again once the watches are in place.
+            let settled = !raced && Plan::build(&self.compiled.patterns) == plan;
             self.plan = plan;
-            if !raced {
+            if settled {
                 return Ok(());
             }
         }
