@@ -270,6 +270,9 @@ impl Agent {
     /// With its own PATH (tests put wrappers of git or salt-call first).
     pub fn spawn_with_path(root: &Path, endpoint: &str, path: &str) -> Agent {
         std::fs::create_dir_all(root).unwrap();
+        // As a reboot empties /run: a ready marker left by an agent the test killed would let
+        // `wait` answer for the new one before it has even blocked its signals.
+        let _ = std::fs::remove_file(root.join("run/stackless/ready"));
         let log = std::fs::File::create(root.with_extension("agent.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_stackless-init"))
             .arg("--root")
