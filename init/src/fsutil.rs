@@ -6,6 +6,12 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
+/// Bytes an unprivileged writer can still put on the file system holding `path`.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    Some((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
+}
+
 /// Writes `data` to `path` atomically: a temporary file in the same folder, fsync, rename.
 /// A reader sees the old content or the new, never a torn file. Parents are created.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {

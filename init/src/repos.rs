@@ -217,6 +217,18 @@ fn sync_inner(
         // Flipping back to a release we still have: nothing to fetch (its modes are made right
         // again: it may predate them, or the group may have changed).
         restrict(&releases.join(&sha), spec.group.as_deref())?;
+        // The upstream ref names a commit published before: someone moved the branch back (a
+        // force-push). It is the new tip all the same; the operator should know it happened.
+        // (A pinned commit is chosen, not moved.)
+        if !is_full_sha(&spec.reference) {
+            tracing::warn!(
+                repo = name,
+                reference = %spec.reference,
+                %sha,
+                previous = current.unwrap_or("none"),
+                "the branch went back to a commit published before (a force-push?); publishing it as the new tip"
+            );
+        }
         sha
     } else {
         let (mut store, head) = fetch(&repo_dir, name, &spec.url, &sha, &fetch_ref, timeout, auth)?;
@@ -242,6 +254,11 @@ fn sync_inner(
             let made = match materialise(&store, &head, previous(), &tmp.path, timeout) {
                 Ok(made) => made,
                 Err(e) => {
+                    // A full disk is not a damaged store: rebuilding it would only throw away
+                    // the objects a later sync needs, on a disk with no room to fetch them.
+                    if let Some(full) = out_of_space(&releases, &store, &head, timeout) {
+                        return Err(e.context(full));
+                    }
                     // An object the store should have is missing or unreadable (a disk error,
                     // someone deleting files): fetch into a new store, once.
                     tracing::warn!(
@@ -364,6 +381,22 @@ pub(crate) fn pick_ref(out: &str, r: &str) -> Result<(String, String)> {
         "ref {r:?} not found (looked for branch refs/heads/{r}, tag refs/tags/{r} and {r}); \
          check the configured ref"
     )
+}
+
+/// When a release of `commit` failed to be written: says so if the disk holding `releases` has
+/// less room than the release can take (git's "unable to write file" does not say why).
+fn out_of_space(releases: &Path, store: &Store, commit: &str, timeout: Duration) -> Option<String> {
+    let free = crate::fsutil::free_bytes(releases)?;
+    let needs = store.tree_size(commit, timeout).ok()?;
+    (free < needs).then(|| {
+        format!(
+            "the disk holding {} is full (No space left on device: {} bytes free, release {} takes up to {}): free space there; the published release stays, and the next sync makes the new one",
+            releases.display(),
+            free,
+            short(commit),
+            needs
+        )
+    })
 }
 
 /// Fetches `what` into the repository's object store. A fetch that fails on a store git finds

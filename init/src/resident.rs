@@ -33,6 +33,10 @@ const RELOAD_RULES: &str = "stackless:reload-rules";
 const SUPERVISOR_UPDATE: &str = "stackless:supervisor-update";
 /// How soon to retry actions deferred by another process's sync.
 const DEFER_RETRY: Duration = Duration::from_millis(200);
+/// First and longest wait before an action supervisord could not take (stopped, restarting,
+/// hung) is tried again; doubled between tries, so a long outage costs few calls.
+const SUPERVISOR_RETRY_FIRST: Duration = Duration::from_millis(500);
+const SUPERVISOR_RETRY_MAX: Duration = Duration::from_secs(15);
 /// Most ticks a failing highstate waits between retries.
 const MAX_RETRY_TICKS: u32 = 16;
 /// A config release that triggered nothing within the watcher's window plus this is good.
@@ -83,9 +87,11 @@ pub struct Agent {
     watcher: Watcher,
     rule_records: Vec<RuleRecord>,
     backends: Backends,
-    /// Actions a sync in another process kept us from doing.
+    /// Actions a sync in another process, or an unreachable supervisord, kept us from doing.
     deferred: Vec<Due>,
     retry_at: Option<Instant>,
+    /// How long to wait before trying supervisord again after it could not be reached.
+    supervisor_backoff: Duration,
     next_tick: Option<SystemTime>,
     last_tick: Option<SystemTime>,
     ticks_since_highstate: u32,
@@ -122,6 +128,7 @@ impl Agent {
             backends,
             deferred: Vec::new(),
             retry_at: None,
+            supervisor_backoff: SUPERVISOR_RETRY_FIRST,
             next_tick: None,
             last_tick: None,
             ticks_since_highstate: 0,
@@ -394,7 +401,10 @@ impl Agent {
                 return self.act_locked(due);
             }
         };
-        self.retry_at = None;
+        if self.deferred.is_empty() {
+            // (Actions still deferred keep their retry time: these are newer ones.)
+            self.retry_at = None;
+        }
         self.act_locked(due);
         drop(lock);
     }
@@ -413,6 +423,7 @@ impl Agent {
         let acted_at = Instant::now();
         let mut held: Vec<String> = Vec::new();
         let mut failures: Vec<(String, String)> = Vec::new();
+        let mut unreachable: Vec<Due> = Vec::new();
         for d in due {
             let started = Instant::now();
             let from_release =
@@ -490,6 +501,18 @@ impl Agent {
                                 held.push(target.to_string());
                             }
                         }
+                        Err(e) if supervisord_unreachable(&e) => {
+                            // Not the program's fault: the change still stands, so the action
+                            // waits for supervisord rather than being lost.
+                            let wait = self.supervisor_backoff;
+                            tracing::warn!(
+                                target,
+                                ms,
+                                "{action} after {paths:?} changed: {e:#}; trying again in {wait:?}"
+                            );
+                            rec.last_outcome = format!("waiting for supervisord: {e:#}");
+                            unreachable.push(d.clone());
+                        }
                         Err(e) => {
                             if from_release {
                                 failures.push((target.to_string(), format!("{action}: {e:#}")));
@@ -502,6 +525,13 @@ impl Agent {
                     records.push((target.to_string(), rec));
                 }
             }
+        }
+        if unreachable.is_empty() {
+            self.supervisor_backoff = SUPERVISOR_RETRY_FIRST;
+        } else {
+            merge(&mut self.deferred, unreachable);
+            self.retry_at = Some(Instant::now() + self.supervisor_backoff);
+            self.supervisor_backoff = (self.supervisor_backoff * 2).min(SUPERVISOR_RETRY_MAX);
         }
         if judged.is_some() && !held.is_empty() {
             // startsecs was waited for by the restart; the grace catches a program that dies
@@ -673,6 +703,14 @@ impl Agent {
 }
 
 /// Adds `more` to `into`, one entry per target: paths add up, and a restart wins over a signal.
+/// Whether an action failed because supervisord was out of reach rather than refusing it.
+fn supervisord_unreachable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<crate::supervisor::SupervisorError>()
+            .is_some_and(|s| s.is_unreachable())
+    })
+}
+
 fn merge(into: &mut Vec<Due>, more: Vec<Due>) {
     for d in more {
         match into.iter_mut().find(|x| x.target == d.target) {

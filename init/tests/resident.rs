@@ -3,50 +3,13 @@
 
 mod common;
 
+use common::sync::*;
 use common::*;
 use stackless_init::imds::emulator::{Emulator, EmulatorConfig};
 use stackless_init::imds::Identity;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
-
-struct Setup {
-    tmp: tempfile::TempDir,
-    sup: Supervisord,
-}
-
-impl Setup {
-    fn new(programs: &[(&str, &str)]) -> Setup {
-        let tmp = tempfile::tempdir().unwrap();
-        let sup = Supervisord::start(&tmp.path().join("sup"), programs);
-        fs::create_dir_all(tmp.path().join("app")).unwrap();
-        Setup { tmp, sup }
-    }
-    fn path(&self, rel: &str) -> PathBuf {
-        self.tmp.path().join(rel)
-    }
-    fn root(&self) -> PathBuf {
-        self.path("root")
-    }
-    /// User-data with the supervisord of this setup and `extra` appended.
-    fn user_data(&self, extra: &str) -> String {
-        format!(
-            "minion_id = \"web-{{instance_id}}\"\n[supervisor]\nsocket = \"{}\"\nconf_dir = \"{}\"\n{extra}",
-            self.sup.socket().display(),
-            self.sup.conf_dir().display()
-        )
-    }
-    fn boot(&self, user_data: &str) -> (Emulator, Agent) {
-        let imds = Emulator::start(
-            EmulatorConfig::new(Identity::example()).with_user_data(user_data.as_bytes().to_vec()),
-        )
-        .unwrap();
-        let agent = Agent::spawn(&self.root(), &imds.endpoint());
-        let code = agent.wait_ready(120);
-        assert_eq!(code, 0, "boot not ready: {}", agent.log());
-        (imds, agent)
-    }
-}
 
 fn rule(paths: &str, restart: &str, signal: Option<&str>) -> String {
     let signal = signal
@@ -300,24 +263,6 @@ fn a_rule_added_to_watch_d_takes_effect_without_a_restart() {
     assert!(agent.log().contains("broken.toml"), "{}", agent.log());
 }
 
-fn repo_user_data(
-    s: &Setup,
-    salt: Option<&GitRepo>,
-    config: Option<&GitRepo>,
-    extra: &str,
-) -> String {
-    let mut ud = s.user_data("");
-    if let Some(r) = salt {
-        ud.push_str(&format!("\n[salt]\nrepo = \"{}\"\n", r.url()));
-    }
-    if let Some(r) = config {
-        ud.push_str(&format!("\n[config]\nrepo = \"{}\"\n", r.url()));
-    }
-    ud.push_str("\n[sync]\nschedule = \"@every 1s\"\n");
-    ud.push_str(extra);
-    ud
-}
-
 #[test]
 fn a_config_commit_reaches_the_watchers_through_a_scheduled_sync() {
     let s = Setup::new(&[("app", "sleep 1000")]);
@@ -366,24 +311,6 @@ fn a_config_commit_reaches_the_watchers_through_a_scheduled_sync() {
     assert_eq!(st["schedule"]["schedule"], "@every 1s");
     settle();
     assert_eq!(program_count(&s.root(), "app", "restarts"), 1);
-}
-
-fn salt_state(marker: &Path, value: &str) -> Vec<(String, String)> {
-    vec![
-        ("top.sls".into(), "base:\n  '*':\n    - app\n".into()),
-        (
-            "app.sls".into(),
-            format!("marker:\n  file.managed:\n    - name: {}\n    - makedirs: True\n    - contents: {value}\n", marker.display()),
-        ),
-    ]
-}
-
-fn commit_files(repo: &GitRepo, files: &[(String, String)], msg: &str) -> String {
-    let refs: Vec<(&str, &str)> = files
-        .iter()
-        .map(|(a, b)| (a.as_str(), b.as_str()))
-        .collect();
-    repo.commit(&refs, msg)
 }
 
 #[test]
@@ -504,31 +431,6 @@ fn wait_reports_ready_degraded_failed_and_timeout() {
     assert_eq!(agent.terminate().code(), Some(0));
 }
 
-/// A folder with a `git` that runs `on_fetch` (shell) before each fetch and then the real git;
-/// the PATH that puts it first.
-fn git_wrapper(bin: &Path, on_fetch: &str) -> String {
-    use std::os::unix::fs::PermissionsExt;
-    fs::create_dir_all(bin).unwrap();
-    let real_git = String::from_utf8(
-        std::process::Command::new("sh")
-            .args(["-c", "command -v git"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    fs::write(
-        bin.join("git"),
-        format!(
-            "#!/bin/sh\ncase \" $* \" in *\" fetch \"*) {on_fetch};; esac\nexec {} \"$@\"\n",
-            real_git.trim()
-        ),
-    )
-    .unwrap();
-    fs::set_permissions(bin.join("git"), fs::Permissions::from_mode(0o755)).unwrap();
-    format!("{}:{}", bin.display(), test_path())
-}
-
 #[test]
 fn sigterm_during_a_sync_leaves_a_complete_release() {
     let s = Setup::new(&[]);
@@ -581,60 +483,6 @@ fn sigterm_during_a_sync_leaves_a_complete_release() {
         agent.log()
     );
     assert_eq!(fs::read_to_string(&marker).unwrap().trim(), "two");
-}
-
-/// The sizes of every file of `sha` in `repo` (`git ls-tree -r -l`), by path.
-fn tree_sizes(repo: &GitRepo, sha: &str) -> Vec<(String, u64)> {
-    let out = std::process::Command::new("git")
-        .arg("-C")
-        .arg(&repo.bare)
-        .args(["ls-tree", "-r", "-l", sha])
-        .output()
-        .unwrap();
-    let mut v: Vec<(String, u64)> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let (meta, path) = l.split_once('\t').unwrap();
-            (
-                path.to_string(),
-                meta.split_whitespace().nth(3).unwrap().parse().unwrap(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
-}
-
-/// Whether `current` is a whole release: exactly the files of its commit, at their sizes.
-fn assert_whole_release(current: &Path, repo: &GitRepo) {
-    let target = fs::read_link(current).unwrap();
-    let sha = target.file_name().unwrap().to_str().unwrap().to_string();
-    let release = current.parent().unwrap().join(&target);
-    let mut on_disk = Vec::new();
-    let mut stack = vec![release.clone()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap().flatten() {
-            let m = fs::symlink_metadata(e.path()).unwrap();
-            if m.is_dir() {
-                stack.push(e.path());
-            } else {
-                let rel = e
-                    .path()
-                    .strip_prefix(&release)
-                    .unwrap()
-                    .to_string_lossy()
-                    .into_owned();
-                on_disk.push((rel, m.len()));
-            }
-        }
-    }
-    on_disk.sort();
-    assert_eq!(
-        on_disk,
-        tree_sizes(repo, &sha),
-        "release {sha} is not whole"
-    );
 }
 
 /// SIGKILL of the agent and of git (as a service manager stopping the whole unit would) at

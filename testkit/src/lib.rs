@@ -3,6 +3,8 @@
 //! Command shim in front of it, and the world a deploy runs in. Tests refuse to run against
 //! anything but a local endpoint, so they can never touch a real AWS account.
 
+pub mod faults;
+pub mod fuzz;
 pub mod roles;
 #[cfg(feature = "sdk")]
 pub mod ssm_shim;

@@ -180,6 +180,30 @@ impl Store {
         Ok(sha.to_string())
     }
 
+    /// The size of every file of `commit` added up (`git ls-tree -r -l`): what a release of it
+    /// takes on disk at most (files shared with the previous release take nothing).
+    pub fn tree_size(&self, commit: &str, timeout: Duration) -> Result<u64> {
+        let out = git::run(
+            Place::store(&self.dir),
+            None,
+            ["ls-tree", "-r", "-l", "-z", commit].map(OsStr::new),
+            timeout,
+            None,
+        )?;
+        // "MODE TYPE OBJECT SIZE\tPATH": the size is "-" for submodules.
+        Ok(out
+            .split('\0')
+            .filter_map(|e| {
+                e.split('\t')
+                    .next()?
+                    .split_whitespace()
+                    .nth(3)?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum())
+    }
+
     /// What changed from commit `old` to commit `new`, file by file (no rename detection:
     /// a rename is a deletion and an addition). Errs when the store lacks either tree.
     pub fn diff(&self, old: &str, new: &str, timeout: Duration) -> Result<Vec<Change>> {

@@ -190,7 +190,10 @@ pub enum SupervisorError {
         state: ProcessState,
         spawnerr: String,
     },
-    /// Anything else: HTTP errors, timeouts, malformed answers.
+    /// supervisord took the request but gave no whole answer in time, or dropped the
+    /// connection: hung (stopped), restarting or overloaded. Worth retrying, unlike `Protocol`.
+    Unanswered(String),
+    /// Anything else: HTTP errors, malformed answers.
     Protocol(String),
 }
 
@@ -200,6 +203,16 @@ impl SupervisorError {
         match self {
             SupervisorError::Fault { code, .. } => Some(*code),
             _ => None,
+        }
+    }
+
+    /// Whether supervisord itself was out of reach (stopped, restarting, hung, shutting down),
+    /// rather than refusing the action: the action is worth trying again once it is back.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            SupervisorError::Connect { .. } | SupervisorError::Unanswered(_) => true,
+            SupervisorError::Fault { code, .. } => *code == faults::SHUTDOWN_STATE,
+            _ => false,
         }
     }
 }
@@ -261,7 +274,9 @@ impl fmt::Display for SupervisorError {
                     "{name} is {state}, not RUNNING: {why}; read its log (supervisorctl tail {name} stderr) and check command= in its conf.d file"
                 )
             }
-            SupervisorError::Protocol(message) => f.write_str(message),
+            SupervisorError::Protocol(message) | SupervisorError::Unanswered(message) => {
+                f.write_str(message)
+            }
         }
     }
 }
@@ -619,7 +634,7 @@ impl Supervisor {
             if is_timeout(&e) {
                 self.timed_out(method)
             } else {
-                SupervisorError::Protocol(format!(
+                SupervisorError::Unanswered(format!(
                     "supervisord at {} dropped the connection while {doing} {method}: {}",
                     self.socket.display(),
                     io_detail(&e)
@@ -649,7 +664,7 @@ impl Supervisor {
                 return Ok(done);
             }
             if eof {
-                return Err(SupervisorError::Protocol(format!(
+                return Err(SupervisorError::Unanswered(format!(
                     "supervisord at {} closed the connection before answering {method} completely ({} bytes received)",
                     self.socket.display(),
                     buf.len()
@@ -759,7 +774,7 @@ impl Supervisor {
     }
 
     fn timed_out(&self, method: &str) -> SupervisorError {
-        SupervisorError::Protocol(format!(
+        SupervisorError::Unanswered(format!(
             "supervisord at {} did not answer {method} within {:?}; a stop waits up to the program's stopwaitsecs and a start its startsecs, so allow more time or check supervisord's log",
             self.socket.display(),
             self.timeout

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod servers;
+pub mod sync;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -127,6 +128,12 @@ impl GitRepo {
         git(&self.work, &["push", "-q", "origin", "main"]);
         git(&self.work, &["rev-parse", "HEAD"])
     }
+
+    /// Moves `main` back to `sha` and force-pushes it, as someone undoing commits would.
+    pub fn force_back(&self, sha: &str) {
+        git(&self.work, &["reset", "-q", "--hard", sha]);
+        git(&self.work, &["push", "-q", "--force", "origin", "main"]);
+    }
 }
 
 /// Polls `cond` every 50 ms until it holds or `secs` pass; panics with `what` on timeout.
@@ -160,6 +167,7 @@ pub fn wait_for_agent(agent: &Agent, what: &str, secs: u64, mut cond: impl FnMut
 pub struct Supervisord {
     child: std::process::Child,
     pub dir: PathBuf,
+    programs: Vec<String>,
 }
 
 impl Supervisord {
@@ -187,31 +195,63 @@ impl Supervisord {
             ),
         )
         .unwrap();
-        let child = Command::new(salt_bin_dir().join("supervisord"))
+        let mut s = Supervisord {
+            child: Supervisord::spawn_daemon(dir),
+            dir: dir.to_path_buf(),
+            programs: programs.iter().map(|(n, _)| n.to_string()).collect(),
+        };
+        s.wait_up();
+        s
+    }
+
+    fn spawn_daemon(dir: &Path) -> std::process::Child {
+        Command::new(salt_bin_dir().join("supervisord"))
             .arg("-c")
-            .arg(&conf)
+            .arg(dir.join("supervisord.conf"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .expect("starting supervisord (scripts/install-test-deps.sh installs it)");
-        let s = Supervisord {
-            child,
-            dir: dir.to_path_buf(),
-        };
-        let client = s.client();
+            .expect("starting supervisord (scripts/install-test-deps.sh installs it)")
+    }
+
+    /// Waits until supervisord answers and every program runs.
+    fn wait_up(&mut self) {
+        let client = self.client();
+        let n = self.programs.len();
         wait_for("supervisord to answer", 20, || {
             client
                 .all_process_info()
-                .map(|v| v.len() == programs.len())
+                .map(|v| v.len() == n)
                 .unwrap_or(false)
         });
-        for (name, _) in programs {
-            let n = name.to_string();
-            wait_for(&format!("{n} to run"), 20, || {
-                client.process_info(&n).map(|i| i.pid != 0).unwrap_or(false)
+        for name in &self.programs {
+            wait_for(&format!("{name} to run"), 20, || {
+                client
+                    .process_info(name)
+                    .map(|i| i.pid != 0)
+                    .unwrap_or(false)
             });
         }
-        s
+    }
+
+    /// The daemon's own pid (to stop it with SIGSTOP, as a hang).
+    pub fn daemon_pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Stops supervisord (SIGTERM, as `systemctl stop` would) and waits for it to be gone.
+    pub fn stop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+
+    /// Starts supervisord again after `stop`, and waits until its programs run.
+    pub fn start_again(&mut self) {
+        self.child = Supervisord::spawn_daemon(&self.dir);
+        self.wait_up();
     }
 
     pub fn socket(&self) -> PathBuf {
