@@ -46,6 +46,14 @@ if ((FUZZ_SECS > 0)); then
     if ! scripts/fuzz.sh "$FUZZ_SECS" >"$fuzz_table"; then
         status=1
     fi
+    log "fuzzing the builder's parsers for ${FUZZ_SECS} s each (testkit::fuzz, in its unit tests)"
+    if ! STACKLESS_FUZZ_SECS="$FUZZ_SECS" cargo test -p builder --lib --locked fuzzing -- \
+        --nocapture --test-threads=1 2>&1 | tee "$work/builder-fuzz.txt" >&2; then
+        status=1
+    fi
+    # "fuzz NAME: N inputs in 60.0s, slowest 7ms" -> the table's columns.
+    sed -n 's/^fuzz \([a-z-]*\): \([0-9]*\) inputs in .*/\1 \2 - - ok (builder, mutation, stable)/p' \
+        "$work/builder-fuzz.txt" >>"$fuzz_table"
 fi
 
 log "writing $OUT"
@@ -91,8 +99,10 @@ w("## Fuzzing")
 w("")
 fuzz = [l.split(None, 4) for l in open(fuzz_table).read().splitlines()[1:] if l.strip()]
 if fuzz:
-    w(f"libFuzzer with AddressSanitizer (`scripts/fuzz.sh`), {fuzz_secs} s per target in this run, from the")
-    w("committed corpora (`fuzz/corpus/`, replayed by `cargo test` on every run).")
+    w(f"{fuzz_secs} s per target in this run. The agent's parsers: libFuzzer with AddressSanitizer")
+    w("(`scripts/fuzz.sh`), from the committed corpora (`fuzz/corpus/`, replayed by `cargo test` on")
+    w("every run). The builder's: `testkit::fuzz`, mutations of the shipped files on stable Rust,")
+    w("inside the builder's unit tests (no coverage feedback: `-` in those columns).")
     w("")
     w("| target | inputs run | coverage (edges) | corpus | result |")
     w("| --- | --- | --- | --- | --- |")

@@ -29,6 +29,12 @@ cargo test --workspace --locked "$@"
 echo "== the aarch64 agent: library tests under qemu-user (scripts/test-aarch64.sh)" >&2
 scripts/test-aarch64.sh
 
+# Every parser of outside input, coverage-guided with AddressSanitizer, a few seconds each from
+# the committed corpora (about 5 minutes, most of it building cargo-fuzz and the sanitizer build;
+# `scripts/fuzz.sh` alone runs longer). The builder's parsers are fuzzed inside `cargo test`.
+echo "== fuzzing the agent's parsers, ${STACKLESS_CI_FUZZ_SECS:-5} s per target (scripts/fuzz.sh)" >&2
+FUZZ_NO_CMIN=1 scripts/fuzz.sh "${STACKLESS_CI_FUZZ_SECS:-5}"
+
 # The whole system on one machine: local bakes booted in qemu (minutes; STACKLESS_SKIP_E2E=1
 # skips it while iterating).
 if [[ -z "${STACKLESS_SKIP_E2E:-}" ]]; then

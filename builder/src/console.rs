@@ -126,6 +126,27 @@ pub fn parse_result(line: &str) -> Option<Result<AgentResult, String>> {
 mod tests {
     use super::*;
 
+    /// The console is whatever the guest prints: kernel noise, escape codes, a cut-off line.
+    #[test]
+    fn fuzzing_the_console_reader_finds_no_panic_or_hang() {
+        let seeds = vec![
+            b"\x1b[0;32mstackless-init-result: {\"outcome\":\"failed\",\"error\":\"user-data:3:5: bad\",\"total_ms\":12,\"instance_id\":\"i-1\",\"minion_id\":null,\"first_boot\":true}\r\n".to_vec(),
+            b"[  1.2] random: crng init done\nstackless-init-result: {\"outcome\":\"ready\",\"status\":{\"a\":[1,2]}}\n".to_vec(),
+            b"login: ".to_vec(),
+        ];
+        testkit::fuzz::run("console", &seeds, |data| {
+            let mut a = Assembler::default();
+            let half = data.len() / 2;
+            for part in [&data[..half], &data[half..]] {
+                for line in a.push(part) {
+                    let _ = parse_result(&line.text);
+                }
+                let _ = a.take_partial();
+            }
+            let _ = parse_result(&clean(&String::from_utf8_lossy(data)));
+        });
+    }
+
     #[test]
     fn the_result_line_is_found_and_read() {
         let line = "\u{1b}[0;32mstackless-init-result: {\"outcome\":\"failed\",\"error\":\"user-data:3:5: bad\",\"total_ms\":12,\"instance_id\":\"i-1\",\"minion_id\":null,\"first_boot\":true}\r";

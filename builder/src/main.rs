@@ -123,6 +123,10 @@ enum Command {
     Gc {
         #[arg(long)]
         dry_run: bool,
+        /// A build you know is over (killed: its id is in its log): remove what it left now, not
+        /// when its lease ends, and the images it made but never published. Repeat for more.
+        #[arg(long = "build", value_name = "BUILD_ID")]
+        builds: Vec<String>,
     },
     /// List or prune baked images.
     Images {
@@ -634,10 +638,17 @@ async fn run(cli: Cli) -> Result<()> {
                 Err(report.error())
             }
         }
-        Command::Gc { dry_run } => {
+        Command::Gc { dry_run, builds } => {
             let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
             let ec2 = aws_sdk_ec2::Client::new(&config);
-            let r = aws::gc::gc(&ec2, std::time::SystemTime::now(), *dry_run).await?;
+            let ssm = aws_sdk_ssm::Client::new(&config);
+            let parameter_of = parameter_of(&cli.images_dir);
+            let ended = aws::gc::Ended {
+                builds,
+                ssm: &ssm,
+                parameter_of: &parameter_of,
+            };
+            let r = aws::gc::gc(&ec2, std::time::SystemTime::now(), *dry_run, Some(&ended)).await?;
             let verb = if *dry_run { "would remove" } else { "removed" };
             println!(
                 "{verb}: instances {:?}, security groups {:?}, images {:?}",
@@ -654,16 +665,7 @@ async fn run(cli: Cli) -> Result<()> {
             let ssm = aws_sdk_ssm::Client::new(&config);
             match command {
                 ImagesCommand::List { image } => {
-                    let defs: Vec<ImageDef> = definition::list(&cli.images_dir)
-                        .unwrap_or_default()
-                        .iter()
-                        .filter_map(|n| definition::load(&cli.images_dir, n).ok())
-                        .collect();
-                    let parameter_of = |name: &str| {
-                        defs.iter()
-                            .find(|d| d.image == name)
-                            .and_then(|d| d.ssm_parameter.clone())
-                    };
+                    let parameter_of = parameter_of(&cli.images_dir);
                     let rows =
                         aws::catalog::list(&ec2, &ssm, image.as_deref(), &parameter_of).await?;
                     if cli.output == Output::Json {
@@ -931,6 +933,21 @@ async fn boot_command(cli: &Cli, a: &BootArgs) -> Result<u8> {
         }
     }
     Ok(report.exit_code())
+}
+
+/// The SSM parameter each definition in `images_dir` publishes to, by definition name (a
+/// definition that does not load publishes nowhere).
+fn parameter_of(images_dir: &Path) -> impl Fn(&str) -> Option<String> {
+    let defs: Vec<ImageDef> = definition::list(images_dir)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|n| definition::load(images_dir, n).ok())
+        .collect();
+    move |name: &str| {
+        defs.iter()
+            .find(|d| d.image == name)
+            .and_then(|d| d.ssm_parameter.clone())
+    }
 }
 
 fn init_logging(verbose: u8, quiet: bool) {

@@ -367,3 +367,21 @@ fn seeds_are_checked_with_positions_and_never_hold_credentials() {
     let e = load(dir.path(), "nogit").unwrap_err();
     assert!(e.message.contains("add `git`"), "{e}");
 }
+
+/// Image definitions are written by hand: any text gets a located error, never a panic (the
+/// shipped definitions are the seeds; each input is loaded as a child of a real `bare.toml`).
+#[test]
+fn fuzzing_image_definitions_finds_no_panic_or_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut seeds = Vec::new();
+    for e in std::fs::read_dir(repo_images()).unwrap().flatten() {
+        let text = std::fs::read(e.path()).unwrap();
+        std::fs::write(dir.path().join(e.file_name()), &text).unwrap();
+        seeds.push(text);
+    }
+    let file = dir.path().join("fuzzed.toml");
+    testkit::fuzz::run("image-definition", &seeds, |data| {
+        std::fs::write(&file, data).unwrap();
+        let _ = load(dir.path(), "fuzzed");
+    });
+}

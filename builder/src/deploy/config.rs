@@ -632,6 +632,20 @@ pub fn merge(
 mod tests {
     use super::*;
 
+    /// Deploy files are written by hand: any text gets a located error, never a panic.
+    #[test]
+    fn fuzzing_deploy_files_finds_no_panic_or_hang() {
+        let dir = testkit::repo_root().join("deploy");
+        let seeds: Vec<Vec<u8>> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| std::fs::read(e.path()).unwrap())
+            .collect();
+        testkit::fuzz::run("deploy-file", &seeds, |data| {
+            let _ = parse("deploy/web.toml", &String::from_utf8_lossy(data));
+        });
+    }
+
     const FULL: &str = r#"image = "preseeded"
 count = 3
 instance_type = "t3.small"

@@ -12,7 +12,7 @@ use crate::user_data::{self, Payload};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// Everything a deploy found out before changing anything: what `--plan` prints and `run` uses.
 #[derive(Debug, Clone, Serialize)]
@@ -97,9 +97,22 @@ pub async fn prepare(
     } else {
         instances::find_old(&c.ec2, &cfg.service, None).await?
     };
+    let held = lock::read(&c.ssm, &cfg.service).await?;
+    // A lock past its expiry belongs to a deploy that was killed: what it booted is to be
+    // replaced with the rest, not capacity the new instances must match.
+    let killed = match &held {
+        Some((_, Some(rec))) if rec.expired(SystemTime::now()).unwrap_or(false) => {
+            Some(rec.deploy_id.as_str())
+        }
+        _ => None,
+    };
     // Never fewer healthy targets than now: the new instances must cover the old healthy ones.
     if asg.is_none() {
-        let old_ids: Vec<String> = old.iter().map(|i| i.id.clone()).collect();
+        let old_ids: Vec<String> = old
+            .iter()
+            .filter(|i| Some(i.deploy_id.as_str()) != killed)
+            .map(|i| i.id.clone())
+            .collect();
         for g in &groups {
             let healthy = g.healthy(&old_ids);
             if (cfg.count as usize) < healthy {
@@ -146,9 +159,7 @@ pub async fn prepare(
         Some(ttl) => ttl,
         None => (longest + Duration::from_secs(600)).max(Duration::from_secs(3600)),
     };
-    let lock_held = lock::read(&c.ssm, &cfg.service)
-        .await?
-        .map(|(raw, rec)| rec.map(|r| r.describe()).unwrap_or(raw));
+    let lock_held = held.map(|(raw, rec)| rec.map(|r| r.describe()).unwrap_or(raw));
     // Targets in the groups that are not this service's: never touched, but worth saying.
     for g in &mut groups {
         g.targets.retain(|_, s| s != "unused");

@@ -535,6 +535,52 @@ async fn fewer_instances_than_now_healthy_are_refused() {
     );
 }
 
+#[tokio::test]
+async fn what_a_killed_deploy_registered_is_replaced_not_counted() {
+    let env = env().await;
+    let old = env.deploy(&env.ami_a, 1).await;
+    // A deploy killed (SIGKILL) in step 4: its instance booted and registered, its lock expired.
+    let killed = "d-killed";
+    let no_tags = BTreeMap::new();
+    let launch = instances::Launch {
+        service: SERVICE,
+        deploy_id: killed,
+        ami: &env.ami_b,
+        image_name: None,
+        count: 1,
+        instance_type: "t3.micro",
+        subnets: &env.subnets,
+        security_groups: &[],
+        instance_profile: None,
+        user_data: None,
+        extra_tags: &no_tags,
+    };
+    let left = instances::launch(&env.c.ec2, &launch).await.unwrap();
+    target_groups::register(&env.c.elb, &env.tg, &left)
+        .await
+        .unwrap();
+    let long_ago = SystemTime::now() - Duration::from_secs(7200);
+    let stale = lock::LockRecord::new(killed, long_ago, Duration::from_secs(3600));
+    lock::acquire(&env.c.ssm, SERVICE, &stale, long_ago)
+        .await
+        .unwrap();
+    assert_eq!(env.targets().await.len(), 2, "both serve");
+
+    // The same deploy again, with the same count: the killed one's instance is no capacity to keep.
+    let next = env.deploy(&env.ami_b, 1).await;
+    assert_eq!(next.outcome, Outcome::Succeeded);
+    assert_eq!(
+        sorted(next.replaced.clone()),
+        sorted([old.instances, left].concat())
+    );
+    assert_eq!(env.running().await, next.instances);
+    assert_eq!(
+        env.targets().await.into_keys().collect::<Vec<_>>(),
+        next.instances
+    );
+    assert_eq!(env.lock().await, None);
+}
+
 #[test]
 fn deploy_ids_sort_by_time() {
     let a = new_deploy_id();

@@ -7,6 +7,11 @@
 //!   ones at once (they never will), `pending` ones once their build has expired
 //!   ([`BUILD_LIFETIME`] after the build started). Their snapshots go with them.
 //!
+//! - With `--build`, builds the caller knows are over (killed: their id is in their log): what
+//!   they left goes now, whatever its expiry, and so do the images they made but never
+//!   published (an image their definition's parameter names is kept: that publish had finished
+//!   but for its last tag). Copies are left alone: a copy carries no published tag of its own.
+//!
 //! Nothing without those tags is ever touched, and a temporary resource whose expiry cannot be
 //! read is skipped, not guessed at.
 
@@ -32,6 +37,23 @@ pub struct GcReport {
     pub images_deregistered: Vec<String>,
     /// `ID: reason`.
     pub skipped: Vec<String>,
+}
+
+/// Builds known to be over (`builder gc --build`), and what it takes to tell whether an image of
+/// theirs went live.
+pub struct Ended<'a> {
+    pub builds: &'a [String],
+    pub ssm: &'a aws_sdk_ssm::Client,
+    /// The SSM parameter a definition publishes to, by the definition's name.
+    pub parameter_of: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Ended<'_> {
+    fn has(&self, tags: &[Tag]) -> bool {
+        tag_map(tags)
+            .get(tags::BUILD_ID)
+            .is_some_and(|b| self.builds.contains(b))
+    }
 }
 
 fn stamp(t: SystemTime) -> String {
@@ -68,18 +90,36 @@ pub fn build_started(build_id: &str) -> Option<SystemTime> {
 }
 
 /// See the module doc. `now` decides what has expired; `dry_run` only reports.
-pub async fn gc(ec2: &aws_sdk_ec2::Client, now: SystemTime, dry_run: bool) -> Result<GcReport> {
+pub async fn gc(
+    ec2: &aws_sdk_ec2::Client,
+    now: SystemTime,
+    dry_run: bool,
+    ended: Option<&Ended<'_>>,
+) -> Result<GcReport> {
     let mut report = GcReport::default();
-    instances(ec2, now, dry_run, &mut report).await?;
-    groups(ec2, now, dry_run, &mut report).await?;
-    images(ec2, now, dry_run, &mut report).await?;
+    instances(ec2, now, dry_run, ended, &mut report).await?;
+    groups(ec2, now, dry_run, ended, &mut report).await?;
+    images(ec2, now, dry_run, ended, &mut report).await?;
     Ok(report)
+}
+
+/// Ok(true) when a temporary resource is garbage: its build is over or its expiry has passed.
+fn over(
+    tags: &[Tag],
+    now: SystemTime,
+    ended: Option<&Ended<'_>>,
+) -> std::result::Result<bool, String> {
+    if ended.is_some_and(|e| e.has(tags)) {
+        return Ok(true);
+    }
+    expired(tags, now)
 }
 
 async fn instances(
     ec2: &aws_sdk_ec2::Client,
     now: SystemTime,
     dry_run: bool,
+    ended: Option<&Ended<'_>>,
     report: &mut GcReport,
 ) -> Result<()> {
     let reservations = ec2
@@ -118,7 +158,7 @@ async fn instances(
         {
             continue;
         }
-        match expired(instance.tags(), now) {
+        match over(instance.tags(), now, ended) {
             Ok(true) => doomed.push(id),
             Ok(false) => report.skipped.push(format!("{id}: not expired yet")),
             Err(why) => report.skipped.push(format!("{id}: {why}")),
@@ -152,6 +192,7 @@ async fn groups(
     ec2: &aws_sdk_ec2::Client,
     now: SystemTime,
     dry_run: bool,
+    ended: Option<&Ended<'_>>,
     report: &mut GcReport,
 ) -> Result<()> {
     let groups = ec2
@@ -175,7 +216,7 @@ async fn groups(
         {
             continue;
         }
-        match expired(group.tags(), now) {
+        match over(group.tags(), now, ended) {
             Ok(true) => {}
             Ok(false) => {
                 report.skipped.push(format!("{id}: not expired yet"));
@@ -206,6 +247,7 @@ async fn images(
     ec2: &aws_sdk_ec2::Client,
     now: SystemTime,
     dry_run: bool,
+    ended: Option<&Ended<'_>>,
     report: &mut GcReport,
 ) -> Result<()> {
     let images = ec2
@@ -228,8 +270,15 @@ async fn images(
             continue;
         }
         let state = img.state().cloned().unwrap_or(ImageState::Pending);
+        let ended = ended.filter(|e| e.has(img.tags()));
         let remove = match state {
             ImageState::Failed | ImageState::Error | ImageState::Invalid => true,
+            // A build that is over will never finish these.
+            ImageState::Pending | ImageState::Transient if ended.is_some() => true,
+            ImageState::Available => match ended {
+                Some(e) => unpublished(e, &id, &t, report).await?,
+                None => false,
+            },
             ImageState::Pending | ImageState::Transient => {
                 let started = t
                     .get(tags::BUILD_ID)
@@ -271,6 +320,40 @@ async fn images(
         report.images_deregistered.push(id);
     }
     Ok(())
+}
+
+/// Whether an available image of an ended build is an unfinished one: not tagged published, not
+/// a copy, and not what its definition's parameter names.
+async fn unpublished(
+    ended: &Ended<'_>,
+    id: &str,
+    t: &std::collections::BTreeMap<String, String>,
+    report: &mut GcReport,
+) -> Result<bool> {
+    if t.get(tags::PUBLISHED).map(String::as_str) == Some("true") {
+        return Ok(false);
+    }
+    if t.contains_key(super::publish::COPY_OF) {
+        report.skipped.push(format!(
+            "{id}: a copy; it goes with the image it was copied from"
+        ));
+        return Ok(false);
+    }
+    let parameter = t
+        .get(tags::IMAGE)
+        .and_then(|name| (ended.parameter_of)(name));
+    if let Some(p) = parameter {
+        let live = super::publish::current_parameter(ended.ssm, &p)
+            .await
+            .with_context(|| format!("gc: reading {p}, which may name image {id}"))?;
+        if live.as_deref() == Some(id) {
+            report
+                .skipped
+                .push(format!("{id}: {p} names it (its publish had finished)"));
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 use super::*;
+use crate::definition::ImageDef;
 use crate::platform::aws::ami::create_and_wait_with;
 use crate::platform::aws::ami::test_support::*;
+use crate::platform::Build;
 use aws_sdk_ec2::types::{ResourceType, TagSpecification};
 use testkit::Moto;
 
@@ -102,7 +104,7 @@ async fn removes_expired_temporary_instances_and_groups_and_nothing_else() {
         .await
         .unwrap();
 
-    let dry = gc(&ec2, now, true).await.unwrap();
+    let dry = gc(&ec2, now, true, None).await.unwrap();
     let mut terminated = dry.instances_terminated.clone();
     terminated.sort();
     let mut want = vec![expired_seed.clone(), stopped_expired.clone()];
@@ -137,7 +139,7 @@ async fn removes_expired_temporary_instances_and_groups_and_nothing_else() {
         "untagged resources are not even mentioned"
     );
 
-    let done = gc(&ec2, now, false).await.unwrap();
+    let done = gc(&ec2, now, false, None).await.unwrap();
     assert_eq!(done.instances_terminated.len(), 2);
     assert_eq!(done.groups_deleted, std::slice::from_ref(&expired_group));
     assert_eq!(state(&ec2, &expired_seed).await, "terminated");
@@ -149,7 +151,7 @@ async fn removes_expired_temporary_instances_and_groups_and_nothing_else() {
     assert!(group_exists(&ec2, &live_group).await && group_exists(&ec2, &plain_group).await);
 
     // Later, the rest expires too.
-    let later = gc(&ec2, now + 2 * HOUR, false).await.unwrap();
+    let later = gc(&ec2, now + 2 * HOUR, false, None).await.unwrap();
     assert_eq!(later.instances_terminated, std::slice::from_ref(&live_seed));
     assert_eq!(later.groups_deleted, std::slice::from_ref(&live_group));
     assert_eq!(state(&ec2, &plain).await, "running");
@@ -171,7 +173,7 @@ async fn a_group_still_in_use_is_skipped_with_the_reason() {
             )
         })
     });
-    let report = gc(&ec2, SystemTime::now(), false).await.unwrap();
+    let report = gc(&ec2, SystemTime::now(), false, None).await.unwrap();
     assert!(report.groups_deleted.is_empty());
     assert!(
         report
@@ -239,7 +241,7 @@ async fn deregisters_images_that_never_became_available() {
         });
     }
 
-    let dry = gc(&ec2, now, true).await.unwrap();
+    let dry = gc(&ec2, now, true, None).await.unwrap();
     let mut gone = dry.images_deregistered.clone();
     gone.sort();
     let mut want = vec![failed.clone(), pending_old.clone()];
@@ -254,7 +256,7 @@ async fn deregisters_images_that_never_became_available() {
     );
     assert_eq!(own_images(&ec2).await.len(), 6);
 
-    let done = gc(&ec2, now, false).await.unwrap();
+    let done = gc(&ec2, now, false, None).await.unwrap();
     let mut gone = done.images_deregistered.clone();
     gone.sort();
     assert_eq!(gone, want);
@@ -267,6 +269,93 @@ async fn deregisters_images_that_never_became_available() {
     let mut want_left = vec![pending_new, available_old, disabled_old, by_hand];
     want_left.sort();
     assert_eq!(left, want_left);
+}
+
+/// The image a build makes of a stopped seed (available at once in moto), never published.
+async fn made_image(ec2: &aws_sdk_ec2::Client, def: &ImageDef, b: &Build) -> String {
+    let seed = stopped_instance(ec2).await;
+    create_and_wait_with(ec2, &seed, def, b, &quick(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .image_id
+}
+
+#[tokio::test]
+async fn an_ended_build_loses_what_it_left_at_once_but_not_an_image_that_went_live() {
+    let moto = Moto::start();
+    let config = moto.sdk_config().await;
+    let ec2 = aws_sdk_ec2::Client::new(&config);
+    let ssm = aws_sdk_ssm::Client::new(&config);
+    let bare = def("bare");
+    let now = SystemTime::now();
+    let future = humantime::format_rfc3339_seconds(now + HOUR).to_string();
+    let tagged = |b: &Build| {
+        let mut t = temp_tags(Some(&future));
+        t.push(image::tag(tags::BUILD_ID, &b.id));
+        t
+    };
+    // A bake killed while making its image: its lease runs for another hour.
+    let killed = build(1, "h");
+    let killed_group = group(&ec2, "killed", tagged(&killed)).await;
+    let killed_seed = instance(&ec2, &killed_group, tagged(&killed)).await;
+    let half_made = made_image(&ec2, &bare, &killed).await;
+    // One killed after writing the parameter, before tagging the image published: it is live.
+    let live = build(2, "h");
+    let named = made_image(&ec2, &bare, &live).await;
+    ssm.put_parameter()
+        .name("/stackless/images/bare")
+        .value(&named)
+        .r#type(aws_sdk_ssm::types::ParameterType::String)
+        .send()
+        .await
+        .unwrap();
+    // One still running.
+    let running = build(3, "h");
+    let running_group = group(&ec2, "running", tagged(&running)).await;
+    let running_image = made_image(&ec2, &bare, &running).await;
+
+    // Without --build, nothing of it has expired yet.
+    let plain = gc(&ec2, now, false, None).await.unwrap();
+    assert!(
+        plain.instances_terminated.is_empty()
+            && plain.groups_deleted.is_empty()
+            && plain.images_deregistered.is_empty(),
+        "{plain:?}"
+    );
+
+    let parameter_of = |name: &str| (name == "bare").then(|| "/stackless/images/bare".to_string());
+    let builds = [killed.id.clone(), live.id.clone()];
+    let ended = Ended {
+        builds: &builds,
+        ssm: &ssm,
+        parameter_of: &parameter_of,
+    };
+    let done = gc(&ec2, now, false, Some(&ended)).await.unwrap();
+    assert_eq!(
+        done.instances_terminated,
+        std::slice::from_ref(&killed_seed)
+    );
+    assert_eq!(done.groups_deleted, std::slice::from_ref(&killed_group));
+    assert_eq!(done.images_deregistered, std::slice::from_ref(&half_made));
+    assert!(
+        done.skipped
+            .iter()
+            .any(|s| s.starts_with(&named) && s.contains("names it")),
+        "{:?}",
+        done.skipped
+    );
+    assert_eq!(state(&ec2, &killed_seed).await, "terminated");
+    assert!(!group_exists(&ec2, &killed_group).await);
+    assert!(group_exists(&ec2, &running_group).await);
+    let mut left: Vec<String> = own_images(&ec2)
+        .await
+        .iter()
+        .filter_map(|i| i.image_id().map(str::to_string))
+        .collect();
+    left.sort();
+    let mut want = vec![named, running_image];
+    want.sort();
+    assert_eq!(left, want);
 }
 
 #[test]
