@@ -346,27 +346,39 @@ fn a_hanging_salt_call_is_killed_at_its_deadline_and_the_agent_carries_on() {
     t.finish();
 }
 
-/// IMDS answering 500 for a random run of requests, then 200 (a flapping service during boot):
-/// `boot --once` finishes inside its deadline, or fails naming IMDS. Counted: boots that hung
-/// past their deadline, or failed without saying why.
+/// IMDS misbehaving during boot, one way per round: flapping between 500 (or 503) and 200,
+/// tokens that expire after a use or two, answers slowed down, or answers cut off mid-body with
+/// the connection closed. `boot --once` finishes inside its deadline, or fails naming IMDS.
+/// Counted: boots that took longer than their deadline, or failed without saying why.
 #[test]
-fn a_flapping_imds_during_boot() {
-    let n = rounds(5);
-    let mut rng = Rng::new("flapping IMDS");
-    let mut t = Tally::new("IMDS flaps between 500 and 200 during boot", &["boots"]);
+fn a_misbehaving_imds_during_boot() {
+    let n = rounds(6);
+    let mut rng = Rng::new("misbehaving IMDS");
+    let mut t = Tally::new(
+        "IMDS flaps 500/200, expires tokens early, answers slowly or cuts answers",
+        &["boots"],
+    );
     let s = Setup::new(&[]);
     let ud = s.user_data("");
     let imds =
         Emulator::start(EmulatorConfig::new(Identity::example()).with_user_data(ud.into_bytes()))
             .unwrap();
     for _ in 1..=n {
-        let fails = rng.range(0, 12) as usize;
-        let status = *rng.pick(&[500u16, 503]);
-        imds.fail_next(fails, status);
+        let fault = *rng.pick(&["flaps", "expires tokens", "slow", "cuts answers"]);
+        match fault {
+            "flaps" => imds.fail_next(rng.range(1, 12) as usize, *rng.pick(&[500u16, 503])),
+            "expires tokens" => imds.set_token_max_uses(Some(rng.range(1, 3) as usize)),
+            "slow" => imds.set_delay(Duration::from_millis(rng.range(100, 1500))),
+            _ => imds.cut_next(rng.range(1, 6) as usize),
+        }
         let _ = fs::remove_dir_all(s.root().join("run"));
         let began = Instant::now();
         let o = init(&s.root(), &imds.endpoint(), &["boot", "--once"]);
         let took = began.elapsed();
+        imds.fail_next(0, 500);
+        imds.set_token_max_uses(None);
+        imds.set_delay(Duration::ZERO);
+        imds.cut_next(0);
         let err = stderr(&o);
         let mut losses = Vec::new();
         if took > Duration::from_secs(120) {
@@ -375,12 +387,7 @@ fn a_flapping_imds_during_boot() {
             losses.push(("boots", 1, format!("failed without naming IMDS: {err}")));
         }
         let landed = format!(
-            "{} errors, {}",
-            match fails {
-                0..=3 => "0-3",
-                4..=7 => "4-7",
-                _ => "8-11",
-            },
+            "{fault}, {}",
             if o.status.success() {
                 "booted"
             } else {

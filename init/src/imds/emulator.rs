@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
+use std::io::Read as _;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -102,6 +103,10 @@ struct State {
     disabled: bool,
     fail_next: usize,
     fail_status: u16,
+    /// Every answer waits this long first (a slow IMDS).
+    delay: std::time::Duration,
+    /// The next answers that stop halfway through their body, the connection closed.
+    cut_next: usize,
     token_max_uses: Option<usize>,
     tokens: HashMap<String, TokenState>,
     requests: Vec<RequestRecord>,
@@ -151,6 +156,8 @@ impl Emulator {
                 disabled: false,
                 fail_next: 0,
                 fail_status: 500,
+                delay: std::time::Duration::ZERO,
+                cut_next: 0,
                 token_max_uses: None,
                 tokens: HashMap::new(),
                 requests: Vec::new(),
@@ -201,6 +208,17 @@ impl Emulator {
         let mut state = self.shared.lock();
         state.fail_next = n;
         state.fail_status = status;
+    }
+
+    /// Every answer waits `delay` before it is sent: a slow (or overloaded) IMDS.
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        self.shared.lock().delay = delay;
+    }
+
+    /// The next `n` answers send half their body (announcing all of it) and close the
+    /// connection: an IMDS that goes away mid-answer.
+    pub fn cut_next(&self, n: usize) {
+        self.shared.lock().cut_next = n;
     }
 
     /// Every token issued so far becomes invalid (GETs with it answer 401).
@@ -317,19 +335,61 @@ fn handle(shared: &Shared, request: tiny_http::Request) {
         had_token,
     });
 
-    let mut response = tiny_http::Response::from_data(answer.body).with_status_code(answer.status);
+    let (delay, cut) = {
+        let mut state = shared.lock();
+        let cut = state.cut_next > 0;
+        state.cut_next = state.cut_next.saturating_sub(1);
+        (state.delay, cut)
+    };
+    if !delay.is_zero() {
+        std::thread::sleep(delay);
+    }
     let mut headers = vec![
         ("Content-Type", "text/plain".to_string()),
         ("Server", "EC2ws".to_string()),
     ];
     headers.extend(answer.headers);
-    for (name, value) in headers {
-        if let Ok(header) = tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()) {
-            response.add_header(header);
-        }
-    }
+    let headers: Vec<tiny_http::Header> = headers
+        .into_iter()
+        .filter_map(|(name, value)| {
+            tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()).ok()
+        })
+        .collect();
     // The client may have gone away; nothing to do about it.
-    let _ = request.respond(response);
+    if cut {
+        // Content-Length says the whole body; the reader fails halfway, so the server drops
+        // the connection there.
+        let len = answer.body.len().max(2);
+        let half = answer.body[..answer.body.len() / 2].to_vec();
+        let reader = std::io::Cursor::new(half).chain(BrokenPipe);
+        let response = tiny_http::Response::new(
+            tiny_http::StatusCode(answer.status),
+            headers,
+            reader,
+            Some(len),
+            None,
+        );
+        let _ = request.respond(response);
+    } else {
+        let mut response =
+            tiny_http::Response::from_data(answer.body).with_status_code(answer.status);
+        for h in headers {
+            response.add_header(h);
+        }
+        let _ = request.respond(response);
+    }
+}
+
+/// A reader that fails: the rest of a cut answer.
+struct BrokenPipe;
+
+impl std::io::Read for BrokenPipe {
+    fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::BrokenPipe,
+            "IMDS emulator: answer cut",
+        ))
+    }
 }
 
 fn answer(shared: &Shared, request: &tiny_http::Request, method: &str, path: &str) -> Answer {
@@ -691,6 +751,36 @@ mod tests {
                 expected
             );
         }
+    }
+
+    #[test]
+    fn a_cut_answer_ends_short_and_a_slow_one_waits() {
+        let emu = Emulator::start(
+            EmulatorConfig::new(Identity::example()).with_user_data("0123456789abcdef"),
+        )
+        .expect("start");
+        let agent = agent();
+        let tok = token(&agent, &emu, "60");
+        let get = || {
+            agent
+                .get(&format!("{}/latest/user-data", emu.endpoint()))
+                .set(TOKEN_HEADER, &tok)
+                .call()
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.into_string().map_err(|e| e.to_string()))
+        };
+        emu.cut_next(1);
+        let cut = get();
+        assert!(cut.is_err(), "half an answer reads as an error: {cut:?}");
+        assert_eq!(
+            get().unwrap(),
+            "0123456789abcdef",
+            "only the next answer is cut"
+        );
+        emu.set_delay(Duration::from_millis(300));
+        let t = Instant::now();
+        assert_eq!(get().unwrap(), "0123456789abcdef");
+        assert!(t.elapsed() >= Duration::from_millis(300));
     }
 
     #[test]
