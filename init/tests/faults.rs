@@ -12,6 +12,7 @@ use stackless_init::imds::emulator::{Emulator, EmulatorConfig};
 use stackless_init::imds::Identity;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use testkit::faults::{rounds, Rng, Tally};
@@ -115,14 +116,7 @@ fn blob(rng: &mut Rng, len: usize) -> String {
 /// `MARK.done` around each fetch and each highstate; the PATH that puts them first.
 fn marking_wrappers(bin: &Path, marks: &Path) -> String {
     fs::create_dir_all(bin).unwrap();
-    let real_git = String::from_utf8(
-        std::process::Command::new("sh")
-            .args(["-c", "command -v git"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let real_git = real_git();
     let wrap = |name: &str, real: &str, when: &str, mark: &str| {
         let m = marks.join(mark);
         fs::write(
@@ -135,7 +129,7 @@ fn marking_wrappers(bin: &Path, marks: &Path) -> String {
         .unwrap();
         fs::set_permissions(bin.join(name), fs::Permissions::from_mode(0o755)).unwrap();
     };
-    wrap("git", real_git.trim(), " fetch ", "fetch");
+    wrap("git", &real_git, " fetch ", "fetch");
     let salt = salt_bin_dir().join("salt-call");
     wrap("salt-call", salt.to_str().unwrap(), "", "highstate");
     format!("{}:{}", bin.display(), test_path())
@@ -183,7 +177,7 @@ fn sigkill_at_random_moments_of_a_sync() {
         for e in fs::read_dir(&marks).unwrap().flatten() {
             let _ = fs::remove_file(e.path());
         }
-        let (phase, mark, within) = *rng.pick(&phases);
+        let (phase, mark, spread) = *rng.pick(&phases);
         let value = round.to_string();
         let big = blob(&mut rng, 400_000);
         let salt_sha = commit_files(&salt, &salt_state(&marker, &value), &value);
@@ -197,7 +191,7 @@ fn sigkill_at_random_moments_of_a_sync() {
         wait_for_agent(&agent, &format!("the sync to reach {mark}"), 60, || {
             marks.join(mark).exists()
         });
-        std::thread::sleep(Duration::from_millis(rng.range(0, within)));
+        std::thread::sleep(Duration::from_millis(rng.range(0, spread)));
         kill_whole(&mut agent);
 
         let record = state_record(&s.root());
@@ -214,18 +208,13 @@ fn sigkill_at_random_moments_of_a_sync() {
         agent = Agent::spawn_with_path(&s.root(), &imds.endpoint(), &path);
         let ready = agent.wait_ready(120);
         let converged = ready == 0 && {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                let done = published(&salt_current, &salt_sha)
+            within(60, || {
+                published(&salt_current, &salt_sha)
                     && published(&config_current, &config_sha)
                     && state_record(&s.root())
                         .is_ok_and(|r| r["highstate"]["commit"] == salt_sha.as_str())
-                    && fs::read_to_string(&marker).is_ok_and(|m| m.trim() == value);
-                if done || Instant::now() > deadline {
-                    break done;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+                    && fs::read_to_string(&marker).is_ok_and(|m| m.trim() == value)
+            })
         };
         if !converged {
             losses.push((
@@ -318,18 +307,11 @@ fn a_hanging_salt_call_is_killed_at_its_deadline_and_the_agent_carries_on() {
                 format!("pid {pid} alive {limit:?} after it hung"),
             ));
         }
-        let converged = {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                let done = state_record(&s.root()).is_ok_and(|r| {
-                    r["highstate"]["commit"] == sha.as_str() && r["highstate"]["ok"] == true
-                }) && fs::read_to_string(&marker).is_ok_and(|m| m.trim() == value);
-                if done || Instant::now() > deadline {
-                    break done;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        };
+        let converged = within(60, || {
+            state_record(&s.root()).is_ok_and(|r| {
+                r["highstate"]["commit"] == sha.as_str() && r["highstate"]["ok"] == true
+            }) && fs::read_to_string(&marker).is_ok_and(|m| m.trim() == value)
+        });
         if !converged {
             losses.push(("convergence", 1, agent.log()));
         }
@@ -399,6 +381,16 @@ fn a_misbehaving_imds_during_boot() {
     t.finish();
 }
 
+/// A child in a process group of its own, killed whole (group and all) when dropped.
+struct WholeGroup(std::process::Child);
+
+impl Drop for WholeGroup {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(-(self.0.id() as i32)), Signal::SIGKILL);
+        let _ = self.0.wait();
+    }
+}
+
 /// What the proxy in front of the git server does to the next connections.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Wire {
@@ -414,7 +406,7 @@ struct FaultyGitServer {
     port: u16,
     wire: std::sync::Arc<std::sync::Mutex<Wire>>,
     connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    _daemon: servers::Killed,
+    _daemon: WholeGroup,
 }
 
 impl FaultyGitServer {
@@ -433,7 +425,10 @@ impl FaultyGitServer {
                 &format!("--base-path={}", base.display()),
             ])
             .arg(base)
+            .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
+            // `git daemon` runs `git-daemon` as a child: the group ends both.
+            .process_group(0)
             .spawn()
             .expect("git daemon");
         servers::wait_listening(daemon_port, &mut child, "git daemon");
@@ -491,7 +486,7 @@ impl FaultyGitServer {
             port,
             wire,
             connections,
-            _daemon: servers::Killed(child),
+            _daemon: WholeGroup(child),
         }
     }
 
@@ -595,15 +590,25 @@ fn a_faulty_git_server_under_scheduled_syncs() {
 
 /// Waits up to 30 s for `current` to hold `tip`; a convergence loss otherwise.
 fn wait_for_tip(current: &Path, tip: &str, agent: &Agent, losses: &mut Vec<(&str, u64, String)>) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !published(current, tip) {
+    if !within(30, || published(current, tip)) {
+        losses.push((
+            "convergence",
+            1,
+            format!("{tip} not published: {}", agent.log()),
+        ));
+    }
+}
+
+/// Whether `cond` comes to hold within `secs` (polled every 100 ms). Unlike `wait_for`, a
+/// timeout is an outcome to count, not a panic.
+fn within(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if cond() {
+            return true;
+        }
         if Instant::now() > deadline {
-            losses.push((
-                "convergence",
-                1,
-                format!("{tip} not published: {}", agent.log()),
-            ));
-            return;
+            return false;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -658,10 +663,7 @@ fn supervisord_stopped_restarted_or_hung_while_the_agent_acts() {
             }
         }
         let mut losses = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while program_count(&s.root(), "app", "restarts") <= before && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        within(60, || program_count(&s.root(), "app", "restarts") > before);
         settle_watcher();
         let after = program_count(&s.root(), "app", "restarts");
         let outcome = status(&s.root())["watch"]["programs"]["app"]["last_outcome"].clone();

@@ -135,7 +135,7 @@ fn an_unchanged_rewrite_restarts_nothing() {
     let s = Setup::new(&[("app", "sleep 1000")]);
     let conf = s.path("app/app.conf");
     fs::write(&conf, "same\n").unwrap();
-    let (_imds, _agent) = s.boot(&s.user_data(&rule(
+    let (_imds, agent) = s.boot(&s.user_data(&rule(
         &format!("{}/app/*.conf", s.tmp.path().display()),
         "app",
         None,
@@ -147,7 +147,12 @@ fn an_unchanged_rewrite_restarts_nothing() {
     fs::write(s.path("app/__salt.tmp.app.conf"), "x").unwrap();
 
     settle();
-    assert_eq!(program_count(&s.root(), "app", "restarts"), 0);
+    assert_eq!(
+        program_count(&s.root(), "app", "restarts"),
+        0,
+        "{}",
+        agent.log()
+    );
     assert_eq!(s.sup.pid("app"), pid);
     // The watcher is live: a real change still restarts.
     fs::write(&conf, "changed\n").unwrap();

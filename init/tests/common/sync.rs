@@ -86,19 +86,12 @@ pub fn commit_files(repo: &GitRepo, files: &[(String, String)], msg: &str) -> St
 pub fn git_wrapper(bin: &Path, on_fetch: &str) -> String {
     use std::os::unix::fs::PermissionsExt;
     fs::create_dir_all(bin).unwrap();
-    let real_git = String::from_utf8(
-        std::process::Command::new("sh")
-            .args(["-c", "command -v git"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let real_git = real_git();
     fs::write(
         bin.join("git"),
         format!(
             "#!/bin/sh\ncase \" $* \" in *\" fetch \"*) {on_fetch};; esac\nexec {} \"$@\"\n",
-            real_git.trim()
+            real_git
         ),
     )
     .unwrap();
@@ -169,4 +162,13 @@ pub fn assert_whole_release(current: &Path, repo: &GitRepo) {
     if let Err(e) = whole_release(current, repo) {
         panic!("{e}");
     }
+}
+
+/// Where the real `git` is, for wrappers that call it.
+pub fn real_git() -> String {
+    let out = std::process::Command::new("sh")
+        .args(["-c", "command -v git"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
