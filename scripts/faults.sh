@@ -29,11 +29,12 @@ report="$work/tallies.jsonl"
 status=0
 # Each suite runs one test at a time: the faults are timed against a machine that is not also
 # running the other suites' salt and git.
-for suite in "init faults" "builder faults"; do
-    set -- $suite
-    log "cargo test -p $1 --test $2 ($ROUNDS rounds per fault)"
+for crate in init builder; do
+    log "cargo test -p $crate --test faults ($ROUNDS rounds per fault)"
+    features=()
+    [[ $crate == init ]] && features=(--features emulator)
     if ! STACKLESS_FAULTS_ROUNDS="$ROUNDS" STACKLESS_FAULTS_REPORT="$report" \
-        cargo test -p "$1" --all-features --test "$2" --locked -- --test-threads=1 >&2; then
+        cargo test -p "$crate" "${features[@]}" --test faults --locked -- --test-threads=1 >&2; then
         status=1
         log "some fault lost something: the table says which, the test output above says how"
     fi
