@@ -120,6 +120,8 @@ w("  prints its seed (`STACKLESS_FAULTS_SEED` replays it), injects its fault at 
 w("  fails on any loss: `cargo test` runs each with a few rounds, so a regression fails CI too.")
 w("- SIGKILL means the agent and everything under it, stopped first and then killed, as a service")
 w("  manager ending the unit would.")
+w("- Fuzzing's corpus column counts the inputs after the run: `scripts/fuzz.sh` adds what reached")
+w("  new code and minimises the set; commit `fuzz/corpus/` when a long run grew it.")
 open(out, "w").write("\n".join(lines) + "\n")
 EOF
 log "done: $OUT"

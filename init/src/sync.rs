@@ -122,7 +122,7 @@ pub fn run(
             }
             SyncOutcome::KeptLast { error, commit } => {
                 tl.degrade(format!(
-                    "{name} repository: fetch failed, kept the last good release {}: {error}",
+                    "{name} repository: update failed, kept the last good release {}: {error}",
                     short(commit)
                 ));
                 ("kept-last", Some(error.clone()))
@@ -303,7 +303,7 @@ fn describe(o: &SyncOutcome) -> String {
             previous: None,
         } => format!("published {}", short(commit)),
         SyncOutcome::Unchanged { commit } => format!("unchanged at {}", short(commit)),
-        SyncOutcome::KeptLast { commit, .. } => format!("fetch failed, kept {}", short(commit)),
+        SyncOutcome::KeptLast { commit, .. } => format!("update failed, kept {}", short(commit)),
         SyncOutcome::Quarantined { commit, skipped } => format!(
             "upstream at quarantined {}, kept {}",
             short(skipped),

@@ -815,14 +815,19 @@ fn a_full_disk_during_a_sync() {
         let log = agent.log()[log_len..].to_string();
         // git's own "unable to write file" does not say why: the agent must.
         let full = log.contains("No space left on device");
+        // Where the disk ran out, from what the agent said first.
+        let first_full = log
+            .lines()
+            .find(|l| l.contains("No space left on device"))
+            .unwrap_or("");
         let landed = if !full {
             "fitted"
-        } else if log.contains("state") && published(&current, &tip) {
-            "state write"
-        } else if log.contains("fetch") {
-            "fetch"
-        } else {
+        } else if first_full.contains("making release") || first_full.contains("is full") {
             "release"
+        } else if first_full.contains("state") {
+            "state write"
+        } else {
+            "fetch"
         };
         if !full && !published(&current, &tip) {
             losses.push((
