@@ -738,8 +738,22 @@ impl SmallDisk {
         let _ = std::io::Write::flush(&mut w);
     }
 
+    /// Takes every byte still free at once (fallocate: no time for a writer to finish first).
+    fn fill_now(&self) {
+        let st = nix::sys::statvfs::statvfs(&self.0).unwrap();
+        let avail = st.blocks_available() as u64 * st.fragment_size() as u64;
+        let f = fs::File::create(self.0.join("filler-now")).unwrap();
+        let _ = nix::fcntl::fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            nix::fcntl::FallocateFlags::empty(),
+            0,
+            avail as i64,
+        );
+    }
+
     fn release(&self) {
         let _ = fs::remove_file(self.0.join("filler"));
+        let _ = fs::remove_file(self.0.join("filler-now"));
     }
 }
 
@@ -786,7 +800,14 @@ fn a_full_disk_during_a_sync() {
         let good = fs::read_link(&current).unwrap();
         // Up to about twice the new commit's size: some rounds fail in the fetch, some in the
         // release (which holds the file again), some only at the state write, some not at all.
-        let free = rng.range(0, 1_600_000);
+        // One round in three fills the disk the moment the new release is published, so the
+        // state write after it is what runs out (its window is too narrow to hit by chance).
+        let at_publish = rng.range(0, 3) == 0;
+        let free = if at_publish {
+            4_000_000
+        } else {
+            rng.range(0, 1_600_000)
+        };
         disk.fill_leaving(free);
         let log_len = agent.log().len();
         let big = blob(&mut rng, 600_000);
@@ -797,6 +818,9 @@ fn a_full_disk_during_a_sync() {
             ],
             &round.to_string(),
         );
+        if at_publish && within(10, || published(&current, &tip)) {
+            disk.fill_now();
+        }
         // A few syncs against the full disk (every second).
         std::thread::sleep(Duration::from_secs(3));
         let mut losses = Vec::new();
