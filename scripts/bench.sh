@@ -5,6 +5,8 @@
 #
 #   scripts/bench.sh                 full run, regenerates docs/benchmarks.md
 #   BENCH_QUICK=1 scripts/bench.sh   few iterations, writes $BENCH_DIR/benchmarks.md instead
+#   BENCH_BOOT=1 scripts/bench.sh    adds the boot race against cloud-init in qemu
+#                                    (scripts/bench/boot-race.sh; root, tens of minutes)
 #
 # Environment: BENCH_DIR (work folder, default /tmp/stackless-bench, emptied at start and removed
 # at exit unless BENCH_KEEP=1), BENCH_NO_BUILD=1 (use the binaries already built), BENCH_OUT.
@@ -510,6 +512,15 @@ log "incremental sync: $N_INC one-line commits on a generated 32 MB repository, 
 "$here/incremental.sh" "$BIN" "$EMU" "$W/incremental" "$N_INC" >"$R/incremental.json" 2>"$W/log/incremental.log" ||
     die "incremental sync bench failed: $(tail -5 "$W/log/incremental.log")"
 busy incremental
+
+# --- 9. the boot race (opt-in: BENCH_BOOT=1, tens of minutes under TCG) -----------------------------
+if [[ ${BENCH_BOOT:-0} == 1 ]]; then
+    log "boot race: preseeded against cloud-init doing the same work, then bare, in qemu"
+    BUILDER="$BUILDER" STACKLESS_INIT_STATIC="$BIN" "$here/boot-race.sh" "$W/boot-race" \
+        "$([[ $QUICK == 1 ]] && echo 1 || echo 3)" >"$R/boot-race.json" 2>"$W/log/boot-race.log" ||
+        die "boot race failed: $(tail -5 "$W/log/boot-race.log")"
+    busy boot-race
+fi
 
 # --- the page ----------------------------------------------------------------------------------------
 tools="stackless-init $("$BIN" --version 2>/dev/null | awk '{print $NF}'), $(salt-call --version 2>/dev/null), supervisor $("$VENV/supervisord" --version), $("$AVENV/bin/ansible-pull" --version 2>/dev/null | sed -n '1{s/[][]//g;p}'), $(git --version), inotifywait $(inotifywait --help 2>&1 | awk 'NR == 1 {print $2}'), $(/usr/bin/python3 --version)"

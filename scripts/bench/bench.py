@@ -1025,6 +1025,32 @@ def cmd_render(a):
             None,
         )
 
+    # the boot race (BENCH_BOOT=1): the same work at boot, the agent against cloud-init, in qemu
+    br = load(d, "boot-race.json") if os.path.exists(os.path.join(d, "boot-race.json")) else None
+    if br:
+        accel = "/".join(br["accel"]).upper()
+        ps, ci = med(br["web_ms"]["preseeded"]) / 1000, med(br["web_ms"]["cloud-init"]) / 1000
+        row(
+            f"boot: qemu start to the highstate done and the web program answering, preseeded image ({accel}), median of {len(br['web_ms']['preseeded'])}",
+            fmt(ps, "s", 1),
+            "cloud-init (Debian's, Ec2 datasource on the same IMDS emulator; `runcmd` clones the same repositories and runs `salt-call --local state.highstate`), the preseeded image with the agent's unit off",
+            fmt(ci, "s", 1),
+            ratio(ci, ps),
+            "≤ 0.5× cloud-init's",
+            ps <= 0.5 * ci,
+        )
+        if br["web_ms"].get("bare"):
+            bs = med(br["web_ms"]["bare"]) / 1000
+            row(
+                "same, bare image (salt pip-installed at first boot, its C dependencies compiled)",
+                fmt(bs, "s", 0),
+                "cloud-init on the preseeded image (salt baked in)",
+                fmt(ci, "s", 1),
+                ratio(ci, bs),
+                "",
+                None,
+            )
+
     out = []
     w = out.append
     w("# Benchmarks")
@@ -1088,6 +1114,13 @@ def cmd_render(a):
           " lists the refs itself) and `git reset --hard`. The agent's disk figure counts a new release"
           " (hard links to the previous one's unchanged files) and the store's new objects; it falls when an"
           " old release is pruned.")
+    if br:
+        w(f"- boot race ({', '.join(br['accel'])}), qemu start to the web program answering, ms: "
+          + "; ".join(f"{k} {' '.join(str(x) for x in v)}" for k, v in br["web_ms"].items() if v)
+          + "; when each said it was done (the agent's result line, cloud-init's 'finished' line, on the"
+          " console), ms from the same start: "
+          + "; ".join(f"{k} {' '.join(str(x) for x in v)}" for k, v in br["said_done_ms"].items() if v)
+          + f"; bakes, ms: {json.dumps(br['bake_ms'])}")
     w(f"- new commit, ms to highstate (timeline / exec to exec): {' '.join(str(x) for x in tl)} / {' '.join(f'{x:.0f}' for x in ext)}; ansible-pull exec to exec: {' '.join(f'{x:.0f}' for x in anx)}")
     print("\n".join(out))
     # Also a compact JSON of the headline figures, for whoever updates the README.

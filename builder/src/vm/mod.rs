@@ -16,7 +16,7 @@ use crate::console::{parse_result, AgentResult, Assembler};
 use anyhow::{anyhow, bail, Context, Result};
 use qemu::{Accel, GuestForward, PortForward, QemuSpec};
 use serde::Serialize;
-use stackless_init::imds::emulator::{Emulator, EmulatorConfig};
+use stackless_init::imds::emulator::{Emulator, EmulatorConfig, DEFAULT_MAC};
 use stackless_init::imds::Identity;
 use std::collections::VecDeque;
 use std::io::Write;
@@ -156,6 +156,8 @@ pub async fn boot(
     let overlay = work.path().join("overlay.qcow2");
     img.overlay(&overlay).await?;
 
+    // The guest's NIC and the metadata's `mac` are one address, as on EC2.
+    let emulator_mac = DEFAULT_MAC.to_string();
     let mut emulator_cfg = EmulatorConfig::new(Identity {
         image_id: img.build_id.clone(),
         ..opts.identity.clone()
@@ -213,6 +215,9 @@ pub async fn boot(
             ports: opts.ports.clone(),
             forwards: forwards.clone(),
             relay: opts.relay.clone(),
+            instance_id: opts.identity.instance_id.clone(),
+            instance_type: opts.identity.instance_type.clone(),
+            mac: emulator_mac.clone(),
         };
         tracing::info!(image = %report.image, instance = %opts.identity.instance_id, accel = choice.accel.as_str(), cpu = ?choice.cpu, imds = %emulator.addr(), "booting");
         let mut child = spawn_qemu(&opts.qemu, &spec)?;

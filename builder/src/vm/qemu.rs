@@ -92,6 +92,37 @@ pub struct QemuSpec {
     pub forwards: Vec<GuestForward>,
     /// The program guestfwd runs per connection; it is given the host address to relay to.
     pub relay: PathBuf,
+    /// The instance the guest is: its firmware says so as a Nitro instance's does (below).
+    pub instance_id: String,
+    pub instance_type: String,
+    /// The NIC's MAC address, the one the metadata service describes.
+    pub mac: String,
+}
+
+/// A Nitro instance's system UUID: `ec2` and hex digits, the same in the serial number. cloud-init
+/// and other tools take exactly that as "this is EC2" (cloud-init's Ec2 datasource then asks
+/// IMDS for a token at once, in its local stage, as on a real instance). Derived from the
+/// instance id, so one instance keeps its UUID across boots.
+pub fn ec2_system_uuid(instance_id: &str) -> String {
+    let mut hex: String = instance_id
+        .trim_start_matches("i-")
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .map(|c| c.to_ascii_lowercase())
+        .take(29)
+        .collect();
+    while hex.len() < 29 {
+        hex.push('0');
+    }
+    let h = format!("ec2{hex}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 /// qemu-system-x86_64's arguments. The serial console goes to stdout; there is no display, no
@@ -152,7 +183,25 @@ pub fn args(spec: &QemuSpec) -> Vec<String> {
             spec.disk.to_string_lossy().replace(',', ",,")
         ),
     ]);
-    push(&["-netdev", &netdev, "-device", "virtio-net-pci,netdev=net0"]);
+    let uuid = ec2_system_uuid(&spec.instance_id);
+    push(&[
+        "-smbios",
+        &format!(
+            "type=1,manufacturer=Amazon EC2,product={},uuid={uuid},serial={uuid}",
+            spec.instance_type.replace(',', ",,")
+        ),
+        "-smbios",
+        &format!(
+            "type=3,manufacturer=Amazon EC2,asset={}",
+            spec.instance_id.replace(',', ",,")
+        ),
+    ]);
+    push(&[
+        "-netdev",
+        &netdev,
+        "-device",
+        &format!("virtio-net-pci,netdev=net0,mac={}", spec.mac),
+    ]);
     push(&["-device", "virtio-rng-pci"]);
     a
 }
@@ -230,6 +279,9 @@ mod tests {
                 host: "127.0.0.1:5555".parse().unwrap(),
             }],
             relay: "/usr/bin/my builder".into(),
+            instance_id: "i-0123456789abcdef0".into(),
+            instance_type: "t3.micro".into(),
+            mac: "52:54:00:12:34:56".into(),
         };
         let a = args(&spec).join(" ");
         assert!(a.starts_with("-accel tcg -m 1024 -smp 2"), "{a}");
@@ -245,5 +297,30 @@ mod tests {
             ),
             "{a}"
         );
+        assert!(
+            a.contains("-smbios type=1,manufacturer=Amazon EC2,product=t3.micro,uuid=ec201234-5678-9abc-def0-000000000000,serial=ec201234-5678-9abc-def0-000000000000"),
+            "{a}"
+        );
+        assert!(
+            a.contains("-smbios type=3,manufacturer=Amazon EC2,asset=i-0123456789abcdef0"),
+            "{a}"
+        );
+        assert!(
+            a.contains("virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56"),
+            "{a}"
+        );
+    }
+
+    #[test]
+    fn the_system_uuid_is_a_nitro_one_from_the_instance_id() {
+        assert_eq!(
+            ec2_system_uuid("i-0a1b2c3d4e5f60718"),
+            "ec20a1b2-c3d4-e5f6-0718-000000000000"
+        );
+        // A long or odd id still gives a well-formed UUID starting with ec2.
+        let u = ec2_system_uuid("i-ffffffffffffffffffffffffffffffffffff");
+        assert_eq!(u, "ec2fffff-ffff-ffff-ffff-ffffffffffff");
+        let u = ec2_system_uuid("local");
+        assert_eq!(u, "ec2ca000-0000-0000-0000-000000000000");
     }
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
-use stackless_init::imds::emulator::{Emulator, EmulatorConfig};
+use stackless_init::imds::emulator::{Emulator, EmulatorConfig, DEFAULT_MAC};
 use stackless_init::imds::{Identity, ENDPOINT_ENV};
 
 /// Serve an emulated EC2 instance metadata service (IMDSv2, tokens required).
@@ -75,6 +75,7 @@ fn run(args: Args) -> Result<(), String> {
         user_data,
         identity,
         role: None,
+        mac: DEFAULT_MAC.to_string(),
     };
     let emulator = Emulator::start_on(&args.listen, cfg).map_err(|e| e.to_string())?;
 

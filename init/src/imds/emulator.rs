@@ -6,8 +6,11 @@
 //! 401. It serves user-data, the instance identity document, the common meta-data keys and, when
 //! given a role, the role's credentials under `meta-data/iam/` (404 there without one, as on an
 //! instance without an instance profile). Like EC2, a leaf answers with or without a trailing
-//! slash (botocore's region fetcher asks for `placement/availability-zone/`). Unknown paths
-//! answer 404 and other methods 405. Tests can also disable the endpoint (403), inject
+//! slash (botocore's region fetcher asks for `placement/availability-zone/`). Every path is
+//! served under EC2's dated API versions as well as `latest` (`GET /` lists them; cloud-init asks
+//! for `/2021-03-23/meta-data/...`), and the primary network interface under
+//! `meta-data/network/interfaces/macs/MAC/`. Unknown paths (and versions) answer 404 and other
+//! methods 405. Tests can also disable the endpoint (403), inject
 //! failures, expire tokens and read back what was asked.
 
 use std::collections::HashMap;
@@ -25,6 +28,43 @@ const TOKEN_HEADER: &str = "X-aws-ec2-metadata-token";
 const TOKEN_TTL_HEADER: &str = "X-aws-ec2-metadata-token-ttl-seconds";
 const MAX_TTL_SECS: u64 = 21600;
 
+/// The API versions EC2 lists at `GET /`, oldest first (`latest` follows them). Each serves the
+/// same documents here: clients pick the newest they know and read only what it has.
+const API_VERSIONS: &[&str] = &[
+    "1.0",
+    "2007-01-19",
+    "2007-03-01",
+    "2007-08-29",
+    "2007-10-10",
+    "2007-12-15",
+    "2008-02-01",
+    "2008-09-01",
+    "2009-04-04",
+    "2011-01-01",
+    "2011-05-01",
+    "2012-01-12",
+    "2014-02-25",
+    "2014-11-05",
+    "2015-10-20",
+    "2016-04-19",
+    "2016-06-30",
+    "2016-09-02",
+    "2018-03-28",
+    "2018-08-17",
+    "2018-09-24",
+    "2019-10-01",
+    "2020-10-27",
+    "2021-01-03",
+    "2021-03-23",
+    "2021-07-15",
+    "2022-09-24",
+    "2024-04-11",
+];
+
+/// The primary interface's MAC address when none is given: what qemu gives its first NIC, so
+/// a local boot's guest sees the interface its metadata describes.
+pub const DEFAULT_MAC: &str = "52:54:00:12:34:56";
+
 /// What the emulated instance serves.
 #[derive(Debug, Clone)]
 pub struct EmulatorConfig {
@@ -32,6 +72,8 @@ pub struct EmulatorConfig {
     pub identity: Identity,
     /// The instance profile's role and the credentials IMDS hands out for it.
     pub role: Option<RoleConfig>,
+    /// The primary network interface's MAC address (`meta-data/mac`).
+    pub mac: String,
 }
 
 /// An instance profile's role as IMDS serves it under `meta-data/iam/`.
@@ -62,12 +104,20 @@ impl EmulatorConfig {
             user_data: None,
             identity,
             role: None,
+            mac: DEFAULT_MAC.to_string(),
         }
     }
 
     pub fn with_role(self, role: RoleConfig) -> Self {
         EmulatorConfig {
             role: Some(role),
+            ..self
+        }
+    }
+
+    pub fn with_mac(self, mac: impl Into<String>) -> Self {
+        EmulatorConfig {
+            mac: mac.into(),
             ..self
         }
     }
@@ -99,6 +149,7 @@ struct State {
     user_data: Option<Vec<u8>>,
     identity: Identity,
     role: Option<RoleConfig>,
+    mac: String,
     pending_time: String,
     disabled: bool,
     fail_next: usize,
@@ -152,6 +203,7 @@ impl Emulator {
                 user_data: cfg.user_data,
                 identity: cfg.identity,
                 role: cfg.role,
+                mac: cfg.mac,
                 pending_time: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
                 disabled: false,
                 fail_next: 0,
@@ -414,6 +466,10 @@ fn answer(shared: &Shared, request: &tiny_http::Request, method: &str, path: &st
             if !token_ok {
                 return Answer::status(401);
             }
+            let Some(path) = unversioned(path) else {
+                return Answer::status(404);
+            };
+            let path = path.as_str();
             // EC2 answers a leaf with a trailing slash too.
             let found = document(&state, path).or_else(|| {
                 path.strip_suffix('/')
@@ -495,12 +551,36 @@ fn new_token(shared: &Shared) -> String {
     token
 }
 
+/// `path` under `latest`: a dated version's paths are the same documents. None for a version
+/// EC2 does not have (404, as there). `/` and the token path are left as they are.
+fn unversioned(path: &str) -> Option<String> {
+    let rest = path.strip_prefix('/').unwrap_or(path);
+    let (version, tail) = match rest.split_once('/') {
+        Some((v, t)) => (v, Some(t)),
+        None => (rest, None),
+    };
+    if version.is_empty() || version == "latest" {
+        return Some(path.to_string());
+    }
+    if !API_VERSIONS.contains(&version) {
+        return None;
+    }
+    Some(match tail {
+        Some(t) => format!("/latest/{t}"),
+        None => "/latest".to_string(),
+    })
+}
+
 /// The body EC2 serves at `path` (a GET with a valid token), if any.
 fn document(state: &State, path: &str) -> Option<Vec<u8>> {
     let id = &state.identity;
     let text = |s: &str| Some(s.as_bytes().to_vec());
     match path {
-        "/" => text("latest"),
+        "/" => {
+            let mut all = API_VERSIONS.join("\n");
+            all.push_str("\nlatest");
+            text(&all)
+        }
         "/latest" | "/latest/" => {
             if state.user_data.is_some() {
                 text("dynamic\nmeta-data\nuser-data")
@@ -519,7 +599,7 @@ fn document(state: &State, path: &str) -> Option<Vec<u8>> {
         "/latest/meta-data" | "/latest/meta-data/" => {
             let iam = if state.role.is_some() { "iam/\n" } else { "" };
             text(&format!(
-                "ami-id\nhostname\n{iam}instance-id\ninstance-type\nlocal-hostname\nlocal-ipv4\nplacement/"
+                "ami-id\nhostname\n{iam}instance-id\ninstance-type\nlocal-hostname\nlocal-ipv4\nmac\nnetwork/\nplacement/"
             ))
         }
         "/latest/meta-data/iam" | "/latest/meta-data/iam/" => state
@@ -541,17 +621,50 @@ fn document(state: &State, path: &str) -> Option<Vec<u8>> {
         "/latest/meta-data/instance-id" => text(&id.instance_id),
         "/latest/meta-data/instance-type" => text(&id.instance_type),
         "/latest/meta-data/local-ipv4" => text(&id.private_ip),
+        "/latest/meta-data/mac" => text(&state.mac),
+        "/latest/meta-data/network" | "/latest/meta-data/network/" => text("interfaces/"),
+        "/latest/meta-data/network/interfaces" | "/latest/meta-data/network/interfaces/" => {
+            text("macs/")
+        }
+        "/latest/meta-data/network/interfaces/macs"
+        | "/latest/meta-data/network/interfaces/macs/" => text(&format!("{}/", state.mac)),
         "/latest/meta-data/placement" | "/latest/meta-data/placement/" => {
             text("availability-zone\nregion")
         }
         "/latest/meta-data/placement/availability-zone" => text(&id.availability_zone),
         "/latest/meta-data/placement/region" => text(&id.region),
+        _ if path.starts_with("/latest/meta-data/network/interfaces/macs/") => {
+            interface_document(state, path)
+        }
         _ => {
             let role = state.role.as_ref()?;
             let name = path.strip_prefix("/latest/meta-data/iam/security-credentials/")?;
             (name == role.name).then(|| role_credentials(role, &state.pending_time).into_bytes())
         }
     }
+}
+
+/// The primary interface's keys under `meta-data/network/interfaces/macs/MAC/` (device 0, the
+/// instance's private address; ids derived from the instance id, stable across restarts).
+fn interface_document(state: &State, path: &str) -> Option<Vec<u8>> {
+    let rest = path.strip_prefix("/latest/meta-data/network/interfaces/macs/")?;
+    let (mac, key) = rest.split_once('/').unwrap_or((rest, ""));
+    if mac != state.mac {
+        return None;
+    }
+    let id = &state.identity;
+    let suffix = id.instance_id.trim_start_matches("i-");
+    let body = match key {
+        "" => "device-number\ninterface-id\nlocal-hostname\nlocal-ipv4s\nmac\nowner-id".to_string(),
+        "device-number" => "0".to_string(),
+        "interface-id" => format!("eni-{suffix}"),
+        "local-hostname" => private_dns_name(id),
+        "local-ipv4s" => id.private_ip.clone(),
+        "mac" => state.mac.clone(),
+        "owner-id" => id.account_id.clone(),
+        _ => return None,
+    };
+    Some(body.into_bytes())
 }
 
 /// The credentials document, laid out the way EC2 lays it out.
@@ -814,6 +927,41 @@ mod tests {
             "ip-10-0-0-12.eu-west-1.compute.internal"
         );
         assert_eq!(get("/latest/meta-data/nope").0, 404);
+
+        // Dated versions serve the same documents; unknown ones are 404, as on EC2.
+        let versions = get("/").1;
+        assert!(versions.contains("\n2021-03-23\n"), "{versions}");
+        assert!(versions.starts_with("1.0\n") && versions.ends_with("\nlatest"));
+        assert_eq!(
+            get("/2021-03-23/meta-data/instance-id"),
+            (200, "i-0123456789abcdef0".to_string())
+        );
+        assert_eq!(get("/2009-04-04/user-data"), (200, "hello".to_string()));
+        assert_eq!(get("/2021-03-23/meta-data/"), get("/latest/meta-data/"));
+        assert_eq!(get("/2021-03-23").1, get("/latest").1);
+        assert_eq!(get("/2099-01-01/meta-data/instance-id").0, 404);
+        assert_eq!(get("/nope").0, 404);
+        // The primary interface, as cloud-init's crawl reads it.
+        assert_eq!(get("/latest/meta-data/mac").1, DEFAULT_MAC);
+        assert_eq!(
+            get("/latest/meta-data/network/interfaces/macs/").1,
+            format!("{DEFAULT_MAC}/")
+        );
+        let nic = format!("/latest/meta-data/network/interfaces/macs/{DEFAULT_MAC}");
+        for key in get(&format!("{nic}/")).1.lines() {
+            assert_eq!(get(&format!("{nic}/{key}")).0, 200, "{key}");
+        }
+        assert_eq!(get(&format!("{nic}/local-ipv4s")).1, "10.0.0.12");
+        assert_eq!(get(&format!("{nic}/device-number")).1, "0");
+        assert_eq!(
+            get(&format!("{nic}/interface-id")).1,
+            "eni-0123456789abcdef0"
+        );
+        assert_eq!(get(&format!("{nic}/nope")).0, 404);
+        assert_eq!(
+            get("/latest/meta-data/network/interfaces/macs/02:00:00:00:00:01/mac").0,
+            404
+        );
 
         let (code, doc) = get("/latest/dynamic/instance-identity/document");
         assert_eq!(code, 200);
