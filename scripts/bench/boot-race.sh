@@ -32,7 +32,10 @@ pids=()
 
 say() { echo "boot-race: $*" >&2; }
 die() { say "error: $*"; exit 1; }
+git_pgid=""
 cleanup() {
+    # git daemon runs a git-daemon child per connection: its whole process group goes.
+    [[ -n "$git_pgid" ]] && kill -TERM -- "-$git_pgid" 2>/dev/null || true
     for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
     for p in "${pids[@]}"; do
         for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
@@ -71,7 +74,7 @@ example_repos "$W/repos"
 git_port=$(free_port)
 setsid git daemon --reuseaddr --export-all --base-path="$W/repos/git" --listen=127.0.0.1 \
     --port="$git_port" "$W/repos/git" >"$W/git-daemon.log" 2>&1 &
-pids+=($!)
+git_pgid=$!
 greeting=$(cat examples/config/web/greeting.txt)
 
 # The agent's user-data is the quickstart's. Only bare needs this machine's extra CAs (it
