@@ -10,7 +10,7 @@ cd "$repo"
 stage() {
     local dir="${CARGO_TARGET_DIR:-$repo/target}"
     mkdir -p "$dir"
-    echo "== $1 ($(df -h --output=avail "$dir" | tail -1 | tr -d ' ') free for $dir)" >&2
+    echo "== $(date -u +%H:%M:%S) $1 ($(df -h --output=avail "$dir" | tail -1 | tr -d ' ') free for $dir)" >&2
 }
 
 scripts/install-test-deps.sh
