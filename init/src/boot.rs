@@ -278,7 +278,7 @@ fn sequence(
 }
 
 /// `base/dir`, or `base` itself for `.`.
-fn inside(base: &Path, dir: &str) -> PathBuf {
+pub(crate) fn inside(base: &Path, dir: &str) -> PathBuf {
     match dir.trim_matches('/') {
         "" | "." => base.to_path_buf(),
         d => base.join(d),

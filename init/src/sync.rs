@@ -220,6 +220,10 @@ fn highstate_step(
             ctx.layout,
             salt_call,
             &ctx.settings.minion_id,
+            &crate::boot::inside(
+                &ctx.layout.repo_current("salt"),
+                &ctx.settings.salt.states_dir,
+            ),
             ctx.settings.salt.timeout,
         )?;
         let d = r.summary();

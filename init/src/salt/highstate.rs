@@ -328,10 +328,14 @@ pub fn log_file(layout: &Layout) -> PathBuf {
 ///
 /// `-l error` rather than `-l quiet`: quiet hides the configuration errors that are the only
 /// clue when salt writes no JSON; the log lines go to `highstate.log`, not into the result.
+///
+/// `file_root` is the published state tree (the minion configuration's `base` root): whether
+/// it has custom modules decides whether salt syncs them first ([`super::modules`]).
 pub fn run(
     layout: &Layout,
     salt_call: &Path,
     minion_id: &str,
+    file_root: &Path,
     timeout: Duration,
 ) -> Result<HighstateReport> {
     let conf = layout.minion_conf_file();
@@ -342,6 +346,13 @@ pub fn run(
             conf.display()
         );
     }
+    let sync = super::modules::write_sync_setting(layout, file_root)?;
+    tracing::debug!(
+        sync = sync
+            .as_deref()
+            .unwrap_or("no: the tree has no custom modules"),
+        "salt's module sync before the highstate"
+    );
     let out_file = layout.highstate_out();
     let log = log_file(layout);
     if let Some(dir) = out_file.parent() {
@@ -632,7 +643,15 @@ mod tests {
             self.file("top.sls", &format!("base:\n  '{id}':\n    - {sls}\n"));
         }
         fn run(&self, id: &str) -> HighstateReport {
-            run(&self.layout, &salt_call(), id, Duration::from_secs(300)).unwrap()
+            let root = self.layout.repo_current("salt");
+            run(
+                &self.layout,
+                &salt_call(),
+                id,
+                &root,
+                Duration::from_secs(300),
+            )
+            .unwrap()
         }
     }
 
@@ -671,6 +690,66 @@ mod tests {
         ] {
             assert!(t.dir.path().join(d).is_dir(), "{d} not under the root");
         }
+    }
+
+    /// With `_modules/` in the tree salt syncs it and the states can call it; with the
+    /// directory gone the next highstate syncs once more, so salt deletes its stale copy; then
+    /// no sync at all.
+    #[test]
+    fn custom_modules_are_synced_while_the_tree_has_them_and_removed_after() {
+        let t = Tree::new("mod-1", "");
+        let out = t.dir.path().join("srv/greeting");
+        t.top("mod-1", "greet");
+        t.file(
+            "_modules/greeter.py",
+            "def hello():\n    return 'hello from a custom module'\n",
+        );
+        t.file(
+            "greet.sls",
+            &format!(
+                "greeting:\n  file.managed:\n    - name: {}\n    - makedirs: True\n    - contents: {{{{ salt['greeter.hello']() }}}}\n",
+                out.display()
+            ),
+        );
+        let r = t.run("mod-1");
+        assert!(r.ok, "{r:?}");
+        assert_eq!(
+            fs::read_to_string(&out).unwrap().trim_end(),
+            "hello from a custom module"
+        );
+        let conf = || fs::read_to_string(super::super::modules::conf_file(&t.layout)).unwrap();
+        assert!(
+            conf().contains("autoload_dynamic_modules: true"),
+            "{}",
+            conf()
+        );
+        let synced = super::super::modules::extmods_dir(&t.layout).join("modules/greeter.py");
+        assert!(
+            synced.is_file(),
+            "salt did not sync to {}",
+            synced.display()
+        );
+
+        // The module goes; the state still calls it: salt must have deleted its copy.
+        fs::remove_dir_all(t.layout.repo_current("salt").join("_modules")).unwrap();
+        let r = t.run("mod-1");
+        assert!(!r.ok, "a removed module still answered: {r:?}");
+        assert!(
+            conf().contains("autoload_dynamic_modules: true"),
+            "{}",
+            conf()
+        );
+        assert!(!synced.exists(), "salt kept the stale {}", synced.display());
+
+        // Nothing left to sync: the next highstate skips it.
+        t.file("greet.sls", "greeting:\n  test.succeed_without_changes\n");
+        let r = t.run("mod-1");
+        assert!(r.ok, "{r:?}");
+        assert!(
+            conf().contains("autoload_dynamic_modules: false"),
+            "{}",
+            conf()
+        );
     }
 
     #[test]
@@ -721,7 +800,14 @@ mod tests {
         let started = Instant::now();
         let err = format!(
             "{:#}",
-            run(&t.layout, &salt_call(), "slow-1", Duration::from_secs(3)).unwrap_err()
+            run(
+                &t.layout,
+                &salt_call(),
+                "slow-1",
+                &t.layout.repo_current("salt"),
+                Duration::from_secs(3)
+            )
+            .unwrap_err()
         );
         assert!(err.contains("did not finish within 3s"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(30));
@@ -743,7 +829,14 @@ mod tests {
         let started = Instant::now();
         let err = format!(
             "{:#}",
-            run(&t.layout, &fake, "hung-1", Duration::from_millis(500)).unwrap_err()
+            run(
+                &t.layout,
+                &fake,
+                "hung-1",
+                &t.layout.repo_current("salt"),
+                Duration::from_millis(500)
+            )
+            .unwrap_err()
         );
         assert!(started.elapsed() < Duration::from_secs(10));
         assert!(
@@ -768,7 +861,14 @@ mod tests {
         fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let err = format!(
             "{:#}",
-            run(&t.layout, &fake, "x-1", Duration::from_secs(30)).unwrap_err()
+            run(
+                &t.layout,
+                &fake,
+                "x-1",
+                &t.layout.repo_current("salt"),
+                Duration::from_secs(30)
+            )
+            .unwrap_err()
         );
         // The output can quote pillar values (change diffs): it stays in the 0600 log.
         assert!(
@@ -783,7 +883,14 @@ mod tests {
         let bare = Layout::new(t.dir.path().join("elsewhere"));
         let err = format!(
             "{:#}",
-            run(&bare, &fake, "x-1", Duration::from_secs(30)).unwrap_err()
+            run(
+                &bare,
+                &fake,
+                "x-1",
+                &bare.repo_current("salt"),
+                Duration::from_secs(30)
+            )
+            .unwrap_err()
         );
         assert!(err.contains("no salt minion configuration"), "{err}");
     }

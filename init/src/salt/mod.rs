@@ -1,5 +1,6 @@
 //! Salt, masterless: the minion configuration ([`config`]), salt itself on the machine
-//! ([`install`]), and `state.highstate` with its parsed result ([`highstate`]).
+//! ([`install`]), and `state.highstate` with its parsed result ([`highstate`]), preceded by a
+//! sync of the tree's custom modules only when it has some ([`modules`]).
 //!
 //! Salt runs as `salt-call --local` with `--config-dir` pointing at the layout's `etc/salt`;
 //! under a root other than `/` the configuration sets `root_dir` so salt's cache, keys,
@@ -8,6 +9,7 @@
 pub mod config;
 pub mod highstate;
 pub mod install;
+pub mod modules;
 
 pub use config::{write_minion_config, MinionConfig};
 pub use highstate::{FailedState, HighstateReport};
