@@ -92,9 +92,12 @@ if [[ ! -x $AVENV/bin/ansible-pull || $have != "${ANSIBLE_PIN#*==}" ]]; then
 fi
 if [[ ${BENCH_NO_BUILD:-0} == 1 ]]; then
     BIN="$repo/target/x86_64-unknown-linux-musl/release/stackless-init"
+    BIN_ARM="$repo/target/aarch64-unknown-linux-musl/release/stackless-init"
 else
-    log "building the static binary and the IMDS emulator"
-    BIN=$("$repo/scripts/build-init.sh" | tail -1)
+    log "building the static binaries (x86_64, aarch64) and the IMDS emulator"
+    built=$("$repo/scripts/build-init.sh" --arch all)
+    BIN=$(tail -1 <<<"$built")
+    BIN_ARM=$(head -1 <<<"$built")
     (cd "$repo" && cargo build --quiet --locked -p init --features emulator --bin imds-emulator >&2)
     (cd "$repo" && cargo build --quiet --locked -p builder --bin builder >&2)
 fi
@@ -210,7 +213,9 @@ EOF
 # --- 1. binary size ------------------------------------------------------------------------------------
 log "binary size"
 ans_bytes=$(du -sb "$AVENV/lib" | cut -f1)
-printf '{"bytes": %s, "alt_bytes": %s}\n' "$(stat -c %s "$BIN")" "$ans_bytes" >"$R/size.json"
+arm_bytes=null
+[[ -f $BIN_ARM ]] && arm_bytes=$(stat -c %s "$BIN_ARM")
+printf '{"bytes": %s, "aarch64_bytes": %s, "alt_bytes": %s}\n' "$(stat -c %s "$BIN")" "$arm_bytes" "$ans_bytes" >"$R/size.json"
 
 # --- 2. boot overhead ---------------------------------------------------------------------------------
 log "boot overhead: $N_BOOT boots after 2 warm-ups"

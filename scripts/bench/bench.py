@@ -745,9 +745,19 @@ def cmd_render(a):
         "ansible-core and its dependencies, pip-installed (`du`)",
         fmt(mib(size["alt_bytes"]), "MiB", 1),
         ratio(size["alt_bytes"], size["bytes"]),
-        "< 3 MB",
-        size["bytes"] < 3_000_000,
+        "< 2 MiB (round two; < 3 MB before)",
+        size["bytes"] < 2 * 1024 * 1024,
     )
+    if size.get("aarch64_bytes"):
+        row(
+            "same, aarch64 (Graviton)",
+            fmt(mib(size["aarch64_bytes"]), "MiB", 2),
+            "same",
+            fmt(mib(size["alt_bytes"]), "MiB", 1),
+            ratio(size["alt_bytes"], size["aarch64_bytes"]),
+            "< 2 MiB",
+            size["aarch64_bytes"] < 2 * 1024 * 1024,
+        )
 
     # boot
     boot = load(d, "boot.json")
