@@ -6,7 +6,9 @@
 #   scripts/bench.sh                 full run, regenerates docs/benchmarks.md
 #   BENCH_QUICK=1 scripts/bench.sh   few iterations, writes $BENCH_DIR/benchmarks.md instead
 #   BENCH_BOOT=1 scripts/bench.sh    adds the boot race against cloud-init in qemu
-#                                    (scripts/bench/boot-race.sh; root, tens of minutes)
+#                                    (scripts/bench/boot-race.sh; root, tens of minutes;
+#                                    BENCH_BOOT_RUNS pairs of boots, default 5: runs vary by
+#                                    tens of percent on a shared machine)
 #
 # Environment: BENCH_DIR (work folder, default /tmp/stackless-bench, emptied at start and removed
 # at exit unless BENCH_KEEP=1), BENCH_NO_BUILD=1 (use the binaries already built), BENCH_OUT.
@@ -522,7 +524,7 @@ busy incremental
 if [[ ${BENCH_BOOT:-0} == 1 ]]; then
     log "boot race: preseeded against cloud-init doing the same work, then bare, in qemu"
     BUILDER="$BUILDER" STACKLESS_INIT_STATIC="$BIN" "$here/boot-race.sh" "$W/boot-race" \
-        "$([[ $QUICK == 1 ]] && echo 1 || echo 3)" >"$R/boot-race.json" 2>"$W/log/boot-race.log" ||
+        "$([[ $QUICK == 1 ]] && echo 1 || echo "${BENCH_BOOT_RUNS:-5}")" >"$R/boot-race.json" 2>"$W/log/boot-race.log" ||
         die "boot race failed: $(tail -5 "$W/log/boot-race.log")"
     busy boot-race
 fi

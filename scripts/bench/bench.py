@@ -1038,13 +1038,18 @@ def cmd_render(a):
     # the boot race (BENCH_BOOT=1): the same work at boot, the agent against cloud-init, in qemu
     br = load(d, "boot-race.json") if os.path.exists(os.path.join(d, "boot-race.json")) else None
     if br:
+
+        def spread(ms):
+            # The runs' range beside the median: how far one run can be from another here.
+            return f" ({min(ms) / 1000:.1f} to {max(ms) / 1000:.1f})" if len(ms) > 1 else ""
+
         accel = "/".join(br["accel"]).upper()
         ps, ci = med(br["web_ms"]["preseeded"]) / 1000, med(br["web_ms"]["cloud-init"]) / 1000
         row(
             f"boot: qemu start to the highstate done and the web program answering, preseeded image ({accel}), median of {len(br['web_ms']['preseeded'])}",
-            fmt(ps, "s", 1),
+            fmt(ps, "s", 1) + spread(br["web_ms"]["preseeded"]),
             "cloud-init (Debian's, Ec2 datasource on the same IMDS emulator; `runcmd` clones the same repositories and runs `salt-call --local state.highstate`), the preseeded image with the agent's unit off",
-            fmt(ci, "s", 1),
+            fmt(ci, "s", 1) + spread(br["web_ms"]["cloud-init"]),
             ratio(ci, ps),
             "≤ 0.5× cloud-init's",
             ps <= 0.5 * ci,
