@@ -79,9 +79,10 @@ build_one() { # arch -> prints the binary's path
     # message and location. The flags are the target's, so they reach neither build scripts nor
     # the debug test builds (whose panic=unwind needs the tables); .cargo/config.toml's target
     # flags still apply (cargo joins them).
-    local target_env
-    target_env=$(echo "$target" | tr 'a-z-' 'A-Z_')
-    (cd "$repo" && env RUSTC_BOOTSTRAP=1 "CARGO_TARGET_${target_env}_RUSTFLAGS=-C force-unwind-tables=no" \
+    # Added to any flags the caller set for the target, not in place of them.
+    local flags_var
+    flags_var="CARGO_TARGET_$(echo "$target" | tr 'a-z-' 'A-Z_')_RUSTFLAGS"
+    (cd "$repo" && env RUSTC_BOOTSTRAP=1 "$flags_var=${!flags_var:-} -C force-unwind-tables=no" \
         cargo build --quiet --release --locked --target "$target" -p init --bin stackless-init \
         -Z build-std=std,panic_abort -Z build-std-features=optimize_for_size >&2)
     bin="${CARGO_TARGET_DIR:-$repo/target}/$target/release/stackless-init"

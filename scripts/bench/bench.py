@@ -739,25 +739,20 @@ def cmd_render(a):
 
     # binary size
     size = load(d, "size.json")
-    row(
-        "static `stackless-init` binary",
-        fmt(mib(size["bytes"]), "MiB", 2),
-        "ansible-core and its dependencies, pip-installed (`du`)",
-        fmt(mib(size["alt_bytes"]), "MiB", 1),
-        ratio(size["alt_bytes"], size["bytes"]),
-        "< 2 MiB (round two; < 3 MB before)",
-        size["bytes"] < 2 * 1024 * 1024,
-    )
-    if size.get("aarch64_bytes"):
-        row(
-            "same, aarch64 (Graviton)",
-            fmt(mib(size["aarch64_bytes"]), "MiB", 2),
-            "same",
-            fmt(mib(size["alt_bytes"]), "MiB", 1),
-            ratio(size["alt_bytes"], size["aarch64_bytes"]),
-            "< 2 MiB",
-            size["aarch64_bytes"] < 2 * 1024 * 1024,
-        )
+    for what, key, alt_name, goal in (
+        ("static `stackless-init` binary", "bytes", "ansible-core and its dependencies, pip-installed (`du`)", "< 2 MiB (round two; < 3 MB before)"),
+        ("same, aarch64 (Graviton)", "aarch64_bytes", "same", "< 2 MiB"),
+    ):
+        if size.get(key):
+            row(
+                what,
+                fmt(mib(size[key]), "MiB", 2),
+                alt_name,
+                fmt(mib(size["alt_bytes"]), "MiB", 1),
+                ratio(size["alt_bytes"], size[key]),
+                goal,
+                size[key] < 2 * 1024 * 1024,
+            )
 
     # boot
     boot = load(d, "boot.json")
