@@ -1,7 +1,8 @@
-//! `stackless-init`: argument parsing only; the engine is the library.
+//! `stackless-init`: dispatch only; the command line is parsed by `stackless_init::cli`, the
+//! engine is the library.
 
-use clap::{Parser, Subcommand};
 use stackless_init::boot::{self, BootOptions};
+use stackless_init::cli::{self, Command, Parsed};
 use stackless_init::imds::Identity;
 use stackless_init::lifecycle::{self, WaitResult};
 use stackless_init::paths::Layout;
@@ -11,113 +12,6 @@ use stackless_init::{resident, status, sync, userdata};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-
-#[derive(Parser)]
-#[command(
-    name = "stackless-init",
-    version,
-    about = "Configures this instance from its user-data, masterless"
-)]
-struct Cli {
-    /// Put every path the agent owns under DIR (for tests and chroots).
-    #[arg(long, global = true, env = "STACKLESS_ROOT", default_value = "/")]
-    root: PathBuf,
-    /// More log output (repeat for more).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
-    verbose: u8,
-    /// Only errors.
-    #[arg(short, long, global = true)]
-    quiet: bool,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the boot sequence: IMDS, user-data, salt, repositories, highstate.
-    Boot {
-        /// Exit after the boot sequence instead of staying resident.
-        #[arg(long)]
-        once: bool,
-        /// Seconds IMDS may take to answer, retries included.
-        #[arg(long, env = "STACKLESS_IMDS_DEADLINE", default_value_t = 120)]
-        imds_deadline: u64,
-    },
-    /// Validate user-data (and image defaults) without applying anything.
-    Check {
-        #[arg(long)]
-        user_data: PathBuf,
-        /// Image defaults to merge under it (default: none).
-        #[arg(long)]
-        defaults: Option<PathBuf>,
-        /// Print the resolved settings as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Show the boot timeline, repositories, the last highstate, watchers and the schedule.
-    Status {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Sync both repositories now (highstate on a new salt commit), through the same lock as the
-    /// schedule.
-    Sync {
-        /// Longest wait for a running sync to finish, in seconds.
-        #[arg(long, default_value_t = 1800)]
-        lock_wait: u64,
-    },
-    /// List each repository's releases with their verdicts (good, bad, pinned), the last good
-    /// one and the quarantined commit; pin one by hand, or unpin.
-    Releases {
-        /// Publish a release the repository still has (a unique prefix of its commit) and stay
-        /// on it: syncs do not follow the ref until --unpin. It counts as good.
-        #[arg(long, num_args = 2, value_names = ["REPO", "COMMIT"])]
-        pin: Option<Vec<String>>,
-        /// Follow the ref again from the next sync.
-        #[arg(long, value_name = "REPO", conflicts_with = "pin")]
-        unpin: Option<String>,
-        /// Longest wait for a running sync to finish, in seconds.
-        #[arg(long, default_value_t = 1800)]
-        lock_wait: u64,
-    },
-    /// Fill a repository's object store ahead of its first sync (at bake time: the image's
-    /// `[provision.seed]`), so the first boot fetches only what is newer than the image.
-    /// Public repositories only: credentials come from SSM at boot, not at bake time.
-    Seed {
-        /// `salt` or `config`.
-        #[arg(value_parser = ["salt", "config"])]
-        repo: String,
-        /// The repository's URL (no credentials in it).
-        url: String,
-        /// The branch, tag or commit whose objects to keep.
-        #[arg(long = "ref", default_value = "main")]
-        reference: String,
-        /// Seconds git may take.
-        #[arg(long, default_value_t = 600)]
-        timeout: u64,
-    },
-    /// git's askpass helper for private HTTPS repositories: answers git's prompt from the file
-    /// the agent names in STACKLESS_ASKPASS_FILE (the agent runs it; not for people).
-    #[command(hide = true)]
-    Askpass { prompt: String },
-    /// Read an SSM parameter with the instance role, as the agent does for repository
-    /// credentials, and say whether it worked (never prints the value).
-    CheckParameter {
-        name: String,
-        /// The SSM endpoint (default: AWS_ENDPOINT_URL_SSM, AWS_ENDPOINT_URL, else the region's).
-        #[arg(long)]
-        endpoint: Option<String>,
-        /// Seconds IMDS and SSM may take, retries included.
-        #[arg(long, default_value_t = 30)]
-        deadline: u64,
-    },
-    /// Block until the boot has finished: exit 0 ready, 1 failed, 2 degraded, 3 timed out.
-    Wait {
-        /// Give up after this many seconds (default: wait forever).
-        #[arg(long)]
-        timeout: Option<u64>,
-    },
-}
 
 fn main() -> ExitCode {
     // git runs GIT_ASKPASS with the prompt as its only argument: the agent points it at itself
@@ -136,7 +30,17 @@ fn main() -> ExitCode {
             }
         }
     }
-    let cli = Cli::parse();
+    let cli = match cli::parse(std::env::args_os().skip(1), &|k| std::env::var_os(k)) {
+        Ok(Parsed::Run(cli)) => cli,
+        Ok(Parsed::Print(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
     init_logging(cli.verbose, cli.quiet);
     let layout = Layout::new(&cli.root);
     match run(cli.command, &layout) {
@@ -315,8 +219,8 @@ fn run(command: Command, layout: &Layout) -> anyhow::Result<u8> {
             lock_wait,
         } => {
             let wait = Duration::from_secs(lock_wait);
-            if let Some([repo, commit]) = pin.as_deref() {
-                let full = stackless_init::releases::pin(layout, repo, commit, wait)?;
+            if let Some((repo, commit)) = pin {
+                let full = stackless_init::releases::pin(layout, &repo, &commit, wait)?;
                 println!("{repo} pinned at {full}; `stackless-init releases --unpin {repo}` follows the ref again");
             } else if let Some(repo) = unpin {
                 match stackless_init::releases::unpin(layout, &repo, wait)? {
@@ -362,28 +266,18 @@ fn announce(
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
-    use tracing_subscriber::filter::{LevelFilter, Targets};
-    use tracing_subscriber::prelude::*;
+    use stackless_init::logging::{self, Filter};
+    use tracing::level_filters::LevelFilter;
     let level = match (quiet, verbose) {
         (true, _) => LevelFilter::ERROR,
         (false, 0) => LevelFilter::INFO,
         (false, 1) => LevelFilter::DEBUG,
         _ => LevelFilter::TRACE,
     };
-    // RUST_LOG as `target=level,...` (no regex engine in a static binary).
+    // RUST_LOG as `target=level,...`; one the agent cannot read leaves the level as it is.
     let filter = std::env::var("RUST_LOG")
         .ok()
-        .and_then(|v| v.parse::<Targets>().ok())
-        .unwrap_or_else(|| Targets::new().with_default(level));
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_target(false)
-                // Plain text: the journal and the console are its readers (and colours cost the
-                // size budget an ANSI crate).
-                .with_ansi(false),
-        )
-        .with(filter)
-        .init();
+        .and_then(|v| Filter::parse(&v))
+        .unwrap_or_else(|| Filter::level(level));
+    logging::init(filter);
 }

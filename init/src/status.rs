@@ -296,20 +296,22 @@ pub fn console_report(state: &State, outcome: Outcome, error: Option<&str>) -> S
     for line in render(state).lines().filter(|l| !l.trim().is_empty()) {
         let _ = writeln!(out, "stackless-init:   {line}");
     }
-    let status = serde_json::to_value(state).unwrap_or_else(|e| {
-        serde_json::json!({ "error": format!("the status record could not be serialised: {e}") })
-    });
-    let result = serde_json::json!({
+    let head = serde_json::json!({
         "outcome": outcome.as_str(),
         "error": error,
         "total_ms": total_ms,
         "instance_id": state.instance_id,
         "minion_id": state.minion_id,
         "first_boot": first_boot,
-        "status": status,
-    });
-    // serde_json's compact form escapes newlines inside strings: the result stays one line.
-    let _ = writeln!(out, "{RESULT_PREFIX}{result}");
+    })
+    .to_string();
+    // The state record on one line: `status --json`'s pretty form without its line breaks and
+    // indentation. A JSON string cannot hold a raw line break (serde_json escapes it), so every
+    // break is between tokens. One serialiser of the record where a second, into a
+    // `serde_json::Value`, was 11 KiB of the static agent (issue 18).
+    let status: String = render_json(state).lines().map(str::trim_start).collect();
+    let head = head.strip_suffix('}').unwrap_or(&head);
+    let _ = writeln!(out, "{RESULT_PREFIX}{head},\"status\":{status}}}");
     out
 }
 
@@ -426,6 +428,12 @@ mod tests {
         assert_eq!(json["minion_id"], "web-i-0abc");
         assert_eq!(json["first_boot"], true);
         assert_eq!(json["status"]["boot"]["steps"][0]["name"], "imds");
+        // The record whole, its multi-line detail included, as `status --json` has it.
+        assert_eq!(json["status"], serde_json::to_value(&state).unwrap());
+        assert_eq!(
+            json["status"]["boot"]["steps"][0]["detail"],
+            "i-0abc\nsecond line"
+        );
         assert!(text.ends_with("}\n"));
 
         // Failed before IMDS: no ids, the reason in the headline and the JSON, still one line.

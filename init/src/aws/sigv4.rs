@@ -2,9 +2,8 @@
 //!
 //! Why our own and not the `aws-sigv4` crate: the agent needs one request shape (a JSON POST to
 //! SSM), and `aws-sigv4` brings `http`, `aws-smithy-runtime-api`, `aws-credential-types`, `time`
-//! and friends into a binary with a 3 MiB budget. This signer is SHA-256 from `sha2` (already in
-//! the agent) plus HMAC-SHA256 written out below (RFC 2104, a dozen lines, checked against RFC
-//! 4231's vectors). It is checked against AWS's published SigV4 test suite
+//! and friends into a binary with a 3 MiB budget. This signer is SHA-256 and HMAC-SHA256 from `ring`
+//! (already in the agent for TLS; its HMAC is checked here against RFC 4231's vectors). It is checked against AWS's published SigV4 test suite
 //! (`init/testdata/sigv4`, from awslabs/aws-c-auth) and against botocore's signer as an oracle.
 //!
 //! The canonical request follows AWS's rules for every service but S3: the path is normalized
@@ -12,7 +11,7 @@
 //! query parameters are decoded, re-encoded and sorted, header names lowercased, values trimmed
 //! with inner runs of spaces collapsed, duplicates joined with commas in order.
 
-use sha2::{Digest, Sha256};
+use ring::{digest, hmac};
 use std::fmt;
 
 pub const ALGORITHM: &str = "AWS4-HMAC-SHA256";
@@ -74,7 +73,7 @@ pub struct Signed {
 
 /// Sign `request`.
 pub fn sign(request: &Request<'_>, scope: &Scope<'_>, credentials: &Credentials) -> Signed {
-    let payload_hash = hex(&Sha256::digest(request.body));
+    let payload_hash = hex(sha256(request.body).as_ref());
     let mut added: Vec<(&'static str, String)> = vec![("X-Amz-Date", scope.amz_date.to_string())];
     if let Some(token) = &credentials.session_token {
         added.push(("X-Amz-Security-Token", token.clone()));
@@ -126,7 +125,7 @@ pub fn sign(request: &Request<'_>, scope: &Scope<'_>, credentials: &Credentials)
     let string_to_sign = format!(
         "{ALGORITHM}\n{}\n{credential_scope}\n{}",
         scope.amz_date,
-        hex(&Sha256::digest(canonical_request.as_bytes()))
+        hex(sha256(canonical_request.as_bytes()).as_ref())
     );
     let mut key = hmac_sha256(
         format!("AWS4{}", credentials.secret_access_key).as_bytes(),
@@ -214,30 +213,17 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
-/// HMAC-SHA256 (RFC 2104 with a 64-byte block).
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> digest::Digest {
+    digest::digest(&digest::SHA256, data)
+}
+
+/// HMAC-SHA256 (RFC 2104).
 pub fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
-    const BLOCK: usize = 64;
-    let mut block_key = [0u8; BLOCK];
-    if key.len() > BLOCK {
-        block_key[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        block_key[..key.len()].copy_from_slice(key);
-    }
-    let mut ipad = [0x36u8; BLOCK];
-    let mut opad = [0x5cu8; BLOCK];
-    for i in 0..BLOCK {
-        ipad[i] ^= block_key[i];
-        opad[i] ^= block_key[i];
-    }
-    let inner = Sha256::new()
-        .chain_update(ipad)
-        .chain_update(data)
-        .finalize();
-    Sha256::new()
-        .chain_update(opad)
-        .chain_update(inner)
-        .finalize()
-        .into()
+    let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(tag.as_ref());
+    out
 }
 
 pub fn hex(bytes: &[u8]) -> String {

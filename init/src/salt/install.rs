@@ -6,7 +6,6 @@
 //! sha256 before anything runs. `none` means the image promises salt and a missing salt is an error.
 
 use anyhow::{bail, Context, Result};
-use sha2::{Digest, Sha256};
 use std::ffi::OsString;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -14,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use crate::aws::sigv4::{hex, sha256};
 use crate::paths::Layout;
 use crate::process::{self, Deadline};
 pub use crate::userdata::specs::{
@@ -269,7 +269,7 @@ fn install_onedir(layout: &Layout, spec: &InstallSpec, deadline: Deadline) -> Re
             );
         }
         let data = fs::read(&script).with_context(|| format!("reading {}", script.display()))?;
-        let actual = hex(&Sha256::digest(&data));
+        let actual = hex(sha256(&data).as_ref());
         if actual != expected {
             bail!(
                 "salt-bootstrap from {} has sha256 {actual}, expected {expected}; not running it \
@@ -298,10 +298,6 @@ fn install_onedir(layout: &Layout, spec: &InstallSpec, deadline: Deadline) -> Re
     })();
     let _ = fs::remove_file(&script);
     result
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -559,7 +555,7 @@ mod tests {
         let spec = InstallSpec {
             method: InstallMethod::Onedir,
             bootstrap_url: serve(script.clone()),
-            bootstrap_sha256: hex(&Sha256::digest(&script)),
+            bootstrap_sha256: hex(sha256(&script).as_ref()),
             ..Default::default()
         };
         let layout = Layout::new(dir.path().join("root"));
@@ -582,7 +578,7 @@ mod tests {
             method: InstallMethod::Onedir,
             version: "3008.4".into(),
             bootstrap_url: serve(script.clone()),
-            bootstrap_sha256: hex(&Sha256::digest(&script)).to_uppercase(),
+            bootstrap_sha256: hex(sha256(&script).as_ref()).to_uppercase(),
             python: "python3".into(),
         };
         let search = Search {
@@ -607,7 +603,7 @@ mod tests {
         let marker = dir.path().join("bootstrap-ran");
         let system = dir.path().join("opt/saltstack/salt/salt-call");
         let script = fake_bootstrap(&marker, &system);
-        let actual = hex(&Sha256::digest(&script));
+        let actual = hex(sha256(&script).as_ref());
         let wrong = "0".repeat(64);
         let mut spec = InstallSpec {
             method: InstallMethod::Onedir,

@@ -1,6 +1,5 @@
 //! The `[sync] schedule`: a 5-field cron expression, a cron nickname (`@hourly`) or `@every DURATION`.
 
-use sha2::{Digest, Sha256};
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
@@ -92,8 +91,8 @@ pub fn splay_offset(instance_id: &str, splay: Duration) -> Duration {
     if ms == 0 {
         return Duration::ZERO;
     }
-    let digest = Sha256::digest(instance_id.as_bytes());
-    let n = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+    let digest = ring::digest::digest(&ring::digest::SHA256, instance_id.as_bytes());
+    let n = u64::from_be_bytes(digest.as_ref()[..8].try_into().expect("8 bytes"));
     Duration::from_millis(n % ms)
 }
 

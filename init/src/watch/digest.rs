@@ -1,6 +1,6 @@
 //! Content fingerprints: streaming sha256 of regular files, markers for everything else.
 
-use sha2::{Digest as _, Sha256};
+use ring::digest::{Context, SHA256};
 use std::fs::File;
 use std::io::{ErrorKind, Read};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -48,7 +48,7 @@ pub fn digest(path: &Path) -> Digest {
     if ft.is_fifo() || ft.is_socket() || ft.is_block_device() || ft.is_char_device() {
         return Digest::Special;
     }
-    let mut hasher = Sha256::new();
+    let mut hasher = Context::new(&SHA256);
     let mut buf = [0u8; 16 * 1024];
     loop {
         match file.read(&mut buf) {
@@ -58,7 +58,13 @@ pub fn digest(path: &Path) -> Digest {
             Err(_) => return Digest::Unreadable,
         }
     }
-    Digest::Sha256(hasher.finalize().into())
+    Digest::Sha256(sha256_bytes(hasher.finish()))
+}
+
+fn sha256_bytes(d: ring::digest::Digest) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
 }
 
 #[cfg(test)]
@@ -72,7 +78,7 @@ mod tests {
         let p = dir.path().join("big");
         let mut f = File::create(&p).unwrap();
         let chunk: Vec<u8> = (0..=255u8).cycle().take(1 << 20).collect();
-        let mut whole = Sha256::new();
+        let mut whole = Context::new(&SHA256);
         for i in 0..5u8 {
             let mut c = chunk.clone();
             c[0] = i;
@@ -82,11 +88,14 @@ mod tests {
         f.write_all(b"tail").unwrap();
         whole.update(b"tail");
         drop(f);
-        assert_eq!(digest(&p), Digest::Sha256(whole.finalize().into()));
+        assert_eq!(digest(&p), Digest::Sha256(sha256_bytes(whole.finish())));
 
         let e = dir.path().join("empty");
         File::create(&e).unwrap();
-        assert_eq!(digest(&e), Digest::Sha256(Sha256::digest(b"").into()));
+        assert_eq!(
+            digest(&e),
+            Digest::Sha256(sha256_bytes(ring::digest::digest(&SHA256, b"")))
+        );
     }
 
     #[test]

@@ -640,26 +640,14 @@ fn real_queue_overflow() {
 /// Runs `f` with trace-level logging captured into a string.
 fn traced(f: impl FnOnce()) -> String {
     use std::sync::{Arc, Mutex};
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let buf = Buf::default();
+    let buf = Arc::new(Mutex::new(Vec::new()));
     let writer = buf.clone();
-    let sub = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
+    let sub = crate::logging::Log::to(
+        crate::logging::Filter::level(tracing::level_filters::LevelFilter::TRACE),
+        Box::new(move |line| writer.lock().unwrap().extend_from_slice(line)),
+    );
     tracing::subscriber::with_default(sub, f);
-    let bytes = buf.0.lock().unwrap().clone();
+    let bytes = buf.lock().unwrap().clone();
     String::from_utf8(bytes).unwrap()
 }
 
