@@ -99,6 +99,11 @@ pub fn default_cache_dir() -> PathBuf {
     PathBuf::from(home).join(".cache/stackless")
 }
 
+/// Where the base of `spec` is cached.
+pub fn tarball(spec: &BaseSpec, cache_dir: &Path) -> PathBuf {
+    cache_dir.join(format!("base-{}.tar", &spec.key()[..16]))
+}
+
 /// Fills the empty folder `root` with the base: from the cache when a fresh enough tarball of
 /// exactly this base is there, else by debootstrap (and then caches it).
 pub async fn prepare(
@@ -107,7 +112,7 @@ pub async fn prepare(
     cache_dir: &Path,
     max_age: Duration,
 ) -> Result<bool> {
-    let tarball = cache_dir.join(format!("base-{}.tar", &spec.key()[..16]));
+    let tarball = tarball(spec, cache_dir);
     let fresh = std::fs::metadata(&tarball)
         .and_then(|m| m.modified())
         .ok()

@@ -2,15 +2,16 @@
 //! with the very same command stream as the AWS seed instance, then turned into a qcow2 disk
 //! image with the image's own kernel beside it, under `out/IMAGE/BUILD_ID/`.
 //!
-//! `start` unpacks (or debootstraps) the base into `out/IMAGE/.build-ID/root`, stages the host's
-//! CA bundle when asked, stops package scripts from starting services, and mounts proc, sys, dev
-//! and a tmpfs /run. `snapshot` unmounts, undoes the build-only changes and makes the disk.
+//! `start` unpacks the packages layer (`layer.rs`; made on the base, unpacked or debootstrapped,
+//! when there is none) into `out/IMAGE/.build-ID/root`, stages the host's CA bundle when asked,
+//! stops package scripts from starting services, and mounts proc, sys, dev and a tmpfs /run. `snapshot` unmounts, undoes the build-only changes and makes the disk.
 //! `cleanup` unmounts whatever is still mounted and removes the build root, never while anything
 //! is mounted under it.
 
 pub mod base;
 pub mod caches;
 pub mod disk;
+pub mod layer;
 pub mod mounts;
 pub mod process;
 
@@ -23,6 +24,7 @@ use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
 use base::BaseSpec;
 use caches::BindCache;
+use layer::LayerSpec;
 use mounts::{remove_tree, Mounts};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -49,6 +51,9 @@ pub struct LocalOptions {
     /// Keep pip's wheels and apt's packages across bakes, under `cache_dir/pip` and
     /// `cache_dir/apt` (see `caches.rs`).
     pub provision_caches: bool,
+    /// Start from the base with the definition's apt packages installed, cached as
+    /// `cache_dir/layer-KEY.tar` (see `layer.rs`), and as old as the base may be.
+    pub packages_layer: bool,
 }
 
 impl LocalOptions {
@@ -61,6 +66,7 @@ impl LocalOptions {
             build_ca: true,
             keep_builds: 2,
             provision_caches: true,
+            packages_layer: true,
         }
     }
 }
@@ -204,24 +210,26 @@ impl Target for LocalTarget {
             .join(format!(".build-{}", build.id));
         self.work = Some(work.clone());
         let root = work.join("root");
-        let cached =
-            base::prepare(&spec, &root, &self.opts.cache_dir, self.opts.base_max_age).await?;
-        tracing::info!(root = %root.display(), cached, "build root ready");
+        let (cache, max_age) = (&self.opts.cache_dir, self.opts.base_max_age);
+        let layer = LayerSpec::new(&spec, &def.packages, def.supervisor)
+            .filter(|_| self.opts.packages_layer);
+        let cached = match &layer {
+            Some(layer) => {
+                // The layer's install lends apt's cache, as provisioning does.
+                let apt = self
+                    .opts
+                    .provision_caches
+                    .then(|| caches::apt_host_dir(cache, &def.local_release, Arch::X86_64.ec2()));
+                layer::prepare(&spec, layer, &root, cache, max_age, apt.as_deref()).await?
+            }
+            None => base::prepare(&spec, &root, cache, max_age).await?,
+        };
+        tracing::info!(root = %root.display(), cached, layer = layer.is_some(), "build root ready");
 
-        // Build-only changes, undone by `snapshot`.
-        let policy = root.join(POLICY_RC_D);
-        std::fs::write(
-            &policy,
-            "#!/bin/sh\n# builder: no daemons start inside the build root.\nexit 101\n",
-        )
-        .with_context(|| format!("writing {}", policy.display()))?;
-        set_mode(&policy, 0o755)?;
-        if Path::new("/etc/resolv.conf").exists() {
-            let to = root.join("etc/resolv.conf");
-            let _ = std::fs::remove_file(&to); // may be a dangling symlink
-            std::fs::copy("/etc/resolv.conf", &to)
-                .context("copying the host's /etc/resolv.conf into the build root")?;
-        }
+        // Build-only changes, undone by `snapshot`. The host's CA comes after the layer is made:
+        // it must never be cached in it.
+        write_policy_rc_d(&root)?;
+        copy_host_resolv_conf(&root)?;
         if self.opts.build_ca {
             let to = root.join(BUILD_CA_IN_ROOT);
             if let Some(dir) = to.parent() {
@@ -341,6 +349,30 @@ impl Target for LocalTarget {
         }
         Ok(notes)
     }
+}
+
+/// Keeps package scripts from starting daemons in the root (removed before anything is cached or
+/// snapshotted).
+fn write_policy_rc_d(root: &Path) -> Result<()> {
+    let policy = root.join(POLICY_RC_D);
+    std::fs::write(
+        &policy,
+        "#!/bin/sh\n# builder: no daemons start inside the build root.\nexit 101\n",
+    )
+    .with_context(|| format!("writing {}", policy.display()))?;
+    set_mode(&policy, 0o755)
+}
+
+/// apt and pip in the root resolve names as the host does (emptied again before caching or
+/// snapshotting).
+fn copy_host_resolv_conf(root: &Path) -> Result<()> {
+    if Path::new("/etc/resolv.conf").exists() {
+        let to = root.join("etc/resolv.conf");
+        let _ = std::fs::remove_file(&to); // may be a dangling symlink
+        std::fs::copy("/etc/resolv.conf", &to)
+            .context("copying the host's /etc/resolv.conf into the build root")?;
+    }
+    Ok(())
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
