@@ -6,13 +6,15 @@
 //! The layer is made with none of the build's host-specific changes: the host's CA bundle is
 //! copied and trusted only after it is made, apt's cache is unmounted and the root's own
 //! `archives` emptied, and policy-rc.d and the host's resolv.conf are undone before it is tarred.
-//! So it holds nothing the image could not have had from the mirror alone.
+//! So it holds nothing the image could not have had from the mirror alone. A mirror behind an
+//! intercepting proxy (`build_ca`) is reached with the host's bundle handed to apt alone, in a
+//! file removed before the tarball is made.
 
 use super::base::{self, BaseSpec};
 use super::caches::{self, BindCache};
 use super::mounts::Mounts;
 use super::process::run;
-use crate::communicator::chroot::{ChrootCommunicator, BUILD_CA_IN_ROOT};
+use crate::communicator::chroot::{ChrootCommunicator, BUILD_CA_IN_ROOT, HOST_CA_BUNDLE};
 use crate::communicator::run_checked;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -24,6 +26,9 @@ const LAYER_VERSION: &str = "stackless-local-layer-v1";
 
 /// apt-get update and install of a few hundred MB of packages, with room for a slow mirror.
 const INSTALL_DEADLINE: Duration = Duration::from_secs(30 * 60);
+
+/// Where the host's CA bundle waits for apt while the layer is made (never trusted system-wide).
+const APT_CA_IN_ROOT: &str = "var/tmp/stackless-layer-ca.pem";
 
 /// A base and the packages to put on it.
 #[derive(Debug, Clone)]
@@ -82,6 +87,7 @@ pub async fn prepare(
     cache_dir: &Path,
     max_age: Duration,
     apt_cache: Option<&Path>,
+    build_ca: bool,
 ) -> Result<bool> {
     let tarball = layer.tarball(cache_dir);
     if is_fresh(&tarball, max_age) {
@@ -105,7 +111,7 @@ pub async fn prepare(
     }
     base::prepare(spec, root, cache_dir, max_age).await?;
     tracing::info!(packages = %layer.packages.join(" "), "installing the packages layer (cached afterwards)");
-    install(layer, root, apt_cache, max_age)
+    install(layer, root, apt_cache, max_age, build_ca)
         .await
         .with_context(|| {
             format!(
@@ -140,6 +146,7 @@ async fn install(
     root: &Path,
     apt_cache: Option<&Path>,
     max_age: Duration,
+    build_ca: bool,
 ) -> Result<()> {
     for p in &layer.packages {
         // The definition checks these too; they go into a shell command line.
@@ -153,6 +160,18 @@ async fn install(
     }
     super::write_policy_rc_d(root)?;
     super::copy_host_resolv_conf(root)?;
+    // An HTTPS mirror through the build host's intercepting proxy: apt alone gets its bundle.
+    let apt_ca = if build_ca && Path::new(HOST_CA_BUNDLE).is_file() {
+        let to = root.join(APT_CA_IN_ROOT);
+        if let Some(dir) = to.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::copy(HOST_CA_BUNDLE, &to)
+            .with_context(|| format!("copying the host's CA bundle {HOST_CA_BUNDLE} for apt"))?;
+        format!(" -o Acquire::https::CAInfo=/{APT_CA_IN_ROOT}")
+    } else {
+        String::new()
+    };
     let mut mounts = Mounts::mount(root)?;
     let mut apt = match apt_cache {
         Some(host) if root.join(caches::APT_IN_ROOT).is_dir() => {
@@ -166,7 +185,7 @@ async fn install(
         &comm,
         "installing the packages layer",
         &format!(
-            "apt-get update -qq && apt-get install -y -qq --no-install-recommends {}",
+            "apt-get{apt_ca} update -qq && apt-get{apt_ca} install -y -qq --no-install-recommends {}",
             layer.packages.join(" ")
         ),
         INSTALL_DEADLINE,
@@ -197,6 +216,10 @@ fn undo_build_changes(root: &Path) -> Result<()> {
     let resolv = root.join("etc/resolv.conf");
     let _ = std::fs::remove_file(&resolv);
     std::fs::write(&resolv, "").with_context(|| format!("emptying {}", resolv.display()))?;
+    let ca = root.join(APT_CA_IN_ROOT);
+    if ca.exists() {
+        std::fs::remove_file(&ca).with_context(|| format!("removing {}", ca.display()))?;
+    }
     // Packages apt downloaded into the root itself (its cache was lent to another bake).
     for dir in [
         root.join(caches::APT_IN_ROOT),
@@ -217,7 +240,12 @@ fn undo_build_changes(root: &Path) -> Result<()> {
 /// Refuses to cache a root that still has anything of the build host in it.
 fn check_clean(root: &Path) -> Result<()> {
     let mut found = Vec::new();
-    for p in [BUILD_CA_IN_ROOT, super::POLICY_RC_D, caches::PIP_IN_ROOT] {
+    for p in [
+        BUILD_CA_IN_ROOT,
+        APT_CA_IN_ROOT,
+        super::POLICY_RC_D,
+        caches::PIP_IN_ROOT,
+    ] {
         if std::fs::symlink_metadata(root.join(p)).is_ok() {
             found.push(format!("/{p}"));
         }
@@ -347,9 +375,13 @@ mod tests {
         std::fs::write(&ca, "cert").unwrap();
         std::fs::create_dir_all(root.join(caches::APT_IN_ROOT)).unwrap();
         std::fs::write(root.join(caches::APT_IN_ROOT).join("gcc.deb"), "deb").unwrap();
+        let apt_ca = root.join(APT_CA_IN_ROOT);
+        std::fs::create_dir_all(apt_ca.parent().unwrap()).unwrap();
+        std::fs::write(&apt_ca, "cert").unwrap();
         let e = format!("{:#}", check_clean(root).unwrap_err());
         for part in [
             "stackless-build-host.crt",
+            "stackless-layer-ca.pem",
             "non-empty /etc/resolv.conf",
             "packages in /var/cache/apt/archives",
         ] {
@@ -410,7 +442,7 @@ mod tests {
         let layer = LayerSpec::new(&spec, &strings(&["hello"]), false).unwrap();
 
         let root = work.path().join("root");
-        let cached = prepare(&spec, &layer, &root, &cache, week, Some(&apt))
+        let cached = prepare(&spec, &layer, &root, &cache, week, Some(&apt), true)
             .await
             .unwrap();
         assert!(!cached);
@@ -426,8 +458,10 @@ mod tests {
         );
         let listed = tar_list(&tarball);
         assert!(listed.iter().any(|p| p == "usr/bin/hello"));
+        // Made with build_ca: the host's bundle reached apt and stayed out of the layer.
         for bad in [
             BUILD_CA_IN_ROOT,
+            APT_CA_IN_ROOT,
             super::super::POLICY_RC_D,
             caches::PIP_IN_ROOT,
         ] {
@@ -462,7 +496,7 @@ mod tests {
 
         // The next build unpacks it.
         let again = work.path().join("again");
-        assert!(prepare(&spec, &layer, &again, &cache, week, None)
+        assert!(prepare(&spec, &layer, &again, &cache, week, None, false)
             .await
             .unwrap());
         assert!(again.join("usr/bin/hello").exists());
@@ -473,7 +507,7 @@ mod tests {
         let broken = work.path().join("broken");
         let e = format!(
             "{:#}",
-            prepare(&spec, &bad, &broken, &cache, week, Some(&apt))
+            prepare(&spec, &bad, &broken, &cache, week, Some(&apt), false)
                 .await
                 .unwrap_err()
         );

@@ -220,7 +220,16 @@ impl Target for LocalTarget {
                     .opts
                     .provision_caches
                     .then(|| caches::apt_host_dir(cache, &def.local_release, Arch::X86_64.ec2()));
-                layer::prepare(&spec, layer, &root, cache, max_age, apt.as_deref()).await?
+                layer::prepare(
+                    &spec,
+                    layer,
+                    &root,
+                    cache,
+                    max_age,
+                    apt.as_deref(),
+                    self.opts.build_ca,
+                )
+                .await?
             }
             None => base::prepare(&spec, &root, cache, max_age).await?,
         };
