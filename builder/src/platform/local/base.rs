@@ -113,29 +113,12 @@ pub async fn prepare(
     max_age: Duration,
 ) -> Result<bool> {
     let tarball = tarball(spec, cache_dir);
-    let fresh = std::fs::metadata(&tarball)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| SystemTime::now().duration_since(t).ok())
-        .is_some_and(|age| age < max_age);
+    let fresh = is_fresh(&tarball, max_age);
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
     let root_s = root.to_string_lossy().to_string();
     if fresh {
         tracing::info!(tarball = %tarball.display(), "unpacking the cached Debian base");
-        run(
-            "unpacking the cached base",
-            "tar",
-            &[
-                "-C",
-                &root_s,
-                "--numeric-owner",
-                "--xattrs",
-                "-xpf",
-                &tarball.to_string_lossy(),
-            ],
-            Duration::from_secs(600),
-        )
-        .await?;
+        unpack("unpacking the cached base", &tarball, root).await?;
         return Ok(true);
     }
     tracing::info!(release = %spec.release, mirror = %spec.mirror, "debootstrap (a few minutes; cached afterwards)");
@@ -193,6 +176,34 @@ pub async fn prepare(
     std::fs::rename(&partial, &tarball)
         .with_context(|| format!("publishing {}", tarball.display()))?;
     Ok(false)
+}
+
+/// Whether the cached tarball is there and younger than `max_age`.
+pub(super) fn is_fresh(tarball: &Path, max_age: Duration) -> bool {
+    std::fs::metadata(tarball)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .is_some_and(|age| age < max_age)
+}
+
+/// Unpacks a cached root tarball (owners, modes and xattrs as they were) into `root`.
+pub(super) async fn unpack(what: &str, tarball: &Path, root: &Path) -> Result<()> {
+    run(
+        what,
+        "tar",
+        &[
+            "-C",
+            &root.to_string_lossy(),
+            "--numeric-owner",
+            "--xattrs",
+            "-xpf",
+            &tarball.to_string_lossy(),
+        ],
+        Duration::from_secs(600),
+    )
+    .await
+    .map(drop)
 }
 
 /// The newest kernel and its initramfs in the root's /boot.

@@ -90,23 +90,11 @@ pub async fn prepare(
     build_ca: bool,
 ) -> Result<bool> {
     let tarball = layer.tarball(cache_dir);
-    if is_fresh(&tarball, max_age) {
+    if base::is_fresh(&tarball, max_age) {
         tracing::info!(tarball = %tarball.display(), "unpacking the cached packages layer");
         std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-        run(
-            &format!("unpacking the cached packages layer {}", tarball.display()),
-            "tar",
-            &[
-                "-C",
-                &root.to_string_lossy(),
-                "--numeric-owner",
-                "--xattrs",
-                "-xpf",
-                &tarball.to_string_lossy(),
-            ],
-            Duration::from_secs(600),
-        )
-        .await?;
+        let what = format!("unpacking the cached packages layer {}", tarball.display());
+        base::unpack(&what, &tarball, root).await?;
         return Ok(true);
     }
     base::prepare(spec, root, cache_dir, max_age).await?;
@@ -130,14 +118,6 @@ pub async fn prepare(
         tracing::warn!("{e:#}; baking on without caching the packages layer");
     }
     Ok(false)
-}
-
-fn is_fresh(tarball: &Path, max_age: Duration) -> bool {
-    std::fs::metadata(tarball)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| SystemTime::now().duration_since(t).ok())
-        .is_some_and(|age| age < max_age)
 }
 
 /// apt-get install in the root, with the build-only changes it needs made and undone around it.
@@ -428,7 +408,7 @@ mod tests {
         let shared = base::default_cache_dir();
         let base_name = format!("base-{}.tar", &spec.key()[..16]);
         let work = tempfile::tempdir().unwrap();
-        if !is_fresh(&shared.join(&base_name), week) {
+        if !base::is_fresh(&shared.join(&base_name), week) {
             // Debootstraps once (minutes), as seed_tests does; cached for every later run.
             base::prepare(&spec, &work.path().join("scratch"), &shared, week)
                 .await
