@@ -76,6 +76,11 @@ enum Command {
         /// Bake even if an image from identical inputs exists.
         #[arg(long)]
         force: bool,
+        /// `--target local`: bake from the cached Debian base alone, without the packages layer,
+        /// the pip wheelhouse or apt's package cache, as a bake on a fresh machine would (to
+        /// check that an image does not depend on them, or to time a bake without them).
+        #[arg(long)]
+        no_cache: bool,
         /// Keep the seed machine after a failure, for debugging (the message says how to remove it).
         #[arg(long)]
         keep_on_error: bool,
@@ -523,10 +528,16 @@ async fn run(cli: Cli) -> Result<()> {
             init_binary,
             bootstrap,
             force,
+            no_cache,
             keep_on_error,
             manifest,
             skip_preflight,
         } => {
+            if *no_cache && *target != TargetKind::Local {
+                bail!(
+                    "--no-cache is for --target local: a bake on AWS keeps no caches between bakes"
+                );
+            }
             let def = load(&cli, image)?;
             let kind = match target {
                 TargetKind::Aws => "aws",
@@ -568,7 +579,12 @@ async fn run(cli: Cli) -> Result<()> {
                 }
                 TargetKind::Local => {
                     let out_dir = Path::new("out").join(image);
-                    let mut t = LocalTarget::new(LocalOptions::new(out_dir, opts.manifest.clone()));
+                    let mut local = LocalOptions::new(out_dir, opts.manifest.clone());
+                    if *no_cache {
+                        local.packages_layer = false;
+                        local.provision_caches = false;
+                    }
+                    let mut t = LocalTarget::new(local);
                     pipeline::bake(&mut t, &def, &opts).await?
                 }
             };

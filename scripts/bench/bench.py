@@ -1049,6 +1049,18 @@ def cmd_render(a):
             "≤ 0.5× cloud-init's",
             ps <= 0.5 * ci,
         )
+        if br.get("rebake_ms"):
+            rb = med(br["rebake_ms"]) / 1000
+            nc = br["rebake_nocache_ms"] / 1000
+            row(
+                f"re-bake of preseeded after a template change (`bake --force --target local`; base, packages layer and pip wheelhouse cached), median of {len(br['rebake_ms'])}",
+                fmt(rb, "s", 1) + spread(br["rebake_ms"]),
+                "the same bake with `--no-cache`: the Debian base alone, apt installs the packages and pip builds salt's dependencies, as on a fresh machine",
+                fmt(nc, "s", 1),
+                ratio(nc, rb),
+                "< 30 s",
+                rb < 30,
+            )
         if br["web_ms"].get("bare"):
             bs = med(br["web_ms"]["bare"]) / 1000
             row(

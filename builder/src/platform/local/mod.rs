@@ -2,17 +2,20 @@
 //! with the very same command stream as the AWS seed instance, then turned into a qcow2 disk
 //! image with the image's own kernel beside it, under `out/IMAGE/BUILD_ID/`.
 //!
-//! `start` unpacks the packages layer (`layer.rs`; made on the base, unpacked or debootstrapped,
-//! when there is none) into `out/IMAGE/.build-ID/root`, stages the host's CA bundle when asked,
-//! stops package scripts from starting services, and mounts proc, sys, dev and a tmpfs /run. `snapshot` unmounts, undoes the build-only changes and makes the disk.
-//! `cleanup` unmounts whatever is still mounted and removes the build root, never while anything
-//! is mounted under it.
+//! `start` mounts the packages layer (`layer.rs`; made on the base, unpacked or debootstrapped,
+//! when there is none) as an overlay on `out/IMAGE/.build-ID/root` (`overlay.rs`; copied where no
+//! overlay can be mounted), stages the host's CA bundle when asked, stops package scripts from
+//! starting services, and mounts proc, sys, dev and a tmpfs /run. `snapshot` unmounts those,
+//! undoes the build-only changes and makes the disk from the root. `cleanup` unmounts whatever
+//! is still mounted, the overlay last, and removes the build folder (only what the build wrote),
+//! never while anything is mounted under it.
 
 pub mod base;
 pub mod caches;
 pub mod disk;
 pub mod layer;
 pub mod mounts;
+pub mod overlay;
 pub mod process;
 
 use crate::arch::Arch;
@@ -51,8 +54,8 @@ pub struct LocalOptions {
     /// Keep pip's wheels and apt's packages across bakes, under `cache_dir/pip` and
     /// `cache_dir/apt` (see `caches.rs`).
     pub provision_caches: bool,
-    /// Start from the base with the definition's apt packages installed, cached as
-    /// `cache_dir/layer-KEY.tar` (see `layer.rs`), and as old as the base may be.
+    /// Start from the base with the definition's apt packages installed, cached as the folder
+    /// `cache_dir/layer-KEY.d` (see `layer.rs`), and as old as the base may be.
     pub packages_layer: bool,
 }
 
@@ -79,6 +82,9 @@ pub struct LocalTarget {
     mounts: Option<Mounts>,
     /// The caches lent to provisioning, mounted from `start` until provisioning is done.
     caches: Vec<BindCache>,
+    /// The packages layer under the build root (the overlay and the layer's lock), from `start`
+    /// to `cleanup`. After `mounts` and `caches`: dropped last, as it is mounted first.
+    layer_root: Option<layer::LayerRoot>,
 }
 
 /// The part of a manifest `find_existing` reads.
@@ -100,6 +106,7 @@ impl LocalTarget {
             work: None,
             mounts: None,
             caches: Vec::new(),
+            layer_root: None,
         }
     }
 
@@ -220,7 +227,7 @@ impl Target for LocalTarget {
                     .opts
                     .provision_caches
                     .then(|| caches::apt_host_dir(cache, &def.local_release, Arch::X86_64.ec2()));
-                layer::prepare(
+                let filled = layer::prepare(
                     &spec,
                     layer,
                     &root,
@@ -229,7 +236,10 @@ impl Target for LocalTarget {
                     apt.as_deref(),
                     self.opts.build_ca,
                 )
-                .await?
+                .await?;
+                let cached = filled.cached;
+                self.layer_root = Some(filled);
+                cached
             }
             None => base::prepare(&spec, &root, cache, max_age).await?,
         };
@@ -337,11 +347,28 @@ impl Target for LocalTarget {
         if let Some(mut m) = self.mounts.take() {
             m.unmount().context("unmounting the build root")?;
         }
+        let overlaid = self
+            .layer_root
+            .as_ref()
+            .filter(|l| l.filled == layer::Filled::Overlay)
+            .map(|l| l.layer.clone());
+        if let Some(mut l) = self.layer_root.take() {
+            l.release().context("unmounting the build root's overlay")?;
+        }
         if let Some(work) = &self.work {
             if keep {
+                let look = match overlaid {
+                    // The overlay is unmounted: root/ is empty until it is mounted again.
+                    Some(lower) => format!(
+                        "`mount -t overlay overlay -o lowerdir={},upperdir={w}/upper,workdir={w}/overlay-work {w}/root` \
+                         and `chroot {w}/root` to look; what the build wrote is in {w}/upper",
+                        lower.display(),
+                        w = work.display()
+                    ),
+                    None => format!("`chroot {}/root` to look", work.display()),
+                };
                 notes.push(format!(
-                    "the build root is kept for debugging at {} (nothing is mounted there; `chroot {}/root` to look, `rm -rf {}` when done)",
-                    work.display(),
+                    "the build root is kept for debugging at {} (nothing is mounted there; {look}; `rm -rf {}` when done)",
                     work.display(),
                     work.display()
                 ));

@@ -78,7 +78,11 @@ impl Mounts {
         if !errors.is_empty() {
             bail!("{}", errors.join("; "));
         }
-        let left = mounted_under(&self.root)?;
+        // The root itself may be a mount (the packages layer's overlay), released by its owner.
+        let left: Vec<PathBuf> = mounted_under(&self.root)?
+            .into_iter()
+            .filter(|p| p != &self.root)
+            .collect();
         if !left.is_empty() {
             bail!(
                 "still mounted under the build root after unmounting: {}",
