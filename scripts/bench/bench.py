@@ -1049,6 +1049,17 @@ def cmd_render(a):
             "≤ 0.5× cloud-init's",
             ps <= 0.5 * ci,
         )
+        if br["web_ms"].get("bare"):
+            bs = med(br["web_ms"]["bare"]) / 1000
+            row(
+                "same, bare image (salt pip-installed at first boot, its C dependencies compiled)",
+                fmt(bs, "s", 0),
+                "cloud-init on the preseeded image (salt baked in)",
+                fmt(ci, "s", 1),
+                ratio(ci, bs),
+                "",
+                None,
+            )
         if br.get("rebake_ms"):
             rb = med(br["rebake_ms"]) / 1000
             nc = br["rebake_nocache_ms"] / 1000
@@ -1060,17 +1071,6 @@ def cmd_render(a):
                 ratio(nc, rb),
                 "< 30 s",
                 rb < 30,
-            )
-        if br["web_ms"].get("bare"):
-            bs = med(br["web_ms"]["bare"]) / 1000
-            row(
-                "same, bare image (salt pip-installed at first boot, its C dependencies compiled)",
-                fmt(bs, "s", 0),
-                "cloud-init on the preseeded image (salt baked in)",
-                fmt(ci, "s", 1),
-                ratio(ci, bs),
-                "",
-                None,
             )
 
     out = []
@@ -1142,7 +1142,9 @@ def cmd_render(a):
           + "; when each said it was done (the agent's result line, cloud-init's 'finished' line, on the"
           " console), ms from the same start: "
           + "; ".join(f"{k} {' '.join(str(x) for x in v)}" for k, v in br["said_done_ms"].items() if v)
-          + f"; bakes, ms: {json.dumps(br['bake_ms'])}")
+          + f"; bakes, ms: {json.dumps(br['bake_ms'])}"
+          + (f"; re-bakes of preseeded (--force), ms: {' '.join(map(str, br['rebake_ms']))}; with --no-cache: {br['rebake_nocache_ms']}"
+             if br.get("rebake_ms") else ""))
     w(f"- new commit, ms to highstate (timeline / exec to exec): {' '.join(str(x) for x in tl)} / {' '.join(f'{x:.0f}' for x in ext)}; ansible-pull exec to exec: {' '.join(f'{x:.0f}' for x in anx)}")
     print("\n".join(out))
     # Also a compact JSON of the headline figures, for whoever updates the README.

@@ -53,9 +53,12 @@ impl OverlayRoot {
         for d in [upper, work, merged] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
-        let merged = merged
-            .canonicalize()
-            .with_context(|| format!("finding {}", merged.display()))?;
+        // Absolute paths: the options are read relative to nothing the caller knows.
+        let abs = |p: &Path| {
+            p.canonicalize()
+                .with_context(|| format!("finding {}", p.display()))
+        };
+        let (lower, upper, work, merged) = (abs(lower)?, abs(upper)?, abs(work)?, abs(merged)?);
         let options = format!(
             "lowerdir={},upperdir={},workdir={}",
             lower.display(),
