@@ -108,6 +108,17 @@ impl Log {
     }
 }
 
+/// Taken by every test that runs code under a scoped subscriber (`with_default`). tracing keeps
+/// one maximum level and one interest per call site for the whole process, rebuilt as
+/// subscribers come and go: two scoped subscribers with different filters on two test threads
+/// can hide each other's events (a TRACE test lost its lines beside a WARN one).
+#[cfg(test)]
+pub(crate) fn scoped_subscriber_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A test that panicked under it poisons nothing another test relies on.
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Makes `Log::stderr(filter)` the process's subscriber.
 pub fn init(filter: Filter) {
     // Only fails when one is set already (a test harness); the first one stays.
@@ -194,6 +205,7 @@ mod tests {
 
     /// Runs `f` under a `Log` with `filter` and returns what it wrote.
     fn logged(filter: Filter, f: impl FnOnce()) -> String {
+        let _alone = scoped_subscriber_lock();
         let buf = Arc::new(Mutex::new(Vec::new()));
         let into = buf.clone();
         let log = Log::to(

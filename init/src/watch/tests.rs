@@ -640,6 +640,7 @@ fn real_queue_overflow() {
 /// Runs `f` with trace-level logging captured into a string.
 fn traced(f: impl FnOnce()) -> String {
     use std::sync::{Arc, Mutex};
+    let _alone = crate::logging::scoped_subscriber_lock();
     let buf = Arc::new(Mutex::new(Vec::new()));
     let writer = buf.clone();
     let sub = crate::logging::Log::to(
