@@ -15,6 +15,7 @@
 //! cache older than the base's maximum age starts over, as the base does, so dependencies do not
 //! stay pinned forever.
 
+use super::mounts::umount_or_detach;
 use super::process::run_blocking;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -144,11 +145,7 @@ impl BindCache {
         if !self.mounted {
             return Ok(());
         }
-        let t = self.target.to_string_lossy().to_string();
-        if let Err(e) = run_blocking(&format!("unmounting the cache {t}"), "umount", &[&t]) {
-            tracing::warn!("{e:#}; detaching it lazily");
-            run_blocking(&format!("detaching the cache {t}"), "umount", &["-l", &t])?;
-        }
+        umount_or_detach("the cache ", &self.target)?;
         self.mounted = false;
         Ok(())
     }

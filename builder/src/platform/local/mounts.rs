@@ -67,29 +67,19 @@ impl Mounts {
         kill_processes_in(&self.root);
         let mut errors = Vec::new();
         while let Some(target) = self.mounted.pop() {
-            let t = target.to_string_lossy().to_string();
-            if let Err(e) = run_blocking(&format!("unmounting {t}"), "umount", &[&t]) {
-                tracing::warn!("{e:#}; detaching it lazily");
-                if let Err(e) = run_blocking(&format!("detaching {t}"), "umount", &["-l", &t]) {
-                    errors.push(format!("{e:#}"));
-                }
+            if let Err(e) = umount_or_detach("", &target) {
+                errors.push(format!("{e:#}"));
             }
         }
         if !errors.is_empty() {
             bail!("{}", errors.join("; "));
         }
         // The root itself may be a mount (the packages layer's overlay), released by its owner.
-        let left: Vec<PathBuf> = mounted_under(&self.root)?
-            .into_iter()
-            .filter(|p| p != &self.root)
-            .collect();
+        let left = mounted_inside(&self.root)?;
         if !left.is_empty() {
             bail!(
                 "still mounted under the build root after unmounting: {}",
-                left.iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                path_list(&left)
             );
         }
         Ok(())
@@ -140,6 +130,34 @@ pub fn mounted_under(root: &Path) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
+/// Mount points below `root`, not counting `root` itself when it is one.
+pub fn mounted_inside(root: &Path) -> Result<Vec<PathBuf>> {
+    Ok(mounted_under(root)?
+        .into_iter()
+        .filter(|p| p != root)
+        .collect())
+}
+
+/// Paths for a message, comma-separated.
+pub fn path_list(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Unmounts `target` (what it is, such as "the cache ", leads the messages), detaching it
+/// lazily when it is busy.
+pub fn umount_or_detach(what: &str, target: &Path) -> Result<()> {
+    let t = target.to_string_lossy().to_string();
+    if let Err(e) = run_blocking(&format!("unmounting {what}{t}"), "umount", &[&t]) {
+        tracing::warn!("{e:#}; detaching it lazily");
+        run_blocking(&format!("detaching {what}{t}"), "umount", &["-l", &t])?;
+    }
+    Ok(())
+}
+
 /// mountinfo escapes space, tab, newline and backslash as octal.
 fn unescape(s: &str) -> String {
     let mut out = String::new();
@@ -175,10 +193,7 @@ pub fn remove_tree(dir: &Path) -> Result<()> {
         bail!(
             "not removing {}: still mounted there: {}; unmount them (umount -R) and remove it by hand",
             abs.display(),
-            left.iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            path_list(&left)
         );
     }
     std::fs::remove_dir_all(&abs).with_context(|| format!("removing {}", abs.display()))

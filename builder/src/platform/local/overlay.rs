@@ -8,7 +8,7 @@
 //! file systems an upper and a lower file could share a number). Anywhere else the caller copies
 //! the layer instead.
 
-use super::mounts::{kill_processes_in, mounted_under};
+use super::mounts::{kill_processes_in, mounted_inside, path_list, umount_or_detach};
 use super::process::run_blocking;
 use anyhow::{bail, Context, Result};
 use std::os::unix::fs::MetadataExt;
@@ -100,27 +100,16 @@ impl OverlayRoot {
         if !self.mounted {
             return Ok(());
         }
-        let inner: Vec<PathBuf> = mounted_under(&self.merged)?
-            .into_iter()
-            .filter(|p| p != &self.merged)
-            .collect();
+        let inner = mounted_inside(&self.merged)?;
         if !inner.is_empty() {
             bail!(
                 "not unmounting the build root {}: still mounted inside it: {}",
                 self.merged.display(),
-                inner
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                path_list(&inner)
             );
         }
         kill_processes_in(&self.merged);
-        let t = self.merged.to_string_lossy().to_string();
-        if let Err(e) = run_blocking(&format!("unmounting the overlay {t}"), "umount", &[&t]) {
-            tracing::warn!("{e:#}; detaching it lazily");
-            run_blocking(&format!("detaching the overlay {t}"), "umount", &["-l", &t])?;
-        }
+        umount_or_detach("the overlay ", &self.merged)?;
         self.mounted = false;
         Ok(())
     }
@@ -136,6 +125,7 @@ impl Drop for OverlayRoot {
 
 #[cfg(test)]
 mod tests {
+    use super::super::mounts::mounted_under;
     use super::*;
 
     // Needs root (mount) and overlayfs; CI runs as root on Linux.
