@@ -174,6 +174,10 @@ wait_http "$port" /state salt-v1 10 "preseeded: salt's state"
 wait_http "$port" /starts 1 10 "preseeded: started once"
 detail=$(step_detail preseeded salt-install)
 [[ "$detail" == present* ]] || fail "preseeded: salt should be baked in (salt-install: $detail)"
+# The unit starts the agent before the network; the agent waited for it through systemd itself.
+detail=$(step_detail preseeded wait-for)
+[[ "$detail" == "network-online.target, supervisor.service up after "* ]] ||
+    fail "preseeded: the agent should have waited for the network and supervisord (wait-for: $detail)"
 
 say "preseeded: pushing a config commit"
 t0=$(date +%s)

@@ -6,6 +6,7 @@ use crate::lock::SyncLock;
 use crate::paths::Layout;
 use crate::salt::config::{write_minion_config, MinionConfig};
 use crate::salt::install::{ensure_installed, InstallOutcome};
+use crate::salt::warm::WarmSaltCall;
 use crate::settings;
 use crate::state::{now_rfc3339, BootRecord, Outcome, State, STATE_VERSION};
 use crate::sync::{self, Trigger};
@@ -13,6 +14,7 @@ use crate::timeline::{one_line, Timeline};
 use crate::trust;
 use crate::userdata::{self, Document, HighstateMode, Settings};
 use anyhow::{Context, Result};
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,6 +25,8 @@ pub struct BootOptions {
     pub imds_deadline: Duration,
     /// Longest wait for another sync to let go of the lock.
     pub lock_wait: Duration,
+    /// systemd units waited for once salt-call is warming up (`--wait-for`, [`crate::wait_for`]).
+    pub wait_for: Vec<String>,
 }
 
 impl Default for BootOptions {
@@ -30,6 +34,7 @@ impl Default for BootOptions {
         Self {
             imds_deadline: Duration::from_secs(120),
             lock_wait: Duration::from_secs(30 * 60),
+            wait_for: Vec::new(),
         }
     }
 }
@@ -149,6 +154,29 @@ fn sequence(
         Ok((doc, Some(detail)))
     })?;
 
+    // 1b. salt-call, when the image has it, starts importing salt now: the highstate comes
+    // after IMDS and the repositories (and, early in boot, DHCP), and most of a salt-call's start
+    // is that import. User-data may choose another salt-call or no highstate: then it is killed.
+    let configured = defaults
+        .data
+        .salt
+        .as_ref()
+        .and_then(|s| s.salt_call.clone());
+    let warm = Cell::new(
+        crate::salt::install::find_salt_call(layout, configured.as_deref())
+            .and_then(|p| WarmSaltCall::start(&p)),
+    );
+
+    // 1c. What the unit used to be ordered after, now that the warm-up runs meanwhile.
+    if !opts.wait_for.is_empty() {
+        tl.step("wait-for", || {
+            Ok((
+                (),
+                Some(crate::wait_for::wait(&opts.wait_for, opts.imds_deadline)),
+            ))
+        })?;
+    }
+
     // 2. IMDS: user-data and identity.
     let mut imds = ImdsClient::from_env(opts.imds_deadline);
     let (raw_user_data, identity): (Option<Vec<u8>>, Identity) = tl.step("imds", || {
@@ -261,6 +289,9 @@ fn sequence(
     } else {
         None
     };
+    if salt_call.is_none() {
+        drop(warm.take());
+    }
     progress.salt_call = salt_call.clone();
     progress.settings = Some(settings.clone());
 
@@ -272,6 +303,7 @@ fn sequence(
         layout,
         settings: &settings,
         salt_call: salt_call.as_deref(),
+        warm: Some(&warm),
     };
     sync::run(ctx, state, tl, Trigger::Boot, false)?;
     Ok(())

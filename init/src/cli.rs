@@ -28,6 +28,8 @@ pub enum Command {
     Boot {
         once: bool,
         imds_deadline: u64,
+        /// Units to wait for after the warm-up starts (`--wait-for`): started, then waited for.
+        wait_for: Vec<String>,
     },
     Check {
         user_data: PathBuf,
@@ -110,12 +112,14 @@ const COMMANDS: &[Spec] = &[
         name: "boot",
         about: "Run the boot sequence: IMDS, user-data, salt, repositories, highstate",
         flags: &["once"],
-        options: &[("imds-deadline", 1)],
+        options: &[("imds-deadline", 1), ("wait-for", 1)],
         positionals: &[],
         usage: "stackless-init boot [OPTIONS]",
         help: "      --once                 Exit after the boot sequence instead of staying resident
       --imds-deadline <SEC>  Seconds IMDS may take to answer, retries included
                              [env: STACKLESS_IMDS_DEADLINE] [default: 120]
+      --wait-for <UNITS>     Start these systemd units (comma-separated) and wait for them
+                             once salt-call is warming up (the unit starts early)
 ",
     },
     Spec {
@@ -466,6 +470,10 @@ fn typed(spec: &Spec, m: &Matches, env: Env) -> Result<Command, String> {
                 Some(120),
             )?
             .unwrap_or(120),
+            wait_for: match m.value("wait-for") {
+                Some(list) => crate::wait_for::parse(list)?,
+                None => Vec::new(),
+            },
         },
         "check" => Command::Check {
             user_data: m
@@ -555,7 +563,8 @@ mod tests {
             c.command,
             Command::Boot {
                 once: false,
-                imds_deadline: 120
+                imds_deadline: 120,
+                wait_for: Vec::new(),
             }
         );
         assert_eq!(cli(&["sync"]).command, Command::Sync { lock_wait: 1800 });
@@ -603,6 +612,8 @@ mod tests {
             "--imds-deadline=7",
             "--root",
             "/tmp/r",
+            "--wait-for",
+            "network-online.target,supervisor.service",
             "-q",
         ]);
         assert_eq!(c.root, PathBuf::from("/tmp/r"));
@@ -611,7 +622,8 @@ mod tests {
             c.command,
             Command::Boot {
                 once: true,
-                imds_deadline: 7
+                imds_deadline: 7,
+                wait_for: vec!["network-online.target".into(), "supervisor.service".into()],
             }
         );
         assert_eq!(
@@ -677,7 +689,8 @@ mod tests {
             c.command,
             Command::Boot {
                 once: false,
-                imds_deadline: 15
+                imds_deadline: 15,
+                wait_for: Vec::new(),
             }
         );
         // The command line wins over the environment.
@@ -692,9 +705,14 @@ mod tests {
             c.command,
             Command::Boot {
                 once: false,
-                imds_deadline: 2
+                imds_deadline: 2,
+                wait_for: Vec::new(),
             }
         );
+        let e = parse(["boot", "--wait-for", "network"].map(OsString::from), &env)
+            .unwrap_err()
+            .0;
+        assert!(e.contains("expected unit names separated by commas"), "{e}");
         let bad = |k: &str| (k == "STACKLESS_IMDS_DEADLINE").then(|| OsString::from("soon"));
         let e = parse(["boot"].map(OsString::from), &bad).unwrap_err().0;
         assert!(

@@ -34,4 +34,5 @@ pub mod sync;
 pub mod timeline;
 pub mod trust;
 pub mod userdata;
+pub mod wait_for;
 pub mod watch;

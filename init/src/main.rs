@@ -103,9 +103,11 @@ fn run(command: Command, layout: &Layout) -> anyhow::Result<u8> {
         Command::Boot {
             once,
             imds_deadline,
+            wait_for,
         } => {
             let opts = BootOptions {
                 imds_deadline: Duration::from_secs(imds_deadline),
+                wait_for,
                 ..Default::default()
             };
             if !once {

@@ -19,7 +19,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// How much of stdout is kept: callers parse it (git rev-parse, systemctl show), it is small.
@@ -141,14 +141,37 @@ impl<R: Read> Stream<R> {
 
 fn supervise(cmd: &mut Command, what: &str, deadline: Deadline, captured: bool) -> Result<Output> {
     let program = cmd.get_program().to_string_lossy().into_owned();
-    let started = Instant::now();
-    let end = started + deadline.after;
     // Its own process group, so the deadline kills what the child started too.
-    let mut child = cmd
+    let child = cmd
         .stdin(Stdio::null())
         .process_group(0)
         .spawn()
         .with_context(|| format!("starting {program} for {what} (is it installed?)"))?;
+    watch(child, &program, what, deadline, captured)
+}
+
+/// Like [`run_logged`], for a child started earlier in a process group of its own (a salt-call
+/// warmed up ahead of its highstate, [`crate::salt::warm`]), whose output already goes to its
+/// log. The deadline counts from now.
+pub fn wait_started(
+    child: Child,
+    program: &str,
+    what: &str,
+    deadline: Deadline,
+) -> Result<ExitStatus> {
+    Ok(watch(child, program, what, deadline, false)?.status)
+}
+
+/// Waits for `child`, the leader of its own process group, until `deadline`; then kills the group.
+fn watch(
+    mut child: Child,
+    program: &str,
+    what: &str,
+    deadline: Deadline,
+    captured: bool,
+) -> Result<Output> {
+    let started = Instant::now();
+    let end = started + deadline.after;
     let pgid = Pid::from_raw(child.id() as i32);
     tracing::debug!(program, pid = pgid.as_raw(), what, deadline = %humantime::format_duration(deadline.after), "started");
     let mut out = Stream::new(child.stdout.take(), STDOUT_KEEP);

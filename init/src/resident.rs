@@ -351,6 +351,7 @@ impl Agent {
             layout: &self.layout,
             settings: &self.settings,
             salt_call: self.salt_call.as_deref(),
+            warm: None,
         };
         let recorded = sync::run_recorded(ctx, &mut state, Trigger::Schedule, retry);
         if recorded.record.highstate_ran {

@@ -6,10 +6,12 @@ use crate::paths::Layout;
 use crate::releases;
 use crate::repos::{self, short, RepoSpec, SyncOutcome};
 use crate::salt::highstate;
+use crate::salt::warm::WarmSaltCall;
 use crate::state::{now_rfc3339, HighstateRecord, Outcome, RepoRecord, State, SyncRecord};
 use crate::timeline::Timeline;
 use crate::userdata::{HighstateMode, SaltOnFailure, Settings};
 use anyhow::{Context, Result};
+use std::cell::Cell;
 use std::path::Path;
 use std::time::Duration;
 
@@ -51,6 +53,9 @@ pub struct SyncContext<'a> {
     pub settings: &'a Settings,
     /// `None` when no highstate is wanted (no salt repository, or `highstate = never`).
     pub salt_call: Option<&'a Path>,
+    /// The salt-call warmed since the boot began ([`crate::salt::warm`]); the first highstate
+    /// takes it.
+    pub warm: Option<&'a Cell<Option<WarmSaltCall>>>,
 }
 
 /// Runs one sync, recording repositories and highstate into `state` and its steps into `tl`.
@@ -67,6 +72,7 @@ pub fn run(
         layout,
         settings,
         salt_call,
+        ..
     } = ctx;
     let mut summary = SyncSummary::default();
     let mut salt_commit = None;
@@ -225,6 +231,7 @@ fn highstate_step(
                 &ctx.settings.salt.states_dir,
             ),
             ctx.settings.salt.timeout,
+            ctx.warm.and_then(Cell::take),
         )?;
         let d = r.summary();
         Ok((r, Some(d)))
@@ -403,6 +410,7 @@ pub fn run_now(layout: &Layout, lock_wait: Duration) -> Result<SyncRecord> {
         layout,
         settings: &settings,
         salt_call: salt_call.as_deref(),
+        warm: None,
     };
     let recorded = run_recorded(ctx, &mut state, Trigger::Manual, retry);
     crate::report::update(&mut state, Some(&settings), false);

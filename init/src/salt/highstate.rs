@@ -12,11 +12,13 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
+use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use super::warm::WarmSaltCall;
 use crate::paths::Layout;
 use crate::process::{self, describe, Deadline};
 use crate::userdata::Timeouts;
@@ -337,6 +339,7 @@ pub fn run(
     minion_id: &str,
     file_root: &Path,
     timeout: Duration,
+    warm: Option<WarmSaltCall>,
 ) -> Result<HighstateReport> {
     let conf = layout.minion_conf_file();
     if !conf.is_file() {
@@ -379,28 +382,44 @@ pub fn run(
     private(&out_file).with_context(|| format!("creating {}", out_file.display()))?;
     let log_out = private(&log).with_context(|| format!("creating {}", log.display()))?;
 
-    let mut cmd = Command::new(salt_call);
-    cmd.arg("--local")
-        .arg("--config-dir")
-        .arg(layout.salt_config_dir())
-        .args([
-            "--id",
-            minion_id,
-            "state.highstate",
-            "--out=json",
-            "--out-file",
-        ])
-        .arg(&out_file)
-        .args(["--retcode-passthrough", "-l", "error"]);
-    tracing::info!(salt_call = %salt_call.display(), minion_id, "running state.highstate");
+    let args: Vec<OsString> = vec![
+        "--local".into(),
+        "--config-dir".into(),
+        layout.salt_config_dir().into(),
+        "--id".into(),
+        minion_id.into(),
+        "state.highstate".into(),
+        "--out=json".into(),
+        "--out-file".into(),
+        out_file.clone().into(),
+        "--retcode-passthrough".into(),
+        "-l".into(),
+        "error".into(),
+    ];
+    let what = "salt-call state.highstate";
+    let deadline = Deadline::new(timeout, Timeouts::HIGHSTATE);
     let start = Instant::now();
+    // The interpreter warmed since the boot began, when there is one for this salt-call.
+    let warm = warm.filter(|w| w.serves(salt_call));
+    let warmed = match warm {
+        Some(w) => {
+            let program = w.program().to_string();
+            match w.go(&args, &log) {
+                Ok(child) => Some((child, program)),
+                Err(e) => {
+                    tracing::warn!("the warm salt-call could not run the highstate ({e:#}); running salt-call afresh");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    tracing::info!(salt_call = %salt_call.display(), minion_id, warm = warmed.is_some(), "running state.highstate");
     // Its own process group, so the deadline kills what the states started too.
-    let status = process::run_logged(
-        &mut cmd,
-        "salt-call state.highstate",
-        Deadline::new(timeout, Timeouts::HIGHSTATE),
-        log_out,
-    )
+    let status = match warmed {
+        Some((child, program)) => process::wait_started(child, &program, what, deadline),
+        None => process::run_logged(Command::new(salt_call).args(&args), what, deadline, log_out),
+    }
     .map_err(|e| anyhow!("{e:#}; {}", see_log(&log)))?;
     let ms = start.elapsed().as_millis() as u64;
     let retcode = status.code();
@@ -643,6 +662,18 @@ mod tests {
             self.file("top.sls", &format!("base:\n  '{id}':\n    - {sls}\n"));
         }
         fn run(&self, id: &str) -> HighstateReport {
+            self.run_with(id, None)
+        }
+        /// In a salt-call warmed beforehand (salt's own pip console script, as in the images).
+        fn run_warm(&self, id: &str) -> HighstateReport {
+            let warm = WarmSaltCall::start(&salt_call());
+            assert!(
+                warm.is_some(),
+                "the test venv's salt-call is a pip console script"
+            );
+            self.run_with(id, warm)
+        }
+        fn run_with(&self, id: &str, warm: Option<WarmSaltCall>) -> HighstateReport {
             let root = self.layout.repo_current("salt");
             run(
                 &self.layout,
@@ -650,6 +681,7 @@ mod tests {
                 id,
                 &root,
                 Duration::from_secs(300),
+                warm,
             )
             .unwrap()
         }
@@ -669,7 +701,8 @@ mod tests {
                 out.display()
             ),
         );
-        let r = t.run("web-1");
+        // The first run in a salt-call warmed beforehand, as at boot; the second afresh.
+        let r = t.run_warm("web-1");
         assert!(r.ok, "{r:?}");
         assert_eq!((r.total, r.changed, r.retcode), (1, 1, Some(0)));
         assert_eq!(
@@ -760,7 +793,8 @@ mod tests {
             "bad.sls",
             "fails:\n  cmd.run:\n    - name: \"false\"\nmissing:\n  file.managed:\n    - name: /nonexistent-dir-for-test/x\n    - source: salt://nope.txt\n",
         );
-        let r = t.run("db-1");
+        // salt-call's exit code comes through a warm salt-call too.
+        let r = t.run_warm("db-1");
         assert!(!r.ok);
         assert_eq!(r.retcode, Some(2));
         let ids: Vec<&str> = r.failed.iter().map(|f| f.id.as_str()).collect();
@@ -805,7 +839,9 @@ mod tests {
                 &salt_call(),
                 "slow-1",
                 &t.layout.repo_current("salt"),
-                Duration::from_secs(3)
+                Duration::from_secs(3),
+                // Warmed, as at boot: the deadline counts from the hand-over.
+                WarmSaltCall::start(&salt_call())
             )
             .unwrap_err()
         );
@@ -834,7 +870,8 @@ mod tests {
                 &fake,
                 "hung-1",
                 &t.layout.repo_current("salt"),
-                Duration::from_millis(500)
+                Duration::from_millis(500),
+                None
             )
             .unwrap_err()
         );
@@ -866,7 +903,8 @@ mod tests {
                 &fake,
                 "x-1",
                 &t.layout.repo_current("salt"),
-                Duration::from_secs(30)
+                Duration::from_secs(30),
+                None
             )
             .unwrap_err()
         );
@@ -888,7 +926,8 @@ mod tests {
                 &fake,
                 "x-1",
                 &bare.repo_current("salt"),
-                Duration::from_secs(30)
+                Duration::from_secs(30),
+                None
             )
             .unwrap_err()
         );

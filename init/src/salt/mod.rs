@@ -10,6 +10,7 @@ pub mod config;
 pub mod highstate;
 pub mod install;
 pub mod modules;
+pub mod warm;
 
 pub use config::{write_minion_config, MinionConfig};
 pub use highstate::{FailedState, HighstateReport};
