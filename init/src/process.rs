@@ -1,6 +1,7 @@
 //! The one way the agent runs a child process: git, `salt-call`, python/pip, curl,
 //! salt-bootstrap, the trust-store tools and `systemctl` all come through [`run`] or
-//! [`run_logged`].
+//! [`run_logged`]. The one exception, the warm salt-call ([`crate::salt::warm`]), is started
+//! ahead in a process group of its own and handed to [`wait_started`] for its deadline.
 //!
 //! Every child runs with stdin closed, in a process group of its own, under a deadline. At the
 //! deadline the whole group gets SIGKILL, so helpers the child started (git's ssh, the commands

@@ -4,10 +4,10 @@
 //! ([`crate::salt::warm`]) imports salt meanwhile.
 //!
 //! The wait is systemd's own, not a poll: `systemctl start UNITS` joins the start jobs the boot
-//! already queued for them (the unit `Wants=` the network, and the image enables supervisord)
-//! and returns when they are done, as `After=` would have. It talks to systemd on its private
-//! socket, so it needs no D-Bus daemon (minimal images have none; `systemd-run --wait` does
-//! need one). A unit nobody started is started, as `Wants=` would. Without systemd (a
+//! already queued for them and returns when they are done, as `After=` would have. The unit
+//! `Wants=` the units it names, so a job is queued already and `systemctl start` starts nothing
+//! the unit did not ask for. It talks to systemd on its private socket, so it needs no D-Bus
+//! daemon (minimal images have none; `systemd-run --wait` does need one). Without systemd (a
 //! container, the tests' root) there is nothing to wait for. The wait never fails the boot: if
 //! a unit fails or the deadline passes, the agent goes on, and IMDS has its own deadline.
 
@@ -69,7 +69,7 @@ fn wait_with(units: &[String], deadline: Duration, runtime: &Path, systemctl: &s
         }
         Err(e) => {
             tracing::warn!("{e:#}; going on");
-            format!("{names}: not up within {secs:.0} s; went on")
+            format!("{names}: not waited ({e:#}); went on after {secs:.0} s")
         }
     }
 }
@@ -149,7 +149,7 @@ mod tests {
             dir.path(),
             hung.to_str().unwrap(),
         );
-        assert!(d.contains("not up within"), "{d}");
+        assert!(d.contains("did not finish within 300ms"), "{d}");
         assert!(t.elapsed() < Duration::from_secs(10));
     }
 }

@@ -267,3 +267,43 @@ fn seeded_object_stores_are_filled_and_survive_generalising() {
     assert!(r.generalize.contains("rm -rf /var/lib/stackless/repos"));
     assert!(!r.provision.contains("stackless-init seed"));
 }
+
+/// The agent's unit starts before the network and waits for it (and for supervisord, where the
+/// image has it) itself, once salt-call is warming up.
+#[test]
+fn the_agent_unit_waits_for_the_network_and_supervisord_itself() {
+    let unit = |d: &ImageDef| {
+        let r = render(d, &inputs(b"x")).unwrap();
+        let f = r
+            .files
+            .iter()
+            .find(|f| f.name == "stackless-init.service")
+            .unwrap();
+        String::from_utf8(f.content.clone()).unwrap()
+    };
+    let with = unit(&def("preseeded"));
+    assert!(
+        with.contains("\nWants=network-online.target supervisor.service\n"),
+        "{with}"
+    );
+    assert!(
+        with.contains("\nExecStart=/usr/local/sbin/stackless-init boot --wait-for network-online.target,supervisor.service\n"),
+        "{with}"
+    );
+    assert!(
+        !with.lines().any(|l| l.starts_with("After=network")),
+        "not ordered after the network: {with}"
+    );
+    let mut d = def("bare");
+    d.supervisor = false;
+    let without = unit(&d);
+    assert!(
+        without.contains("\nWants=network-online.target\n"),
+        "{without}"
+    );
+    assert!(
+        without.contains("boot --wait-for network-online.target\n")
+            && !without.contains("supervisor.service"),
+        "{without}"
+    );
+}

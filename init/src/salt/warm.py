@@ -1,6 +1,7 @@
 import importlib, os, sys
 script = sys.argv[1]
-sys.path[0] = os.path.dirname(os.path.realpath(script))
+if sys.path and sys.path[0] == "":
+    sys.path[0] = os.path.dirname(os.path.realpath(script))
 salt_call = None
 try:
     from salt.scripts import salt_call

@@ -56,20 +56,20 @@ impl WarmSaltCall {
     /// the reason at debug level, when `salt_call` is not a pip console script or its
     /// interpreter cannot start: the highstate then runs it cold.
     pub fn start(salt_call: &Path) -> Option<Self> {
-        let interpreter = match interpreter(salt_call) {
-            Ok(Some(i)) => i,
-            Ok(None) => {
-                tracing::debug!(salt_call = %salt_call.display(), "not warming salt-call: not a pip console script");
-                return None;
-            }
+        match Self::spawn(salt_call) {
+            Ok(warm) => Some(warm),
             Err(e) => {
                 tracing::debug!(salt_call = %salt_call.display(), "not warming salt-call: {e:#}");
-                return None;
+                None
             }
-        };
+        }
+    }
+
+    fn spawn(salt_call: &Path) -> Result<Self> {
+        let interpreter = interpreter(salt_call)?.context("not a pip console script")?;
         let program = interpreter[0].to_string_lossy().into_owned();
-        let mut cmd = Command::new(&interpreter[0]);
-        cmd.args(&interpreter[1..])
+        let mut child = Command::new(&interpreter[0])
+            .args(&interpreter[1..])
             .arg("-c")
             .arg(SHIM)
             .arg(salt_call)
@@ -77,27 +77,17 @@ impl WarmSaltCall {
             // Nothing is written before `go` points both at the highstate's log.
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .process_group(0);
-        match cmd.spawn() {
-            Ok(mut child) => {
-                tracing::debug!(salt_call = %salt_call.display(), pid = child.id(), "warming salt-call: its interpreter imports salt");
-                let stdin = child.stdin.take();
-                Some(Self {
-                    salt_call: salt_call.to_path_buf(),
-                    program,
-                    child: Some(child),
-                    stdin,
-                    started: Instant::now(),
-                })
-            }
-            Err(e) => {
-                tracing::debug!(
-                    program,
-                    "not warming salt-call: starting its interpreter: {e}"
-                );
-                None
-            }
-        }
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {program}"))?;
+        tracing::debug!(salt_call = %salt_call.display(), pid = child.id(), "warming salt-call: its interpreter imports salt");
+        Ok(Self {
+            salt_call: salt_call.to_path_buf(),
+            program,
+            stdin: child.stdin.take(),
+            child: Some(child),
+            started: Instant::now(),
+        })
     }
 
     /// Whether this is the salt-call the highstate runs.
@@ -123,6 +113,8 @@ impl WarmSaltCall {
         let mut stdin = self.stdin.take().context("already handed over")?;
         let child = self.child.as_mut().context("already handed over")?;
         if let Ok(Some(status)) = child.try_wait() {
+            // Reaped: Drop must not signal a pid that may be reused.
+            self.child = None;
             anyhow::bail!(
                 "the warm salt-call's interpreter {} {}",
                 self.program,
@@ -175,7 +167,15 @@ fn interpreter(script: &Path) -> Result<Option<Vec<OsString>>> {
         Some((p, a)) => (p, Some(a.trim())),
         None => (first, None),
     };
-    if !program.starts_with('/') {
+    // A Python, directly or through env: pip writes a `#!/bin/sh` launcher (still holding the
+    // entry point) when the interpreter's path is too long or has a space.
+    let python = |p: &str| {
+        p.rsplit('/')
+            .next()
+            .is_some_and(|n| n.starts_with("python"))
+    };
+    let through_env = program.ends_with("/env") && arg.is_some_and(python);
+    if !program.starts_with('/') || !(python(program) || through_env) {
         return Ok(None);
     }
     let mut argv = vec![OsString::from(program)];
@@ -214,7 +214,27 @@ mod tests {
             interpreter(&with_arg).unwrap(),
             Some(vec!["/opt/salt/bin/python3".into(), "-s".into()])
         );
-        // salt's onedir wrapper, a shell stand-in, a relative interpreter: cold.
+        let env = script(
+            dir.path(),
+            "env",
+            &PIP_SCRIPT.replace("/opt/salt/bin/python3", "/usr/bin/env python3"),
+        );
+        assert_eq!(
+            interpreter(&env).unwrap(),
+            Some(vec!["/usr/bin/env".into(), "python3".into()])
+        );
+        // pip's shell launcher for a long interpreter path: the entry point is there, but the
+        // program is sh. Cold, as are salt's onedir wrapper, a shell stand-in and a relative
+        // interpreter.
+        let launcher = script(
+            dir.path(),
+            "launcher",
+            &PIP_SCRIPT.replace(
+                "#!/opt/salt/bin/python3\n",
+                "#!/bin/sh\n'''exec' \"/a long/bin/python3\" \"$0\" \"$@\"\n' '''\n",
+            ),
+        );
+        assert_eq!(interpreter(&launcher).unwrap(), None);
         let onedir = script(
             dir.path(),
             "onedir",
@@ -280,7 +300,8 @@ mod tests {
         assert!(warm.serves(&salt_call));
         // Imported before the arguments exist.
         let t = Instant::now();
-        while !mark.exists() && t.elapsed() < std::time::Duration::from_secs(20) {
+        let written = || std::fs::read_to_string(&mark).is_ok_and(|m| m.ends_with('\n'));
+        while !written() && t.elapsed() < std::time::Duration::from_secs(20) {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         let imported = std::fs::read_to_string(&mark).unwrap();
