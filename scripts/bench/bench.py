@@ -746,7 +746,7 @@ def cmd_render(a):
         if size.get(key):
             row(
                 what,
-                fmt(mib(size[key]), "MiB", 2),
+                fmt(mib(size[key]), "MiB", 3),
                 alt_name,
                 fmt(mib(size["alt_bytes"]), "MiB", 1),
                 ratio(size["alt_bytes"], size[key]),

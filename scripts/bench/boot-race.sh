@@ -179,7 +179,8 @@ bake = dict(zip(names, map(int, sys.argv[3:6])))
 web = dict(zip(names, map(ints, sys.argv[6:9])))
 done = dict(zip(names, map(ints, sys.argv[9:12])))
 accels = set()
-for f in glob.glob(os.path.join(w, "*.err")):
+# The counted boots only (NAME-RUN.err): the warm-up's KVM probe is not one of them.
+for f in glob.glob(os.path.join(w, "*-[0-9]*.err")):
     accels.update(re.findall(r'INFO booting .*? accel="(\w+)"', open(f, errors="replace").read()))
 json.dump({"runs": runs, "accel": sorted(accels), "bake_ms": bake, "web_ms": web,
            "said_done_ms": done, "rebake_ms": ints(sys.argv[12]),
