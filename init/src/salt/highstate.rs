@@ -400,20 +400,13 @@ pub fn run(
     let deadline = Deadline::new(timeout, Timeouts::HIGHSTATE);
     let start = Instant::now();
     // The interpreter warmed since the boot began, when there is one for this salt-call.
-    let warm = warm.filter(|w| w.serves(salt_call));
-    let warmed = match warm {
-        Some(w) => {
-            let program = w.program().to_string();
-            match w.go(&args, &log) {
-                Ok(child) => Some((child, program)),
-                Err(e) => {
-                    tracing::warn!("the warm salt-call could not run the highstate ({e:#}); running salt-call afresh");
-                    None
-                }
-            }
-        }
-        None => None,
-    };
+    let warmed = warm.filter(|w| w.serves(salt_call)).and_then(|w| {
+        let program = w.program().to_string();
+        w.go(&args, &log)
+            .map(|child| (child, program))
+            .map_err(|e| tracing::warn!("the warm salt-call could not run the highstate ({e:#}); running salt-call afresh"))
+            .ok()
+    });
     tracing::info!(salt_call = %salt_call.display(), minion_id, warm = warmed.is_some(), "running state.highstate");
     // Its own process group, so the deadline kills what the states started too.
     let status = match warmed {
