@@ -110,11 +110,19 @@ impl Log {
 
 /// Taken by every test that runs code under a scoped subscriber (`with_default`). tracing keeps
 /// one maximum level and one interest per call site for the whole process, rebuilt as
-/// subscribers come and go: two scoped subscribers with different filters on two test threads
-/// can hide each other's events (a TRACE test lost its lines beside a WARN one).
+/// subscribers come and go:
+/// - two scoped subscribers with different filters on two test threads can hide each other's
+///   events (a TRACE test lost its lines beside a WARN one), so they take turns;
+/// - while only one dispatcher is registered, tracing-core 0.1 computes a call site's interest,
+///   on its first hit, from the default of the thread that hits it. A test thread with no
+///   subscriber hitting a call site first cached "never" for it, and the scoped TRACE
+///   subscriber lost that line (CI, stop 31). A second dispatcher kept registered for the whole
+///   test process makes tracing ask every registered one instead.
 #[cfg(test)]
 pub(crate) fn scoped_subscriber_lock() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    static SECOND: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+    SECOND.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
     // A test that panicked under it poisons nothing another test relies on.
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -215,6 +223,25 @@ mod tests {
         tracing::subscriber::with_default(log, f);
         let bytes = buf.lock().unwrap().clone();
         String::from_utf8(bytes).unwrap()
+    }
+
+    /// A call site hit for the first time on a thread without a subscriber, while a scoped one
+    /// is set on this thread, must still reach the scoped one (the watcher's TRACE test lost a
+    /// line to another test's thread this way).
+    #[test]
+    fn a_call_site_first_hit_on_another_thread_still_reaches_a_scoped_subscriber() {
+        fn call_site() {
+            tracing::trace!("from the call site under test");
+        }
+        let out = logged(Filter::level(LevelFilter::TRACE), || {
+            std::thread::spawn(call_site).join().unwrap();
+            call_site();
+        });
+        assert_eq!(
+            out.matches("from the call site under test").count(),
+            1,
+            "{out}"
+        );
     }
 
     #[test]
