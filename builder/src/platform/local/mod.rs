@@ -8,8 +8,10 @@
 //! starting services, and mounts proc, sys, dev and a tmpfs /run. `snapshot` unmounts those,
 //! undoes the build-only changes and makes the disk from the root. `cleanup` unmounts whatever
 //! is still mounted, the overlay last, and removes the build folder (only what the build wrote),
-//! never while anything is mounted under it.
+//! never while anything is mounted under it. A bake killed before its cleanup leaves its folder
+//! mounted; the next bake removes it (`abandoned.rs`: each build holds a lock on its folder).
 
+pub mod abandoned;
 pub mod base;
 pub mod caches;
 pub mod disk;
@@ -79,6 +81,8 @@ pub struct LocalTarget {
     spec: Option<BaseSpec>,
     /// `out/IMAGE/.build-ID`, while a build is under way.
     work: Option<PathBuf>,
+    /// This bake's lock on `work`, held until the folder is gone (`abandoned.rs`).
+    owner: Option<abandoned::BuildOwner>,
     mounts: Option<Mounts>,
     /// The caches lent to provisioning, mounted from `start` until provisioning is done.
     caches: Vec<BindCache>,
@@ -104,6 +108,7 @@ impl LocalTarget {
             opts,
             spec: None,
             work: None,
+            owner: None,
             mounts: None,
             caches: Vec::new(),
             layer_root: None,
@@ -209,12 +214,15 @@ impl Target for LocalTarget {
             .context("resolve_source must run before start")?;
         std::fs::create_dir_all(&self.opts.out_dir)
             .with_context(|| format!("creating {}", self.opts.out_dir.display()))?;
-        let work = self
+        let out_dir = self
             .opts
             .out_dir
             .canonicalize()
-            .with_context(|| format!("finding {}", self.opts.out_dir.display()))?
-            .join(format!(".build-{}", build.id));
+            .with_context(|| format!("finding {}", self.opts.out_dir.display()))?;
+        // A bake killed with SIGKILL left its folder mounted; never let those pile up.
+        abandoned::remove_abandoned_builds(&out_dir);
+        let work = out_dir.join(format!(".build-{}", build.id));
+        self.owner = Some(abandoned::BuildOwner::claim(&work)?);
         self.work = Some(work.clone());
         let root = work.join("root");
         let (cache, max_age) = (&self.opts.cache_dir, self.opts.base_max_age);
@@ -367,6 +375,9 @@ impl Target for LocalTarget {
                     ),
                     None => format!("`chroot {}/root` to look", work.display()),
                 };
+                if let Err(e) = abandoned::mark_kept(work) {
+                    tracing::warn!("{e:#}; the next bake may remove the kept build folder");
+                }
                 notes.push(format!(
                     "the build root is kept for debugging at {} (nothing is mounted there; {look}; `rm -rf {}` when done)",
                     work.display(),
@@ -376,6 +387,7 @@ impl Target for LocalTarget {
                 remove_tree(work)?;
             }
         }
+        self.owner = None;
         if failed {
             let half = self.opts.out_dir.join(&build.id);
             if half.exists() {
