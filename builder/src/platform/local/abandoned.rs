@@ -13,10 +13,10 @@
 //! for debugging (`--keep-on-error` marks it `.kept`), and one without an owner file (an older
 //! builder's), named in a warning with the commands that remove it safely.
 
+use super::flock;
 use super::mounts::{kill_processes_in, mounted_under, remove_tree, umount_or_detach};
 use anyhow::{Context, Result};
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 /// The lock file in a build folder, held by the bake that made the folder.
@@ -37,7 +37,7 @@ impl BuildOwner {
         std::fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
         let path = work.join(OWNER);
         let f = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        if !try_lock(&f) {
+        if !matches!(flock::try_exclusive(&f), Ok(true)) {
             anyhow::bail!(
                 "{} is held by another bake (its build folder {}); build ids are unique, so this \
                  should not happen: wait for that bake or stop it",
@@ -77,16 +77,10 @@ fn judge(dir: &Path) -> Folder {
         return Folder::Kept;
     }
     match File::open(dir.join(OWNER)) {
-        Ok(f) if try_lock(&f) => Folder::Abandoned(f),
+        Ok(f) if matches!(flock::try_exclusive(&f), Ok(true)) => Folder::Abandoned(f),
         Ok(_) => Folder::Live,
         Err(_) => Folder::Unknown,
     }
-}
-
-/// An exclusive `flock`, not waiting.
-fn try_lock(f: &File) -> bool {
-    // SAFETY: flock(2) on a descriptor `f` owns for the duration of the call.
-    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
 /// Removes the build folders under `out_dir` whose bake died; returns those removed. Never
@@ -143,18 +137,15 @@ fn remove_abandoned(dir: &Path) -> Result<()> {
         .canonicalize()
         .with_context(|| format!("finding {}", dir.display()))?;
     kill_processes_in(&dir);
-    let mut mounted = mounted_under(&dir)?;
-    // Innermost first: a mount's own mounts go before it; stacked mounts come off one by one.
-    mounted.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    for target in mounted {
-        // Stacked on one another (a layer overlay with the chroot's mounts on it): several
-        // lines name one point; each `umount` takes the top one.
-        for _ in 0..16 {
-            if !mounted_under(&target)?.contains(&target) {
-                break;
-            }
-            umount_or_detach("what a killed bake left mounted at ", &target)?;
-        }
+    // The innermost first, one at a time: a mount's own mounts go before it, and a point with
+    // mounts stacked on it comes up again until none is left. Bounded, for a mount that will
+    // not go; `remove_tree` then refuses.
+    for _ in 0..64 {
+        let innermost = mounted_under(&dir)?
+            .into_iter()
+            .max_by_key(|p| p.components().count());
+        let Some(target) = innermost else { break };
+        umount_or_detach("what a killed bake left mounted at ", &target)?;
     }
     remove_tree(&dir)
 }
@@ -256,9 +247,18 @@ mod tests {
         for d in [&claimed, &kept, &unknown, &other] {
             assert!(d.exists(), "{}", d.display());
         }
-        // Its owner gone, the claimed one goes.
+        // Its owner gone, the claimed one goes. Just after the drop, a child another test's
+        // thread is forking may still hold a copy of the lock's descriptor until it execs.
         drop(owner);
-        assert_eq!(remove_abandoned_builds(&out), vec![claimed.clone()]);
+        let t = Instant::now();
+        let removed = loop {
+            let removed = remove_abandoned_builds(&out);
+            if !removed.is_empty() || t.elapsed() > Duration::from_secs(10) {
+                break removed;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(removed, vec![claimed.clone()]);
         assert!(!claimed.exists());
     }
 }

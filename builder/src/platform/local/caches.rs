@@ -63,7 +63,6 @@ impl BindCache {
         max_age: Duration,
     ) -> Result<Option<BindCache>> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        use std::os::unix::io::AsRawFd;
         if let Some(parent) = host.parent() {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
@@ -75,14 +74,11 @@ impl BindCache {
             .write(true)
             .open(&lock_path)
             .with_context(|| format!("opening {}", lock_path.display()))?;
-        // SAFETY: flock(2) on a descriptor this function owns.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                tracing::warn!(cache = %host.display(), "another bake is using this cache; provisioning without it");
-                return Ok(None);
-            }
-            return Err(e).with_context(|| format!("locking {}", lock_path.display()));
+        let locked = super::flock::try_exclusive(&lock)
+            .with_context(|| format!("locking {}", lock_path.display()))?;
+        if !locked {
+            tracing::warn!(cache = %host.display(), "another bake is using this cache; provisioning without it");
+            return Ok(None);
         }
         let stamp = host.join(CREATED);
         let age = std::fs::metadata(&stamp)
@@ -221,9 +217,7 @@ mod tests {
 
         // Dropped while mounted: unmounted. A fresh cache is kept...
         {
-            let _c = BindCache::mount(&host, &root, PIP_IN_ROOT, 0o700, WEEK)
-                .unwrap()
-                .unwrap();
+            let _c = mount_when_free(&host, &root, WEEK);
             assert_eq!(mounted_under(&root).unwrap().len(), 1);
             // Another build meanwhile goes without the cache: nothing mounted, nothing waited.
             let other = dir.path().join("other");
@@ -237,12 +231,27 @@ mod tests {
         }
         assert!(mounted_under(&root).unwrap().is_empty());
         // ...and one older than the maximum age starts over.
-        let mut c = BindCache::mount(&host, &root, PIP_IN_ROOT, 0o700, Duration::ZERO)
-            .unwrap()
-            .unwrap();
+        let mut c = mount_when_free(&host, &root, Duration::ZERO);
         c.unmount().unwrap();
         assert!(!host.join("timelib.whl").exists());
         assert!(host.join(CREATED).exists());
+    }
+
+    /// Mounts the cache once its lock is free. Just after this thread let it go, a child that
+    /// another test's thread is forking may still hold a copy of the lock's descriptor until it
+    /// execs (the lock belongs to the open file, not the descriptor).
+    fn mount_when_free(host: &Path, root: &Path, max_age: Duration) -> BindCache {
+        let t = std::time::Instant::now();
+        loop {
+            if let Some(c) = BindCache::mount(host, root, PIP_IN_ROOT, 0o700, max_age).unwrap() {
+                return c;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the cache's lock stayed held"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     #[test]

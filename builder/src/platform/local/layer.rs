@@ -27,7 +27,6 @@ use crate::communicator::run_checked;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -143,11 +142,8 @@ impl LayerLock {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("opening {}", dir.display())),
         };
-        // SAFETY: flock(2) on a descriptor this function owns.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH) } != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("locking the packages layer {}", dir.display()));
-        }
+        super::flock::shared(&f)
+            .with_context(|| format!("locking the packages layer {}", dir.display()))?;
         // Renamed aside (and maybe removed) between the open and the lock: not the layer.
         let held = f
             .metadata()
@@ -160,11 +156,8 @@ impl LayerLock {
 
     /// Whether nobody holds `dir` (an exclusive lock taken and given back at once).
     fn unused(dir: &Path) -> bool {
-        let Ok(f) = File::open(dir) else {
-            return false;
-        };
-        // SAFETY: flock(2) on a descriptor this function owns; closing it releases the lock.
-        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+        // Closing the file gives the lock back at once.
+        File::open(dir).is_ok_and(|f| matches!(super::flock::try_exclusive(&f), Ok(true)))
     }
 }
 

@@ -15,6 +15,7 @@ pub mod abandoned;
 pub mod base;
 pub mod caches;
 pub mod disk;
+pub mod flock;
 pub mod layer;
 pub mod mounts;
 pub mod overlay;
